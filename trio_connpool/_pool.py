@@ -1,0 +1,719 @@
+"""The trio driver of the pool: tasks, parking, timers, closing.
+
+Everything the pool *decides* is in ``_state.py``; this module carries the decisions out. The
+split follows h11 and httpcore: the synchronous core returns effects (wake this waiter with that
+lease, start a connect, close that connection) and the thin async layer performs them.
+
+Parking works the way trio's own ``ParkingLot`` and ``CapacityLimiter`` do, one level lower: a
+waiter parks with ``trio.lowlevel.wait_task_rescheduled`` and is woken *with its lease* by
+whoever frees a connection (direct hand-off, no thundering herd, no re-check loop). Its abort
+function withdraws it from the state machine synchronously, so a cancelled or timed-out waiter
+can never be handed a connection it will not pick up.
+
+Task layout (structured, nothing outlives the pool)::
+
+    caller's nursery (open_pool opens one for you)
+    └── Pool._serve                       the pool's service task
+        └── pool nursery
+            ├── Pool._run_timer           idle and lifetime expiry, on trio.current_time()
+            ├── Pool._connect  (n)        one per connect in flight
+            ├── Pool._background (n)      a connection's own task, if it has run_background()
+            └── Pool._close    (n)        graceful close, shielded, bounded by close_timeout
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
+
+import outcome
+import trio
+
+if TYPE_CHECKING:
+    import random
+    from types import TracebackType
+
+if sys.version_info < (3, 11):  # pragma: no cover - exercised on Python 3.10 only
+    from exceptiongroup import BaseExceptionGroup
+
+from ._exceptions import ConnectError, PoolClosed, PoolError, PoolTimeout
+from ._state import (
+    Close,
+    Deliver,
+    Effect,
+    FailReason,
+    Lease,
+    PoolState,
+    PoolStatistics,
+    ReleasePolicy,
+    Reservation,
+    StartConnect,
+    Waiter,
+    _Record,
+)
+
+__all__ = [
+    "Connection",
+    "Instrument",
+    "Pool",
+    "create_pool",
+    "open_pool",
+]
+
+K = TypeVar("K", bound=Hashable)
+C = TypeVar("C")
+_DEFAULT: Any = object()
+
+
+@runtime_checkable
+class Connection(Protocol):
+    """What the pool needs of a connection: only ``aclose()``.
+
+    The pool also uses these members when a connection has them (none is required):
+
+    - ``is_closed() -> bool``: the connection is dead; the pool drops it when it sees this (it
+      asks only for the one connection it is about to hand out, never scans the others).
+    - ``is_ready() -> bool``: the connection takes no new leases while this is False (an
+      HTTP/2 connection after GOAWAY).
+    - ``is_clean() -> bool``: asked when a lease ends in an exception or cancellation; True
+      means the connection is still usable (an HTTP/2 stream was reset but the connection is
+      fine), so the pool keeps it instead of closing it.
+    - ``capacity: int``: how many leases it takes at once (default 1; may change).
+    - ``weight: int``: how much of the limits it uses (default 1).
+    - ``set_state_callback(callback)``: the pool registers a synchronous callback that the
+      connection calls whenever ``capacity``, ``is_ready()`` or ``is_closed()`` changes, so
+      waiters are woken or held at once.
+    - ``async run_background()``: a task the connection needs while it lives (an HTTP/2
+      reader). The pool runs it in its nursery and cancels it when it closes the connection;
+      when it returns the connection counts as closed.
+    """
+
+    async def aclose(self) -> None: ...
+
+
+class Instrument:
+    """Hooks into the pool's life. Subclass it and override what you need.
+
+    Every method does nothing by default. Hooks run synchronously inside the pool's
+    bookkeeping: keep them fast and never let them raise (an exception from a hook is
+    reported with ``hook_failed`` and otherwise ignored).
+    """
+
+    def connect_started(self, key: Hashable) -> None:
+        """A connect to ``key`` started."""
+
+    def connect_succeeded(self, key: Hashable, connection: object) -> None:
+        """A connect to ``key`` produced ``connection``."""
+
+    def connect_failed(self, key: Hashable, error: BaseException | None) -> None:
+        """A connect to ``key`` failed with ``error`` (None: it was cancelled)."""
+
+    def waiting(self, key: Hashable) -> None:
+        """A task started waiting for a connection to ``key``."""
+
+    def lease_acquired(self, key: Hashable, connection: object) -> None:
+        """A task leased ``connection``."""
+
+    def lease_released(self, key: Hashable, connection: object) -> None:
+        """A lease of ``connection`` was given back."""
+
+    def connection_closed(self, key: Hashable, connection: object) -> None:
+        """The pool is closing ``connection`` (idle expiry, eviction, dead, pool exit)."""
+
+    def hook_failed(self, hook: str, error: Exception) -> None:
+        """Another hook raised ``error``; or a connection's background task failed."""
+
+
+def _probe_closed(connection: Any) -> bool:
+    probe = getattr(connection, "is_closed", None)
+    return bool(probe()) if probe is not None else False
+
+
+def _probe_ready(connection: Any) -> bool:
+    probe = getattr(connection, "is_ready", None)
+    return bool(probe()) if probe is not None else True
+
+
+def _probe_int(connection: Any, name: str) -> int:
+    value = getattr(connection, name, 1)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 1
+    return value
+
+
+def _probe_clean(connection: Any) -> bool:
+    probe = getattr(connection, "is_clean", None)
+    return bool(probe()) if probe is not None else False
+
+
+class _Lessor(Generic[K, C]):
+    """The async context manager behind :meth:`Pool.lease` (a class: no generator per use)."""
+
+    __slots__ = ("_key", "_lease", "_pool", "_timeout")
+
+    def __init__(self, pool: Pool[K, C], key: K, timeout: float | None) -> None:
+        self._pool = pool
+        self._key = key
+        self._timeout = timeout
+        self._lease: Lease[K, C] | None = None
+
+    async def __aenter__(self) -> C:
+        if self._lease is not None:
+            raise RuntimeError("a lease context manager can be entered only once")
+        self._lease = await self._pool.acquire(self._key, timeout=self._timeout)
+        return self._lease.connection
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        lease = self._lease
+        assert lease is not None
+        if exc_type is None:
+            self._pool.release(lease)
+        else:
+            self._pool.release(lease, discard=not _probe_clean(lease.connection))
+
+
+class Pool(Generic[K, C]):
+    """A keyed pool of connections shared by any number of trio tasks.
+
+    Make one with :func:`open_pool` (which owns it) or :func:`create_pool` (which runs it in
+    your nursery). Connections are opened by the ``connector`` on demand, one sub-pool per key,
+    and lent out with :meth:`lease` or :meth:`acquire`/:meth:`release`.
+
+    Mental model: each key has a line of waiting tasks (strictly first come, first served), a
+    stack (LIFO) or queue (FIFO) of idle connections, and a budget; the whole pool has a budget
+    too. A task that finds an idle connection takes it without waiting; otherwise it joins the
+    line, and the first connection to free up or finish connecting is handed to the front of
+    the line directly.
+
+    What it is *not*: a connection's lock. A connection with ``capacity`` above 1 is leased to
+    several tasks at once; making that safe is the connection's job.
+    """
+
+    def __init__(
+        self,
+        connector: Callable[[K], Awaitable[C]],
+        *,
+        max_connections: int = 100,
+        max_connections_per_key: int | None = None,
+        release_policy: ReleasePolicy = ReleasePolicy.LIFO,
+        acquire_timeout: float | None = None,
+        max_waiters: int | None = None,
+        idle_timeout: float | None = 60.0,
+        max_lifetime: float | None = None,
+        lifetime_jitter: float = 0.1,
+        close_timeout: float = 5.0,
+        reserve: Callable[[K], Reservation] | None = None,
+        instruments: Sequence[Instrument] = (),
+        rng: random.Random | None = None,
+    ) -> None:
+        if not callable(connector):
+            raise TypeError("connector must be an async callable: await connector(key)")
+        _check_timeout("acquire_timeout", acquire_timeout)
+        _check_timeout("close_timeout", close_timeout, allow_none=False)
+        for instrument in instruments:
+            if not isinstance(instrument, Instrument):
+                raise TypeError(f"instruments must be Instrument objects, not {instrument!r}")
+        self._state: PoolState[K, C] = PoolState(
+            max_connections=max_connections,
+            max_connections_per_key=max_connections_per_key,
+            release_policy=release_policy,
+            max_waiters=max_waiters,
+            idle_timeout=idle_timeout,
+            max_lifetime=max_lifetime,
+            lifetime_jitter=lifetime_jitter,
+            reserve=reserve,
+            is_closed=_probe_closed,
+            is_ready=_probe_ready,
+            rng=rng,
+        )
+        self._connector = connector
+        self.acquire_timeout = acquire_timeout
+        self.close_timeout = close_timeout
+        self._instruments = tuple(instruments)
+        self._nursery: trio.Nursery | None = None
+        self._timer_scope = trio.CancelScope()
+        self._background: dict[int, trio.CancelScope] = {}
+        self._early: dict[Waiter[K, C], outcome.Outcome[Lease[K, C]]] = {}
+        self._close_requested = trio.Event()
+        self._done = trio.Event()
+        self._started = False
+
+    def __repr__(self) -> str:
+        s = self._state.statistics()
+        state = "closed" if s.closed else "open"
+        return (
+            f"<Pool {state} idle={s.idle} in_use={s.in_use} connecting={s.connecting} "
+            f"waiting={s.waiting} keys={len(s.keys)} max_connections={s.max_connections}>"
+        )
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def closed(self) -> bool:
+        """True once the pool started closing: no more leases are handed out."""
+        return self._state.closed
+
+    def statistics(self) -> PoolStatistics:
+        """A frozen snapshot of the pool's counters, in total and per key."""
+        return self._state.statistics()
+
+    def lease(self, key: K, *, timeout: float | None = _DEFAULT) -> _Lessor[K, C]:
+        """Lease a connection for ``key`` for the length of an ``async with`` block.
+
+        ::
+
+            async with pool.lease(key) as connection:
+                await connection.send(...)
+
+        Entering blocks until a connection is available (see :meth:`acquire`); leaving never
+        blocks. If the block raises or is cancelled, the connection is closed unless it
+        reports ``is_clean()``.
+        """
+        return _Lessor(self, key, timeout)
+
+    # A per-call bound that raises the typed PoolTimeout, like the pool-wide acquire_timeout.
+    async def acquire(
+        self,
+        key: K,
+        *,
+        timeout: float | None = _DEFAULT,  # noqa: ASYNC109
+    ) -> Lease[K, C]:
+        """Lease a connection for ``key``, waiting if none is available.
+
+        Always a checkpoint. Give the lease back with :meth:`release`.
+
+        Args:
+            key: Which sub-pool to lease from; any hashable value.
+            timeout: Seconds to wait at most; defaults to the pool's ``acquire_timeout``.
+
+        Returns:
+            The lease; its ``connection`` attribute is the connection.
+
+        Raises:
+            PoolTimeout: No connection became available in time.
+            TooManyWaiters: ``max_waiters`` tasks already wait for this key.
+            ConnectError: The connect started for this task failed.
+            PoolClosed: The pool is closed, or closed while this task waited.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        state = self._state
+        if state.closed or self._nursery is None:
+            raise PoolClosed(
+                "the pool is closed" if state.closed else "the pool is not running", key=key
+            )
+        lease = state.acquire_nowait(key)
+        if state.effects:
+            self._apply()
+        if lease is not None:
+            if self._instruments:
+                self._hook("lease_acquired", key, lease.connection)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return lease
+        return await self._wait(key, self.acquire_timeout if timeout is _DEFAULT else timeout)
+
+    def release(self, lease: Lease[K, C], *, discard: bool = False) -> None:
+        """Give a lease back. Synchronous; never blocks.
+
+        Args:
+            lease: What :meth:`acquire` returned. Releasing twice, or after the pool closed,
+                does nothing.
+            discard: Close the connection instead of keeping it (its exchange did not finish
+                cleanly).
+        """
+        if lease.released:
+            return
+        state = self._state
+        now = trio.current_time()
+        state.release(lease, now, discard=discard)
+        if self._instruments:
+            self._hook("lease_released", lease.key, lease.connection)
+        if state.effects:
+            self._apply()
+        idle_timeout = state.idle_timeout
+        if idle_timeout is not None and not lease._record.leases:
+            # The connection went idle: its expiry may be the timer's next wake-up. (Idle
+            # deadlines only grow, so this is the one case that can move the timer earlier.)
+            deadline = now + idle_timeout
+            if deadline < self._timer_scope.deadline:
+                self._timer_scope.deadline = deadline
+
+    async def aclose(self) -> None:
+        """Close the pool and every connection in it, leased ones included.
+
+        Waiting tasks get :class:`PoolClosed`. Connections close gracefully in parallel within
+        ``close_timeout``, then forcefully. Leases still held stay valid objects; releasing
+        them later does nothing. Idempotent; completes even when cancelled.
+        """
+        await self._aclose_shielded()
+        await trio.lowlevel.checkpoint()
+
+    async def _aclose_shielded(self) -> None:
+        self._begin_close()
+        if self._started:
+            with trio.CancelScope(shield=True):
+                await self._done.wait()
+
+    # ------------------------------------------------------------------ service
+
+    async def _serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the pool until :meth:`aclose` (or until the surrounding nursery is cancelled)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._started = True
+                nursery.start_soon(self._run_timer)
+                task_status.started()
+                try:
+                    await self._close_requested.wait()
+                finally:
+                    # Reached by aclose() or by cancellation of the caller's nursery. The
+                    # close tasks started here shield themselves (bounded by close_timeout);
+                    # cancelling the nursery stops connects, the timer and background tasks.
+                    self._begin_close()
+                    self._timer_scope.cancel()
+                    for scope in self._background.values():
+                        scope.cancel()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._done.set()
+
+    def _begin_close(self) -> None:
+        """Synchronously close the state: fail every waiter, queue every close."""
+        if not self._state.closed:
+            self._state.close()
+            self._apply()
+        self._close_requested.set()
+
+    async def _run_timer(self) -> None:
+        """Expire idle and over-age connections when their time comes."""
+        state = self._state
+        while True:
+            with trio.CancelScope(deadline=state.next_deadline()) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            state.expire(trio.current_time())
+            if state.effects:
+                self._apply()
+
+    def _reschedule_timer(self) -> None:
+        deadline = self._state.next_deadline()
+        if deadline < self._timer_scope.deadline:
+            self._timer_scope.deadline = deadline
+
+    # ------------------------------------------------------------------ waiting
+
+    async def _wait(self, key: K, timeout: float | None) -> Lease[K, C]:  # noqa: ASYNC109
+        state = self._state
+        waiter = state.enqueue(key)  # May raise TooManyWaiters: nothing was changed then.
+        if self._instruments:
+            self._hook("waiting", key)
+        waiter.token = None
+        if state.effects:
+            self._apply()
+        early = self._early.pop(waiter, None)
+        if early is not None:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return self._unwrap(early, key)
+        waiter.token = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            state.cancel(waiter)
+            if state.effects:
+                self._apply()
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        if timeout is None:
+            return self._unwrap(
+                outcome.Value(await trio.lowlevel.wait_task_rescheduled(abort)), key
+            )
+        with trio.CancelScope(deadline=trio.current_time() + timeout):
+            result: outcome.Outcome[Lease[K, C]] = outcome.Value(
+                await trio.lowlevel.wait_task_rescheduled(abort)
+            )
+            return self._unwrap(result, key)
+        raise PoolTimeout(f"no connection within {timeout} s", key=key)
+
+    def _unwrap(self, result: outcome.Outcome[Lease[K, C]], key: K) -> Lease[K, C]:
+        lease = result.unwrap()
+        if self._instruments:
+            self._hook("lease_acquired", key, lease.connection)
+        return lease
+
+    def _wake(self, waiter: Waiter[K, C], result: outcome.Outcome[Lease[K, C]]) -> None:
+        if waiter.token is None:
+            self._early[waiter] = result  # Served before it could park: see _wait.
+        else:
+            trio.lowlevel.reschedule(waiter.token, result)
+
+    # ------------------------------------------------------------------ effects
+
+    def _apply(self) -> None:
+        """Carry out the effects the state machine queued."""
+        state = self._state
+        while state.effects:
+            for effect in state.take_effects():
+                self._do(effect)
+
+    def _do(self, effect: Effect[K, C]) -> None:
+        if isinstance(effect, Deliver):
+            self._wake(effect.waiter, outcome.Value(effect.lease))
+        elif isinstance(effect, StartConnect):
+            if self._instruments:
+                self._hook("connect_started", effect.key)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._connect, effect.record)
+        elif isinstance(effect, Close):
+            scope = self._background.get(id(effect.connection))
+            if scope is not None:
+                scope.cancel()
+            if self._instruments:
+                self._hook("connection_closed", effect.key, effect.connection)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._close_gracefully, effect)
+        else:
+            error: PoolError
+            key = effect.waiter.key
+            if effect.reason is FailReason.POOL_CLOSED:
+                error = PoolClosed("the pool closed while this task waited", key=key)
+            else:
+                cause = effect.cause
+                message = "connect failed" if cause is not None else "connect was cancelled"
+                if isinstance(cause, ConnectError):
+                    message = str(cause.args[0]) if cause.args else message
+                error = ConnectError(message, key=key)
+                error.__cause__ = cause
+            self._wake(effect.waiter, outcome.Error(error))
+
+    # ------------------------------------------------------------------ connections
+
+    async def _connect(self, record: _Record[K, C]) -> None:
+        key = record.key
+        state = self._state
+        try:
+            connection = await self._connector(key)
+        except Exception as exc:
+            if self._instruments:
+                self._hook("connect_failed", key, exc)
+            state.connect_failed(record, exc)
+            self._apply()
+            return
+        except BaseException:
+            # Cancelled (the pool is closing) or KeyboardInterrupt: no connection to clean up.
+            if self._instruments:
+                self._hook("connect_failed", key, None)
+            state.connect_failed(record, None)
+            self._apply()
+            raise
+        if self._instruments:
+            self._hook("connect_succeeded", key, connection)
+        closed = state.closed
+        state.connect_succeeded(
+            record,
+            connection,
+            trio.current_time(),
+            weight=_probe_int(connection, "weight"),
+            capacity=_probe_int(connection, "capacity"),
+            ready=_probe_ready(connection),
+        )
+        if not closed:
+            register = getattr(connection, "set_state_callback", None)
+            if register is not None:
+                register(lambda: self._refresh(record))
+            if getattr(connection, "run_background", None) is not None:
+                scope = trio.CancelScope()
+                self._background[id(connection)] = scope
+                assert self._nursery is not None
+                self._nursery.start_soon(self._background_task, record, connection, scope)
+        self._apply()
+        self._reschedule_timer()
+
+    def _refresh(self, record: _Record[K, C]) -> None:
+        """A connection's state callback: re-read what it says of itself."""
+        connection = record.connection
+        if connection is None or self._state.closed:
+            return
+        self._state.refresh(
+            record,
+            closed=_probe_closed(connection),
+            ready=_probe_ready(connection),
+            capacity=_probe_int(connection, "capacity"),
+        )
+        if self._state.effects:
+            self._apply()
+
+    async def _background_task(
+        self, record: _Record[K, C], connection: Any, scope: trio.CancelScope
+    ) -> None:
+        try:
+            with scope:
+                await connection.run_background()
+        except Exception as exc:
+            self._hook("hook_failed", "run_background", exc)
+        finally:
+            self._background.pop(id(connection), None)
+        # The background task ended: the connection is finished.
+        if not self._state.closed:
+            self._state.refresh(record, closed=True, ready=False, capacity=0)
+            self._apply()
+
+    async def _close_gracefully(self, close: Close[K, C]) -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.close_timeout) as scope:
+                try:
+                    await close.connection.aclose()  # type: ignore[attr-defined]
+                except Exception as exc:
+                    self._hook("hook_failed", "aclose", exc)
+            if scope.cancelled_caught:
+                await self._close_forcefully(close)
+
+    async def _close_forcefully(self, close: Close[K, C]) -> None:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            try:
+                await close.connection.aclose()  # type: ignore[attr-defined]
+            except Exception as exc:
+                self._hook("hook_failed", "aclose", exc)
+
+    def _hook(self, name: str, *args: Any) -> None:
+        for instrument in self._instruments:
+            try:
+                getattr(instrument, name)(*args)
+            except Exception as exc:
+                if name != "hook_failed":
+                    self._hook("hook_failed", name, exc)
+
+
+def _check_timeout(name: str, value: float | None, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds" + (" or None" if allow_none else ""))
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be 0 or more, got {value!r}")
+
+
+async def create_pool(
+    nursery: trio.Nursery, connector: Callable[[K], Awaitable[C]], **options: Any
+) -> Pool[K, C]:
+    """Start a pool in ``nursery`` (yours) and return it: the lower tier of :func:`open_pool`.
+
+    For an application that keeps one pool for its whole life. The pool's tasks run in
+    ``nursery``; close the pool with ``await pool.aclose()`` (cancelling the nursery also
+    closes it). Takes the same options as :func:`open_pool`.
+    """
+    pool: Pool[K, C] = Pool(connector, **options)
+    await nursery.start(pool._serve)
+    return pool
+
+
+@asynccontextmanager
+async def open_pool(
+    connector: Callable[[K], Awaitable[C]],
+    *,
+    max_connections: int = 100,
+    max_connections_per_key: int | None = None,
+    release_policy: ReleasePolicy = ReleasePolicy.LIFO,
+    acquire_timeout: float | None = None,
+    max_waiters: int | None = None,
+    idle_timeout: float | None = 60.0,
+    max_lifetime: float | None = None,
+    lifetime_jitter: float = 0.1,
+    close_timeout: float = 5.0,
+    reserve: Callable[[K], Reservation] | None = None,
+    instruments: Sequence[Instrument] = (),
+    rng: random.Random | None = None,
+) -> AsyncGenerator[Pool[K, C], None]:
+    """Open a connection pool that lives for the ``async with`` block.
+
+    ::
+
+        async def connect(key):
+            host, port = key
+            return await trio.open_tcp_stream(host, port)
+
+        async with open_pool(connect, max_connections=10) as pool:
+            async with pool.lease(("example.com", 80)) as stream:
+                ...
+
+    Entering does not block (beyond a checkpoint); leaving closes every connection the pool
+    opened (gracefully within ``close_timeout``, then forcefully), fails waiting tasks with
+    :class:`PoolClosed`, and does not wait for leases held elsewhere. An exception raised in
+    the block comes out as itself, not wrapped in an exception group.
+
+    Args:
+        connector: ``await connector(key)`` opens a connection for ``key``. Its errors reach
+            the waiting task as :class:`ConnectError` (chained from the original).
+        max_connections: The pool's global limit, in weight units (a plain connection weighs
+            1). When it is reached, the least recently used idle connection of another key is
+            closed to make room.
+        max_connections_per_key: Per-key limit, in weight units; None for none.
+        release_policy: ``ReleasePolicy.LIFO`` (default) or ``ReleasePolicy.FIFO``.
+        acquire_timeout: Seconds a task waits for a connection before :class:`PoolTimeout`;
+            None waits forever.
+        max_waiters: Most tasks waiting per key; one more gets :class:`TooManyWaiters` at once.
+        idle_timeout: Seconds an unleased connection stays open; None for ever.
+        max_lifetime: Seconds a connection lives at most (minus up to ``lifetime_jitter`` of
+            it, at random); a leased one is closed when its last lease ends. None: no limit.
+        lifetime_jitter: Fraction of ``max_lifetime`` randomly taken off each connection's.
+        close_timeout: Seconds a graceful close may take before it is made forceful.
+        reserve: ``reserve(key) -> Reservation``: the weight and capacity a connect in flight
+            reserves (default: weight 1, capacity 1).
+        instruments: :class:`Instrument` objects whose hooks see the pool's events.
+        rng: Random source for the lifetime jitter.
+
+    Raises:
+        ValueError, TypeError: An option is out of range or of the wrong type (at once).
+    """
+    pool: Pool[K, C] = Pool(
+        connector,
+        max_connections=max_connections,
+        max_connections_per_key=max_connections_per_key,
+        release_policy=release_policy,
+        acquire_timeout=acquire_timeout,
+        max_waiters=max_waiters,
+        idle_timeout=idle_timeout,
+        max_lifetime=max_lifetime,
+        lifetime_jitter=lifetime_jitter,
+        close_timeout=close_timeout,
+        reserve=reserve,
+        instruments=instruments,
+        rng=rng,
+    )
+    async with _run_owned(pool) as running:
+        yield running
+
+
+@asynccontextmanager
+async def _run_owned(pool: Pool[K, C]) -> AsyncGenerator[Pool[K, C], None]:
+    """Run ``pool`` in a private nursery around the caller's block, unwrapping the block's
+    own exception out of the nursery's exception group (DESIGN promise 8)."""
+    raised: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool._serve)
+            try:
+                yield pool
+            except BaseException as exc:
+                raised = exc
+                raise
+            finally:
+                await pool._aclose_shielded()
+    except BaseExceptionGroup as group:
+        if raised is not None and len(group.exceptions) == 1 and group.exceptions[0] is raised:
+            context = raised.__context__
+            try:
+                raise raised
+            finally:
+                raised.__context__ = context
+                del raised, group
+        raise PoolError("the pool's internal tasks failed") from group

@@ -1,0 +1,969 @@
+"""The pool's state machine: every decision the pool makes, with no I/O and no trio.
+
+Theory of operation
+===================
+
+The trio driver (``_pool.py``) owns tasks, sockets and clocks. This module owns the
+*bookkeeping*: which connections exist for which key, who holds them, who is waiting, what
+is being dialled, and how much of each limit is spent. Every transition is a plain synchronous
+method. Under trio no other task runs while synchronous code runs, so each transition is atomic
+with respect to the whole program, and it can be tested without an event loop (the tests drive
+it directly, including with a hypothesis rule-based model).
+
+A transition never performs a side effect. It appends :class:`Effect` values to
+:attr:`PoolState.effects`, which the caller drains with :meth:`PoolState.take_effects` and
+carries out afterwards: wake a waiter with a lease, fail a waiter, start a connect, close a
+connection. (The hot paths, :meth:`PoolState.acquire_nowait` and a release that goes straight
+back to idle, produce no effects and allocate nothing beyond the lease.)
+
+Rules
+-----
+
+Rule 1 (accounting). A key's *usage* is the weight of its open connections plus the reserved
+weight of its connects in flight. Usage never exceeds ``max_connections_per_key`` for a key,
+and the sum over keys never exceeds ``max_connections``. (A connection whose real weight is
+larger than its reservation is the one exception: the reservation is documented to be an upper
+bound.) A connection leaves the accounting the moment it is closed, dropped or found dead.
+
+Rule 2 (fairness). Waiters of a key are served strictly in arrival order. A connection that
+becomes available goes to the oldest waiter of its key first, and only to the idle store when
+nobody waits. Idle connections are handed out by the release policy: LIFO (newest first, so
+surplus connections age out) or FIFO (oldest first, spreading load).
+
+Rule 3 (late binding). A connect is *attributed* to the waiters it was started for (as many as
+its reserved capacity covers) but does not belong to them: when it finishes, its connection
+serves whoever is first in line, or goes idle. If it fails, exactly its attributed waiters get
+the error and any other waiter is re-evaluated (maybe a new connect starts for it); nobody hangs.
+A waiter served by another source, or cancelled, hands its attribution to the oldest
+unattributed waiter, so a connect in flight keeps covering demand and no redundant connect
+starts (Envoy's "count the capacity of connects in flight" rule).
+
+Rule 4 (room). When a key needs a connection and the pool's global limit is spent, the least
+recently used idle connection of any key is closed to make room. If there is none, the key
+joins a FIFO of *blocked* keys that is served as soon as room appears (a connection closes, a
+connect fails, a weight is corrected downwards, or a connection goes idle and can be evicted).
+
+Rule 5 (exactly once). A lease is released at most once; releasing it again, or after the pool
+closed, does nothing. A waiter is either served, failed or cancelled, exactly once.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import math
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
+from types import MappingProxyType
+from typing import Any, Generic, TypeVar
+
+import attrs
+
+from ._exceptions import TooManyWaiters
+
+__all__ = [
+    "Close",
+    "Deliver",
+    "Effect",
+    "Fail",
+    "FailReason",
+    "KeyStatistics",
+    "Lease",
+    "PoolState",
+    "PoolStatistics",
+    "ReleasePolicy",
+    "Reservation",
+    "StartConnect",
+    "Waiter",
+]
+
+K = TypeVar("K", bound=Hashable)
+C = TypeVar("C")
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+class ReleasePolicy(enum.Enum):
+    """Which idle connection of a key is handed out next.
+
+    ``LIFO`` (the default) reuses the most recently released connection, so a burst's
+    surplus connections stay idle and expire. ``FIFO`` reuses the one idle the longest,
+    spreading requests evenly over every open connection.
+    """
+
+    LIFO = "lifo"
+    FIFO = "fifo"
+
+
+@attrs.frozen
+class Reservation:
+    """What a connect in flight is expected to bring, before the connection says.
+
+    Attributes:
+        weight: The weight to reserve against the limits while connecting. It must be an
+            upper bound of the weight the connection will report (HTTP/2 reserves the weight
+            of a multiplexed connection; an HTTP/1.1 answer corrects it downwards).
+        capacity: How many waiters the connect is expected to serve at once; waiters beyond
+            that start further connects.
+    """
+
+    weight: int = 1
+    capacity: int = 1
+
+    def __attrs_post_init__(self) -> None:
+        _check_positive_int("weight", self.weight)
+        _check_positive_int("capacity", self.capacity)
+
+
+DEFAULT_RESERVATION = Reservation()
+
+
+class _RecState(enum.Enum):
+    CONNECTING = "connecting"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class _Record(Generic[K, C]):
+    """One connection, from the moment its connect starts until it is closed."""
+
+    __slots__ = (
+        "available",
+        "capacity",
+        "connection",
+        "created_at",
+        "expires_at",
+        "idle_since",
+        "key",
+        "leases",
+        "ready",
+        "reserved_capacity",
+        "retiring",
+        "state",
+        "sub",
+        "uses",
+        "waiters",
+        "weight",
+    )
+
+    def __init__(self, sub: _SubPool[K, C], reservation: Reservation) -> None:
+        self.sub = sub
+        self.key: K = sub.key
+        self.connection: C | None = None
+        self.state = _RecState.CONNECTING
+        self.weight = reservation.weight
+        self.reserved_capacity = reservation.capacity
+        self.capacity = 0
+        self.leases = 0
+        self.uses = 0
+        self.ready = False
+        self.retiring = False
+        self.available = False
+        self.created_at = 0.0
+        self.expires_at = math.inf
+        self.idle_since = 0.0
+        # Waiters this connect was started for (Rule 3). Insertion-ordered.
+        self.waiters: dict[Waiter[K, C], None] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"<connection key={self.key!r} {self.state.value} "
+            f"leases={self.leases}/{self.capacity} weight={self.weight}>"
+        )
+
+
+class _WaiterState(enum.Enum):
+    WAITING = "waiting"
+    SERVED = "served"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Waiter(Generic[K, C]):
+    """A task waiting for a connection to ``key``.
+
+    ``token`` is the driver's: the trio task to wake. The state machine never looks at it.
+    """
+
+    __slots__ = ("connect", "key", "state", "token")
+
+    def __init__(self, key: K) -> None:
+        self.key = key
+        self.state = _WaiterState.WAITING
+        self.connect: _Record[K, C] | None = None
+        self.token: Any = None
+
+    @property
+    def waiting(self) -> bool:
+        """True until the waiter is served, failed or cancelled."""
+        return self.state is _WaiterState.WAITING
+
+    def __repr__(self) -> str:
+        return f"<Waiter key={self.key!r} {self.state.value}>"
+
+
+class Lease(Generic[K, C]):
+    """One use of a pooled connection, from acquire to release.
+
+    Give it back with :meth:`Pool.release` (or use :meth:`Pool.lease`, which does). Releasing
+    twice, or after the pool closed, does nothing.
+
+    Attributes:
+        key: The key the connection was made for.
+        connection: The connection itself.
+        is_reused: True if the connection served an earlier lease (a keep-alive connection
+            that the peer may have closed meanwhile).
+    """
+
+    __slots__ = ("_record", "connection", "is_reused", "key", "released")
+
+    def __init__(self, record: _Record[K, C], connection: C) -> None:
+        self._record = record
+        self.key: K = record.key
+        self.connection: C = connection
+        self.is_reused = record.uses > 1
+        self.released = False
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "held"
+        return f"<Lease key={self.key!r} {state} connection={self.connection!r}>"
+
+
+class FailReason(enum.Enum):
+    """Why a waiter is failed."""
+
+    CONNECT_FAILED = "connect failed"
+    POOL_CLOSED = "pool closed"
+
+
+class Deliver(Generic[K, C]):
+    """Wake ``waiter`` with ``lease``."""
+
+    __slots__ = ("lease", "waiter")
+
+    def __init__(self, waiter: Waiter[K, C], lease: Lease[K, C]) -> None:
+        self.waiter = waiter
+        self.lease = lease
+
+    def __repr__(self) -> str:
+        return f"Deliver({self.waiter!r}, {self.lease!r})"
+
+
+class Fail(Generic[K, C]):
+    """Wake ``waiter`` with an error: its connect failed with ``cause``, or the pool closed."""
+
+    __slots__ = ("cause", "reason", "waiter")
+
+    def __init__(
+        self, waiter: Waiter[K, C], reason: FailReason, cause: BaseException | None = None
+    ) -> None:
+        self.waiter = waiter
+        self.reason = reason
+        self.cause = cause
+
+    def __repr__(self) -> str:
+        return f"Fail({self.waiter!r}, {self.reason.name}, {self.cause!r})"
+
+
+class StartConnect(Generic[K, C]):
+    """Run the connector for ``record.key``; report back with ``connect_succeeded`` or
+    ``connect_failed``."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: _Record[K, C]) -> None:
+        self.record = record
+
+    @property
+    def key(self) -> K:
+        return self.record.key
+
+    def __repr__(self) -> str:
+        return f"StartConnect({self.record!r})"
+
+
+class Close(Generic[K, C]):
+    """Close ``connection`` (it has left the pool's accounting already)."""
+
+    __slots__ = ("connection", "key")
+
+    def __init__(self, key: K, connection: C) -> None:
+        self.key = key
+        self.connection = connection
+
+    def __repr__(self) -> str:
+        return f"Close({self.key!r}, {self.connection!r})"
+
+
+Effect = Deliver[K, C] | Fail[K, C] | StartConnect[K, C] | Close[K, C]
+
+
+@attrs.frozen
+class KeyStatistics:
+    """A snapshot of one key's sub-pool.
+
+    Attributes:
+        idle: Open connections with no lease.
+        in_use: Open connections with at least one lease.
+        connecting: Connects in flight.
+        waiting: Tasks waiting for a connection.
+        leases: Leases held (more than ``in_use`` when connections take several at once).
+        weight: The weight spent against the limits (open connections plus reservations).
+    """
+
+    idle: int = 0
+    in_use: int = 0
+    connecting: int = 0
+    waiting: int = 0
+    leases: int = 0
+    weight: int = 0
+
+
+@attrs.frozen
+class PoolStatistics:
+    """A snapshot of the whole pool: totals over every key, and each key's own numbers.
+
+    Attributes:
+        idle: Open connections with no lease.
+        in_use: Open connections with at least one lease.
+        connecting: Connects in flight.
+        waiting: Tasks waiting for a connection.
+        leases: Leases held.
+        weight: The weight spent against ``max_connections``.
+        max_connections: The pool's global limit.
+        keys: Per-key statistics, for every key with anything open, in flight or waiting.
+        closed: True once the pool is closed.
+    """
+
+    idle: int
+    in_use: int
+    connecting: int
+    waiting: int
+    leases: int
+    weight: int
+    max_connections: int
+    keys: Mapping[Hashable, KeyStatistics]
+    closed: bool = False
+
+    @property
+    def connections(self) -> int:
+        """Open connections (idle plus in use)."""
+        return self.idle + self.in_use
+
+
+class _SubPool(Generic[K, C]):
+    """Everything the pool knows about one key."""
+
+    __slots__ = ("available", "connecting", "key", "records", "unattributed", "usage", "waiters")
+
+    def __init__(self, key: K) -> None:
+        self.key = key
+        # Open, ready connections with spare capacity, in release order (newest last).
+        self.available: OrderedDict[_Record[K, C], None] = OrderedDict()
+        # Every open connection of this key.
+        self.records: dict[_Record[K, C], None] = {}
+        self.connecting: dict[_Record[K, C], None] = {}
+        # Waiting tasks, oldest first; and the subset no connect is attributed to.
+        self.waiters: OrderedDict[Waiter[K, C], None] = OrderedDict()
+        self.unattributed: OrderedDict[Waiter[K, C], None] = OrderedDict()
+        self.usage = 0
+
+    def is_empty(self) -> bool:
+        return not (self.records or self.connecting or self.waiters)
+
+
+def _never(_connection: object) -> bool:
+    return False
+
+
+def _always(_connection: object) -> bool:
+    return True
+
+
+class PoolState(Generic[K, C]):
+    """The bookkeeping of a keyed connection pool (see the module docstring for the rules).
+
+    Args:
+        max_connections: Global limit, in weight units (a plain connection weighs 1).
+        max_connections_per_key: Per-key limit in weight units, or None for no per-key limit.
+        release_policy: Which idle connection is reused next.
+        max_waiters: Most tasks that may wait for one key, or None for no bound.
+        idle_timeout: Seconds an unleased connection may stay open, or None.
+        max_lifetime: Seconds a connection may live, or None. Each connection's lifetime is
+            shortened by a random fraction of up to ``lifetime_jitter`` so a burst of
+            connections does not expire at one instant.
+        lifetime_jitter: See ``max_lifetime``; between 0 and 1.
+        reserve: Called with a key when a connect starts; says what to reserve.
+        is_closed: Tells whether a connection is dead (checked on the one connection about to
+            be handed out, and on release).
+        is_ready: Tells whether a connection may take new leases now.
+        rng: Source of the lifetime jitter (seed it in tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = 100,
+        max_connections_per_key: int | None = None,
+        release_policy: ReleasePolicy = ReleasePolicy.LIFO,
+        max_waiters: int | None = None,
+        idle_timeout: float | None = 60.0,
+        max_lifetime: float | None = None,
+        lifetime_jitter: float = 0.1,
+        reserve: Callable[[K], Reservation] | None = None,
+        is_closed: Callable[[C], bool] = _never,
+        is_ready: Callable[[C], bool] = _always,
+        rng: random.Random | None = None,
+    ) -> None:
+        _check_positive_int("max_connections", max_connections)
+        if max_connections_per_key is not None:
+            _check_positive_int("max_connections_per_key", max_connections_per_key)
+        if not isinstance(release_policy, ReleasePolicy):
+            raise TypeError(f"release_policy must be a ReleasePolicy, not {release_policy!r}")
+        if max_waiters is not None:
+            if isinstance(max_waiters, bool) or not isinstance(max_waiters, int):
+                raise TypeError("max_waiters must be an int or None")
+            if max_waiters < 0:
+                raise ValueError(f"max_waiters must be 0 or more, got {max_waiters}")
+        _check_duration("idle_timeout", idle_timeout)
+        _check_duration("max_lifetime", max_lifetime)
+        if not isinstance(lifetime_jitter, (int, float)) or not 0 <= lifetime_jitter < 1:
+            raise ValueError(f"lifetime_jitter must be in [0, 1), got {lifetime_jitter!r}")
+        self.max_connections = max_connections
+        self.max_connections_per_key = max_connections_per_key
+        self.lifo = release_policy is ReleasePolicy.LIFO
+        self.release_policy = release_policy
+        self.max_waiters = max_waiters
+        self.idle_timeout = idle_timeout
+        self.max_lifetime = max_lifetime
+        self.lifetime_jitter = float(lifetime_jitter)
+        self._reserve = reserve
+        self._is_closed = is_closed
+        self._is_ready = is_ready
+        self._rng = rng if rng is not None else random.Random()
+
+        self.closed = False
+        self.usage = 0
+        self.effects: list[Effect[K, C]] = []
+        self._subpools: dict[K, _SubPool[K, C]] = {}
+        # Open connections with no lease, least recently released first (Rule 4; idle expiry).
+        self._idle: OrderedDict[_Record[K, C], None] = OrderedDict()
+        # (expires_at, sequence, record): lifetime expiry, lazily cleaned.
+        self._lifetimes: list[tuple[float, int, _Record[K, C]]] = []
+        self._sequence = 0
+        # Keys with waiters no connect covers, held back by the global limit (Rule 4).
+        self._blocked: OrderedDict[K, None] = OrderedDict()
+
+    # ------------------------------------------------------------------ effects
+
+    def take_effects(self) -> list[Effect[K, C]]:
+        """Return the effects queued so far and forget them."""
+        effects = self.effects
+        self.effects = []
+        return effects
+
+    # ------------------------------------------------------------------ acquire
+
+    def acquire_nowait(self, key: K) -> Lease[K, C] | None:
+        """Lease an available connection of ``key`` at once, or return None.
+
+        Never starts a connect and never queues: returns None if waiters are already queued
+        for the key (they come first) or no open connection has spare capacity. Dead
+        connections met on the way are dropped (queued as :class:`Close` effects).
+        """
+        sub = self._subpools.get(key)
+        if sub is None or sub.waiters or self.closed:
+            return None
+        available = sub.available
+        while available:
+            record = next(reversed(available)) if self.lifo else next(iter(available))
+            if self._usable(record):
+                return self._lease(record)
+        return None
+
+    def enqueue(self, key: K) -> Waiter[K, C]:
+        """Queue a waiter for ``key`` and do what it takes to serve it.
+
+        The waiter may be served or failed at once (see the effects). Raises
+        :class:`TooManyWaiters` if ``max_waiters`` are already queued for the key.
+        """
+        if self.closed:
+            raise RuntimeError("enqueue on a closed pool state")
+        sub = self._subpools.get(key)
+        if sub is None:
+            sub = self._subpools[key] = _SubPool(key)
+        if self.max_waiters is not None and len(sub.waiters) >= self.max_waiters:
+            raise TooManyWaiters(
+                f"{len(sub.waiters)} tasks already wait for this key (max_waiters)", key=key
+            )
+        waiter: Waiter[K, C] = Waiter(key)
+        sub.waiters[waiter] = None
+        sub.unattributed[waiter] = None
+        self._pump(sub)
+        return waiter
+
+    def cancel(self, waiter: Waiter[K, C]) -> None:
+        """Withdraw a waiter that gave up (cancelled, timed out). Idempotent.
+
+        A waiter that was already served or failed is left alone: the lease it was handed is
+        the caller's to release.
+        """
+        if waiter.state is not _WaiterState.WAITING:
+            return
+        waiter.state = _WaiterState.CANCELLED
+        sub = self._subpools[waiter.key]
+        self._unqueue(sub, waiter)
+        self._pump(sub)
+        self._forget_if_empty(sub)
+
+    # ------------------------------------------------------------------ release
+
+    def release(self, lease: Lease[K, C], now: float, *, discard: bool = False) -> None:
+        """Give a lease back. With ``discard`` (or if the connection is dead) close it."""
+        if lease.released:
+            return
+        lease.released = True
+        record = lease._record
+        if record.state is not _RecState.OPEN:
+            return  # Dropped meanwhile (closed pool, dead connection): nothing to give back.
+        record.leases -= 1
+        sub = record.sub
+        # No liveness probe here: the connection is checked when it is next handed out
+        # (Rule: only the connection being handed out is ever probed).
+        if discard or (record.retiring and record.leases == 0):
+            self._drop(record)
+            self._pump(sub)
+            self._unblock()
+            self._forget_if_empty(sub)
+            return
+        if record.leases == 0:
+            record.idle_since = now
+            self._idle[record] = None
+        if record.retiring or not record.ready:
+            return
+        if record.available:
+            sub.available.move_to_end(record)
+        else:
+            record.available = True
+            sub.available[record] = None
+        if sub.waiters:
+            self._serve(sub)
+            self._attribute(sub)
+        elif self._blocked and record.leases == 0:
+            self._unblock()
+
+    # ------------------------------------------------------------------ connects
+
+    def connect_succeeded(
+        self,
+        record: _Record[K, C],
+        connection: C,
+        now: float,
+        *,
+        weight: int = 1,
+        capacity: int = 1,
+        ready: bool = True,
+    ) -> None:
+        """A connect finished. Its connection serves the first waiter, or goes idle.
+
+        If the pool closed meanwhile, a :class:`Close` effect is queued for it instead.
+        """
+        if record.state is not _RecState.CONNECTING:
+            raise RuntimeError(f"connect_succeeded on {record!r}")
+        sub = record.sub
+        del sub.connecting[record]
+        if self.closed:
+            record.state = _RecState.CLOSED
+            sub.usage -= record.weight
+            self.usage -= record.weight
+            self.effects.append(Close(record.key, connection))
+            self._forget_if_empty(sub)
+            return
+        for waiter in record.waiters:
+            waiter.connect = None
+            sub.unattributed[waiter] = None
+        record.waiters.clear()
+        record.state = _RecState.OPEN
+        record.connection = connection
+        record.created_at = record.idle_since = now
+        delta = weight - record.weight
+        record.weight = weight
+        sub.usage += delta
+        self.usage += delta
+        record.capacity = max(capacity, 0)
+        record.ready = ready
+        sub.records[record] = None
+        self._idle[record] = None
+        if self.max_lifetime is not None:
+            jitter = self._rng.random() * self.lifetime_jitter if self.lifetime_jitter else 0.0
+            record.expires_at = now + self.max_lifetime * (1.0 - jitter)
+            self._sequence += 1
+            heapq.heappush(self._lifetimes, (record.expires_at, self._sequence, record))
+        if ready and record.capacity > 0:
+            record.available = True
+            sub.available[record] = None
+        self._pump(sub)
+        if delta < 0 or self._blocked:
+            self._unblock()
+
+    def connect_failed(self, record: _Record[K, C], cause: BaseException | None) -> None:
+        """A connect failed (or was cancelled). Its attributed waiters get the error."""
+        if record.state is not _RecState.CONNECTING:
+            raise RuntimeError(f"connect_failed on {record!r}")
+        sub = record.sub
+        del sub.connecting[record]
+        record.state = _RecState.CLOSED
+        sub.usage -= record.weight
+        self.usage -= record.weight
+        for waiter in record.waiters:
+            waiter.connect = None
+            waiter.state = _WaiterState.FAILED
+            del sub.waiters[waiter]
+            self.effects.append(Fail(waiter, FailReason.CONNECT_FAILED, cause))
+        record.waiters.clear()
+        if not self.closed:
+            self._pump(sub)
+            self._unblock()
+        self._forget_if_empty(sub)
+
+    # ------------------------------------------------------------------ live changes
+
+    def refresh(self, record: _Record[K, C], *, closed: bool, ready: bool, capacity: int) -> None:
+        """A connection says its state changed: closed, ready again, new capacity."""
+        if record.state is not _RecState.OPEN:
+            return
+        sub = record.sub
+        if closed:
+            self._drop(record)
+            self._pump(sub)
+            self._unblock()
+            self._forget_if_empty(sub)
+            return
+        record.ready = ready
+        record.capacity = max(capacity, 0)
+        want = ready and not record.retiring and record.leases < record.capacity
+        if want and not record.available:
+            record.available = True
+            sub.available[record] = None
+            self._pump(sub)
+        elif not want and record.available:
+            record.available = False
+            del sub.available[record]
+
+    def expire(self, now: float) -> None:
+        """Close idle connections past the idle timeout and retire those past their lifetime.
+
+        A connection past its lifetime that still has leases takes no new ones and is closed
+        when the last is released.
+        """
+        if self.idle_timeout is not None:
+            limit = now - self.idle_timeout
+            while self._idle:
+                record = next(iter(self._idle))
+                if record.idle_since > limit:
+                    break
+                self._drop(record)
+                self._after_drop(record.sub)
+        lifetimes = self._lifetimes
+        while lifetimes and lifetimes[0][0] <= now:
+            record = heapq.heappop(lifetimes)[2]
+            if record.state is not _RecState.OPEN:
+                continue
+            if record.leases == 0:
+                self._drop(record)
+                self._after_drop(record.sub)
+            else:
+                record.retiring = True
+                if record.available:
+                    record.available = False
+                    del record.sub.available[record]
+
+    def next_deadline(self) -> float:
+        """When :meth:`expire` next has something to do (``math.inf`` for never)."""
+        deadline = math.inf
+        if self.idle_timeout is not None and self._idle:
+            deadline = next(iter(self._idle)).idle_since + self.idle_timeout
+        lifetimes = self._lifetimes
+        while lifetimes and lifetimes[0][2].state is not _RecState.OPEN:
+            heapq.heappop(lifetimes)
+        if lifetimes and lifetimes[0][0] < deadline:
+            deadline = lifetimes[0][0]
+        return deadline
+
+    def close(self) -> None:
+        """Close the pool: fail every waiter, close every open connection.
+
+        Connects in flight are left to the driver to cancel; each reports back with
+        :meth:`connect_failed` or :meth:`connect_succeeded` (which then closes it).
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self._blocked.clear()
+        for sub in list(self._subpools.values()):
+            for waiter in sub.waiters:
+                waiter.state = _WaiterState.FAILED
+                if waiter.connect is not None:
+                    del waiter.connect.waiters[waiter]
+                    waiter.connect = None
+                self.effects.append(Fail(waiter, FailReason.POOL_CLOSED))
+            sub.waiters.clear()
+            sub.unattributed.clear()
+            for record in list(sub.records):
+                self._drop(record)
+            self._forget_if_empty(sub)
+
+    # ------------------------------------------------------------------ statistics
+
+    def statistics(self) -> PoolStatistics:
+        """A frozen snapshot of every counter."""
+        keys: dict[Hashable, KeyStatistics] = {}
+        totals = [0, 0, 0, 0, 0]
+        for key, sub in self._subpools.items():
+            idle = in_use = leases = 0
+            for record in sub.records:
+                leases += record.leases
+                if record.leases:
+                    in_use += 1
+                else:
+                    idle += 1
+            stats = KeyStatistics(
+                idle=idle,
+                in_use=in_use,
+                connecting=len(sub.connecting),
+                waiting=len(sub.waiters),
+                leases=leases,
+                weight=sub.usage,
+            )
+            keys[key] = stats
+            totals[0] += idle
+            totals[1] += in_use
+            totals[2] += stats.connecting
+            totals[3] += stats.waiting
+            totals[4] += leases
+        return PoolStatistics(
+            idle=totals[0],
+            in_use=totals[1],
+            connecting=totals[2],
+            waiting=totals[3],
+            leases=totals[4],
+            weight=self.usage,
+            max_connections=self.max_connections,
+            keys=MappingProxyType(keys),
+            closed=self.closed,
+        )
+
+    def open_connections(self) -> list[tuple[K, C]]:
+        """Every open connection with its key (for tests and diagnostics)."""
+        result: list[tuple[K, C]] = []
+        for sub in self._subpools.values():
+            for record in sub.records:
+                assert record.connection is not None
+                result.append((record.key, record.connection))
+        return result
+
+    def check_invariants(self) -> None:
+        """Assert the internal consistency of every counter and index (used by tests)."""
+        total = 0
+        idle_records: set[_Record[K, C]] = set()
+        for key, sub in self._subpools.items():
+            assert sub.key == key
+            usage = 0
+            for record in sub.records:
+                assert record.state is _RecState.OPEN, record
+                assert record.sub is sub
+                assert record.leases >= 0
+                assert record.leases <= max(record.capacity, record.leases)
+                assert record.available == (record in sub.available)
+                if record.available:
+                    assert record.ready
+                    assert not record.retiring
+                    assert record.leases < record.capacity
+                if record.leases == 0:
+                    idle_records.add(record)
+                usage += record.weight
+            for record in sub.available:
+                assert record in sub.records
+            for record in sub.connecting:
+                assert record.state is _RecState.CONNECTING
+                assert len(record.waiters) <= record.reserved_capacity
+                for waiter in record.waiters:
+                    assert waiter.connect is record
+                    assert waiter in sub.waiters
+                usage += record.weight
+            for waiter in sub.waiters:
+                assert waiter.state is _WaiterState.WAITING
+                assert (waiter in sub.unattributed) == (waiter.connect is None)
+            for waiter in sub.unattributed:
+                assert waiter in sub.waiters
+            if sub.waiters:
+                # Nobody waits while a usable connection of the key sits available.
+                assert not sub.available, sub
+            assert usage == sub.usage, (usage, sub.usage)
+            if self.max_connections_per_key is not None:
+                assert sub.usage <= self.max_connections_per_key
+            total += usage
+            assert not sub.is_empty() or sub.available == OrderedDict()
+        assert total == self.usage, (total, self.usage)
+        assert self.usage <= self.max_connections
+        assert set(self._idle) == idle_records
+        for key in self._blocked:
+            assert self._subpools[key].unattributed
+
+    # ------------------------------------------------------------------ internals
+
+    def _usable(self, record: _Record[K, C]) -> bool:
+        """Check the one connection about to be handed out. Drops or parks it if not."""
+        connection = record.connection
+        if self._is_closed(connection):  # type: ignore[arg-type]
+            self._drop(record)
+            return False
+        if not self._is_ready(connection):  # type: ignore[arg-type]
+            record.ready = False
+            record.available = False
+            del record.sub.available[record]
+            return False
+        return True
+
+    def _lease(self, record: _Record[K, C]) -> Lease[K, C]:
+        if record.leases == 0:
+            del self._idle[record]
+        record.leases += 1
+        record.uses += 1
+        if record.leases >= record.capacity:
+            record.available = False
+            del record.sub.available[record]
+        return Lease(record, record.connection)  # type: ignore[arg-type]
+
+    def _unqueue(self, sub: _SubPool[K, C], waiter: Waiter[K, C]) -> None:
+        """Take a waiter out of the queues; hand its attribution on (Rule 3)."""
+        del sub.waiters[waiter]
+        record = waiter.connect
+        if record is None:
+            del sub.unattributed[waiter]
+        else:
+            waiter.connect = None
+            del record.waiters[waiter]
+
+    def _serve(self, sub: _SubPool[K, C]) -> None:
+        """Hand available connections to waiters, oldest waiter first."""
+        waiters = sub.waiters
+        available = sub.available
+        while waiters and available:
+            record = next(reversed(available)) if self.lifo else next(iter(available))
+            if not self._usable(record):
+                continue
+            waiter = next(iter(waiters))
+            self._unqueue(sub, waiter)
+            waiter.state = _WaiterState.SERVED
+            self.effects.append(Deliver(waiter, self._lease(record)))
+
+    def _attribute(self, sub: _SubPool[K, C]) -> None:
+        """Attribute unattributed waiters to connects in flight with spare reserved capacity."""
+        if not sub.unattributed:
+            return
+        for record in sub.connecting:
+            while len(record.waiters) < record.reserved_capacity and sub.unattributed:
+                waiter = sub.unattributed.popitem(last=False)[0]
+                waiter.connect = record
+                record.waiters[waiter] = None
+            if not sub.unattributed:
+                return
+
+    def _pump(self, sub: _SubPool[K, C]) -> None:
+        """Serve, attribute, and start connects for whatever demand is left (Rules 2-4)."""
+        if sub.waiters:
+            self._serve(sub)
+        self._attribute(sub)
+        if not sub.unattributed or self.closed:
+            self._blocked.pop(sub.key, None)
+            return
+        per_key = self.max_connections_per_key
+        while sub.unattributed:
+            reservation = self._reserve(sub.key) if self._reserve else DEFAULT_RESERVATION
+            weight = reservation.weight
+            if per_key is not None and sub.usage + weight > per_key:
+                self._blocked.pop(sub.key, None)
+                return  # Wait for this key's own connections.
+            if not self._make_room(weight):
+                if sub.key not in self._blocked:
+                    self._blocked[sub.key] = None
+                return
+            record: _Record[K, C] = _Record(sub, reservation)
+            sub.connecting[record] = None
+            sub.usage += weight
+            self.usage += weight
+            self.effects.append(StartConnect(record))
+            self._attribute(sub)
+        self._blocked.pop(sub.key, None)
+
+    def _make_room(self, weight: int) -> bool:
+        """Evict least recently used idle connections until ``weight`` fits (Rule 4).
+
+        Called only for a key with unattributed waiters, which has no available connection
+        of its own (they would have been served), so every idle connection is fair game.
+        Evicts nothing unless evicting is enough.
+        """
+        needed = self.usage + weight - self.max_connections
+        if needed <= 0:
+            return True
+        freeable = 0
+        for record in self._idle:
+            freeable += record.weight
+            if freeable >= needed:
+                break
+        else:
+            return False
+        while self.usage + weight > self.max_connections:
+            record = next(iter(self._idle))
+            other = record.sub
+            self._drop(record)
+            self._forget_if_empty(other)
+        return True
+
+    def _unblock(self) -> None:
+        """Give newly freed room to the keys held back by the global limit, in order."""
+        while self._blocked:
+            key = next(iter(self._blocked))
+            self._pump(self._subpools[key])
+            if key in self._blocked:
+                return  # Still no room for the first key: later keys wait behind it.
+
+    def _drop(self, record: _Record[K, C]) -> None:
+        """Take an open connection out of every index and queue its close."""
+        sub = record.sub
+        record.state = _RecState.CLOSED
+        del sub.records[record]
+        if record.available:
+            record.available = False
+            del sub.available[record]
+        self._idle.pop(record, None)
+        sub.usage -= record.weight
+        self.usage -= record.weight
+        assert record.connection is not None
+        self.effects.append(Close(record.key, record.connection))
+
+    def _after_drop(self, sub: _SubPool[K, C]) -> None:
+        self._pump(sub)
+        self._unblock()
+        self._forget_if_empty(sub)
+
+    def _forget_if_empty(self, sub: _SubPool[K, C]) -> None:
+        if sub.is_empty() and self._subpools.get(sub.key) is sub:
+            del self._subpools[sub.key]
+            self._blocked.pop(sub.key, None)
+
+
+def _check_duration(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be 0 or more, got {value!r}")
