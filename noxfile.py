@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``, ``nox -s bench``."""
+"""Developer sessions: ``nox -s tests``, ``lint``, ``typecheck`` and ``bench``."""
 
 from __future__ import annotations
 

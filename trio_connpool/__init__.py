@@ -10,71 +10,32 @@ from __future__ import annotations
 
 from ._exceptions import (
     ConnectError as ConnectError,
-)
-from ._exceptions import (
     ConnectTimeout as ConnectTimeout,
-)
-from ._exceptions import (
     InvalidHeader as InvalidHeader,
-)
-from ._exceptions import (
     InvalidURL as InvalidURL,
-)
-from ._exceptions import (
     LocalProtocolError as LocalProtocolError,
-)
-from ._exceptions import (
     PoolClosed as PoolClosed,
-)
-from ._exceptions import (
     PoolError as PoolError,
-)
-from ._exceptions import (
     PoolTimeout as PoolTimeout,
-)
-from ._exceptions import (
     ReadTimeout as ReadTimeout,
-)
-from ._exceptions import (
     RemoteProtocolError as RemoteProtocolError,
-)
-from ._exceptions import (
+    ServerDisconnected as ServerDisconnected,
     TooManyWaiters as TooManyWaiters,
-)
-from ._exceptions import (
     TransportError as TransportError,
-)
-from ._exceptions import (
     WriteTimeout as WriteTimeout,
 )
 from ._pool import (
     Connection as Connection,
-)
-from ._pool import (
     Instrument as Instrument,
-)
-from ._pool import (
     Pool as Pool,
-)
-from ._pool import (
     create_pool as create_pool,
-)
-from ._pool import (
     open_pool as open_pool,
 )
 from ._state import (
     KeyStatistics as KeyStatistics,
-)
-from ._state import (
     Lease as Lease,
-)
-from ._state import (
     PoolStatistics as PoolStatistics,
-)
-from ._state import (
     ReleasePolicy as ReleasePolicy,
-)
-from ._state import (
     Reservation as Reservation,
 )
 from ._version import __version__ as __version__
@@ -107,6 +68,7 @@ __all__ = [
     "ReleasePolicy",
     "RemoteProtocolError",
     "Reservation",
+    "ServerDisconnected",
     "TooManyWaiters",
     "TransportError",
     "WriteTimeout",

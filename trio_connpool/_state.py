@@ -481,11 +481,16 @@ class PoolState(Generic[K, C]):
         if sub is None or sub.waiters or self.closed:
             return None
         available = sub.available
+        usage = self.usage
+        lease = None
         while available:
             record = next(reversed(available)) if self.lifo else next(iter(available))
             if self._usable(record):
-                return self._lease(record)
-        return None
+                lease = self._lease(record)
+                break
+        if self.usage < usage and self._blocked:
+            self._unblock()  # Dead connections were dropped: their room goes to blocked keys.
+        return lease
 
     def enqueue(self, key: K) -> Waiter[K, C]:
         """Queue a waiter for ``key`` and do what it takes to serve it.
@@ -496,12 +501,13 @@ class PoolState(Generic[K, C]):
         if self.closed:
             raise RuntimeError("enqueue on a closed pool state")
         sub = self._subpools.get(key)
+        waiting = len(sub.waiters) if sub is not None else 0
+        if self.max_waiters is not None and waiting >= self.max_waiters:
+            raise TooManyWaiters(
+                f"{waiting} tasks already wait for this key (max_waiters)", key=key
+            )
         if sub is None:
             sub = self._subpools[key] = _SubPool(key)
-        if self.max_waiters is not None and len(sub.waiters) >= self.max_waiters:
-            raise TooManyWaiters(
-                f"{len(sub.waiters)} tasks already wait for this key (max_waiters)", key=key
-            )
         waiter: Waiter[K, C] = Waiter(key)
         sub.waiters[waiter] = None
         sub.unattributed[waiter] = None
@@ -545,8 +551,8 @@ class PoolState(Generic[K, C]):
         if record.leases == 0:
             record.idle_since = now
             self._idle[record] = None
-        if record.retiring or not record.ready:
-            return
+        if record.retiring or not record.ready or record.leases >= record.capacity:
+            return  # Takes no new lease (its capacity may have been lowered under it).
         if record.available:
             sub.available.move_to_end(record)
         else:

@@ -1,0 +1,51 @@
+"""The HTTP layer of trio_connpool: URL and message models, HTTP/1.1 connections, connects.
+
+The names here are what the client and the pool build on; the modules themselves are private.
+"""
+
+from __future__ import annotations
+
+from ._client import (
+    Client as Client,
+    HTTPConnector as HTTPConnector,
+    HTTPKey as HTTPKey,
+    NoPoolSender as NoPoolSender,
+    PoolSender as PoolSender,
+    RequestSender as RequestSender,
+    open_client as open_client,
+)
+from ._connect import create_ssl_context as create_ssl_context, open_stream as open_stream
+from ._http11 import HTTP11Connection as HTTP11Connection
+from ._models import (
+    URL as URL,
+    Headers as Headers,
+    HeaderTypes as HeaderTypes,
+    Origin as Origin,
+    Request as Request,
+    RequestContent as RequestContent,
+    Response as Response,
+    ResponseStream as ResponseStream,
+    Timeouts as Timeouts,
+)
+
+__all__ = [
+    "Client",
+    "HTTPConnector",
+    "HTTPKey",
+    "NoPoolSender",
+    "PoolSender",
+    "RequestSender",
+    "open_client",
+    "HTTP11Connection",
+    "HeaderTypes",
+    "Headers",
+    "Origin",
+    "Request",
+    "RequestContent",
+    "Response",
+    "ResponseStream",
+    "Timeouts",
+    "URL",
+    "create_ssl_context",
+    "open_stream",
+]

@@ -1,0 +1,576 @@
+"""An HTTP/1.1 client connection: h11 over one `trio.abc.Stream`, as a pool connection.
+
+h11 does all the parsing and framing and no I/O; this module only moves bytes between the
+stream and the `h11.Connection`, with a timeout around every read and write, and keeps the
+small lifecycle the pool relies on::
+
+    IDLE ──send_request()──> ACTIVE ──body read to the end, both sides DONE──> IDLE
+                               │
+                               ├── Connection: close, error, timeout, cancellation ──> CLOSED
+                               └── Response.aclose() early: drain a small rest ──> IDLE
+                                                             otherwise ──────────> CLOSED
+
+Rules:
+
+1. An exchange that did not finish cleanly (an exception or a cancellation anywhere in it)
+   leaves the connection CLOSED, and its transport is closed at once (forcefully, shielded,
+   so it never blocks). Such a connection is never reused: we could not tell where the next
+   response starts.
+2. There are no background tasks. Bytes are read only by the task that sends a request or
+   reads a response body, so a stale keep-alive connection is detected by peeking at its
+   socket (`HTTP11Connection.is_closed`), the way urllib3 and httpcore do, and requests
+   that meet a connection the server closed just before fail with `ServerDisconnected`,
+   which callers may retry.
+3. "The server closed before any byte of the response arrived" (`ServerDisconnected`) is
+   kept apart from "the server broke off in the middle" (`RemoteProtocolError`): only the
+   first one is safe to retry.
+
+Known limit: the request body is written completely before the response is read. A server
+that answers early (say 413) and stops reading while still keeping the connection open stalls
+the upload until the write timeout. If it closes the connection instead, its answer is still
+read and returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import math
+import select
+from typing import TYPE_CHECKING, Final, cast, final
+
+import h11
+import trio
+
+from .._exceptions import (
+    LocalProtocolError,
+    ReadTimeout,
+    RemoteProtocolError,
+    ServerDisconnected,
+    TransportError,
+    WriteTimeout,
+)
+from ._models import Headers, Origin, Request, Response, Timeouts, format_authority
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterable
+
+__all__ = ["HTTP11Connection"]
+
+_READ_SIZE: Final = 64 * 1024
+# Coalesce a bytes body with the request head into one write up to this size.
+_COALESCE_LIMIT: Final = 64 * 1024
+# Response.aclose() drains at most this much of an unread body to keep the connection.
+_MAX_DRAIN: Final = 64 * 1024
+_CLOSE_TIMEOUT: Final = 1.0
+# Methods whose requests carry content by definition: with no body we still say
+# "Content-Length: 0" (RFC 9110 section 8.6).
+_METHODS_WITH_CONTENT: Final = frozenset({"POST", "PUT", "PATCH"})
+
+
+class _State(enum.Enum):
+    IDLE = "IDLE"
+    ACTIVE = "ACTIVE"
+    CLOSED = "CLOSED"
+
+
+def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The socket under a `trio.SocketStream`, or under a `trio.SSLStream` over one."""
+    if isinstance(stream, trio.SSLStream):
+        stream = cast("trio.SSLStream[trio.abc.Stream]", stream).transport_stream
+    if isinstance(stream, trio.SocketStream):
+        return stream.socket
+    return None
+
+
+def _is_readable(sock: trio.socket.SocketType) -> bool:
+    """Whether ``sock`` has something to read (data, EOF or an error), without blocking."""
+    fd = sock.fileno()
+    if fd < 0:
+        return True  # closed under us
+    # poll() has no FD_SETSIZE limit; select() is the fallback where poll() is missing
+    # (Windows, whose select() has no limit on descriptor values either).
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
+async def _close_forcefully(stream: trio.abc.AsyncResource) -> None:
+    """Close ``stream`` at once, never blocking and never raising (even if cancelled)."""
+    with trio.CancelScope(shield=True):
+        await trio.aclose_forcefully(stream)
+
+
+def _deadline(seconds: float | None) -> float:
+    return math.inf if seconds is None else seconds
+
+
+@final
+class _WriteFailed(Exception):
+    """The transport broke while we sent the request; the server may have answered first."""
+
+
+@final
+class HTTP11Connection:
+    """One HTTP/1.1 connection to one origin, serving one exchange at a time.
+
+    The connection is built on an open stream (see `open_stream`) and is what the pool lends
+    out: its `capacity` is 1, it says whether it can be reused (`is_ready`, `is_clean`,
+    `is_closed`), and `send_request` runs one request. The response it returns reads its body
+    from this connection; the connection becomes idle again once that body has been read to
+    its end (or drained by an early `Response.aclose`).
+
+    It is not safe to use from two tasks at once: a second `send_request` while an exchange
+    is in progress raises `RuntimeError`.
+
+    Args:
+        stream: The open transport (TCP, TLS, or a memory stream in tests).
+        origin: The origin the stream is connected to (for the Host header and errors).
+        timeouts: ``read`` and ``write`` bound every single read and write.
+        max_incomplete_event_size: The largest response head (or chunk header) accepted.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        origin: Origin,
+        *,
+        timeouts: Timeouts = Timeouts(),  # noqa: B008 (a frozen value)
+        max_incomplete_event_size: int = 64 * 1024,
+    ) -> None:
+        self._stream = stream
+        self._origin = origin
+        self._timeouts = timeouts
+        self._h11 = h11.Connection(
+            our_role=h11.CLIENT, max_incomplete_event_size=max_incomplete_event_size
+        )
+        self._state = _State.IDLE
+        self._transport_closed = False
+        # Per exchange:
+        self._exchanges = 0  # started exchanges; also identifies the current one
+        self._completed = 0  # exchanges that ended with the connection idle again
+        self._url: str | None = None
+        self._response_started = False  # any byte of the current response received
+        self._write_error: BaseException | None = None
+        self._body_remaining: int | None = None  # unread Content-Length bytes, if known
+        self._reads = 0  # reads from the transport, to know whether we checkpointed
+
+    # ---- what the pool reads -------------------------------------------------------------
+
+    @property
+    def origin(self) -> Origin:
+        """The origin this connection is connected to."""
+        return self._origin
+
+    @property
+    def capacity(self) -> int:
+        """How many exchanges can run at once: always 1 for HTTP/1.1."""
+        return 1
+
+    @property
+    def http_version(self) -> str:
+        """``"HTTP/1.1"``."""
+        return "HTTP/1.1"
+
+    def is_ready(self) -> bool:
+        """Whether a request can be sent now: idle and not closed."""
+        return self._state is _State.IDLE
+
+    def is_clean(self) -> bool:
+        """Whether no exchange is half-done, so the connection can serve the next request.
+
+        The pool asks this when a lease ended in an exception: an HTTP/1.1 connection is
+        clean only if the exchange had completed (body read to its end) before that.
+        """
+        return self._state is _State.IDLE
+
+    def is_closed(self) -> bool:
+        """Whether the connection is closed or unusable. Synchronous, never blocks.
+
+        Besides our own state, an idle connection over a real socket is checked for
+        readability: an idle HTTP/1.1 connection has nothing to read unless the server closed
+        it (EOF) or sent junk, so a readable one is marked closed. Only this connection's own
+        socket is looked at. Over TLS the check is skipped until one exchange has completed,
+        since TLS 1.3 servers send session tickets right after the handshake.
+        """
+        if self._state is _State.CLOSED:
+            return True
+        if self._state is _State.IDLE:
+            if self._h11.trailing_data[0]:
+                self._state = _State.CLOSED  # the server sent bytes nobody asked for
+                return True
+            sock = _socket_of(self._stream)
+            if (
+                sock is not None
+                and (self._completed > 0 or not isinstance(self._stream, trio.SSLStream))
+                and _is_readable(sock)
+            ):
+                self._state = _State.CLOSED
+                return True
+        return False
+
+    async def aclose(self) -> None:
+        """Close the connection. Idempotent; never raises for a broken transport.
+
+        The transport is closed gracefully within a shielded scope bounded by one second,
+        then forcefully. Like every trio ``aclose``, it closes even when cancelled.
+        """
+        self._state = _State.CLOSED
+        if not self._transport_closed:
+            self._transport_closed = True
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(_CLOSE_TIMEOUT):
+                    with contextlib.suppress(
+                        trio.BrokenResourceError, trio.ClosedResourceError, OSError
+                    ):
+                        await self._stream.aclose()
+                await trio.aclose_forcefully(self._stream)
+        await trio.lowlevel.checkpoint()
+
+    def __repr__(self) -> str:
+        return (
+            f"<HTTP11Connection [{self._origin}, {self._state.value}, "
+            f"{self._completed} requests completed]>"
+        )
+
+    # ---- one exchange --------------------------------------------------------------------
+
+    async def send_request(self, request: Request) -> Response:
+        """Send ``request`` and return the response once its head has arrived.
+
+        The body of the response is read from this connection by the returned `Response`;
+        the connection is busy until that body ends or the response is closed.
+
+        Args:
+            request: The request; its origin should be this connection's.
+
+        Returns:
+            The `Response`, with its body still to be read.
+
+        Raises:
+            RuntimeError: If the connection is not idle (busy or closed).
+            ServerDisconnected: If the server closed the connection before sending any byte
+                of a response (typically a keep-alive connection it had timed out).
+            RemoteProtocolError: If the server sent something invalid or broke off.
+            LocalProtocolError: If the request cannot be sent as given.
+            ReadTimeout: If the server sent nothing within ``timeouts.read``.
+            WriteTimeout: If a write did not complete within ``timeouts.write``.
+        """
+        if self._state is not _State.IDLE:
+            raise RuntimeError(f"connection is not ready for a request: {self!r}")
+        self._state = _State.ACTIVE
+        self._exchanges += 1
+        self._url = str(request.url)
+        self._response_started = bool(self._h11.trailing_data[0])
+        self._write_error = None
+        self._body_remaining = None
+        try:
+            try:
+                await self._send_request(request)
+            except _WriteFailed as exc:
+                # The server may have answered before closing (e.g. 413 for a large upload):
+                # look for that answer; if there is none we report the disconnect.
+                self._write_error = exc.__cause__
+            return await self._receive_response_head(request)
+        except BaseException:
+            await self._fail()
+            raise
+
+    async def _send_request(self, request: Request) -> None:
+        headers = self._request_headers(request)
+        try:
+            head = self._h11.send(
+                h11.Request(
+                    method=request.method.encode("ascii"),
+                    target=request.url.target,
+                    headers=headers,
+                )
+            )
+        except h11.LocalProtocolError as exc:
+            raise LocalProtocolError(str(exc), key=self._origin, url=self._url) from exc
+        assert head is not None
+        content = request.content
+        if content is None:
+            await self._write(head + self._send_event(h11.EndOfMessage()))
+        elif isinstance(content, bytes):
+            body = self._send_event(h11.Data(data=content)) if content else b""
+            end = self._send_event(h11.EndOfMessage())
+            if len(content) <= _COALESCE_LIMIT:
+                await self._write(head + body + end)
+            else:
+                await self._write(head)
+                await self._write(body + end)
+        else:
+            await self._write(head)
+            await self._send_streamed_body(content)
+
+    async def _send_streamed_body(self, content: AsyncIterable[bytes]) -> None:
+        iterator = aiter(content)
+        try:
+            async for chunk in iterator:
+                if not isinstance(chunk, (bytes, bytearray, memoryview)):  # pyright: ignore[reportUnnecessaryIsInstance]
+                    raise TypeError(
+                        f"request content must yield bytes, not {type(chunk).__name__}"
+                    )
+                if chunk:
+                    await self._write(self._send_event(h11.Data(data=bytes(chunk))))
+        finally:
+            # We started this iteration, so we end it: an async generator abandoned half-way
+            # would otherwise run its cleanup whenever the garbage collector gets to it.
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+                    await aclose()
+        await self._write(self._send_event(h11.EndOfMessage()))
+
+    def _request_headers(self, request: Request) -> list[tuple[bytes, bytes]]:
+        headers = request.headers
+        extra: list[tuple[bytes, bytes]] = []
+        if "host" not in headers:
+            authority = format_authority(self._origin.host, self._origin.port, self._origin.scheme)
+            extra.append((b"Host", authority.encode("ascii")))
+        if "content-length" not in headers and "transfer-encoding" not in headers:
+            content = request.content
+            if isinstance(content, bytes):
+                if content or request.method not in ("GET", "HEAD"):
+                    extra.append((b"Content-Length", str(len(content)).encode("ascii")))
+            elif content is not None:
+                extra.append((b"Transfer-Encoding", b"chunked"))
+            elif request.method in _METHODS_WITH_CONTENT:
+                extra.append((b"Content-Length", b"0"))
+        return extra + headers.raw
+
+    def _send_event(self, event: h11.Data | h11.EndOfMessage) -> bytes:
+        try:
+            data = self._h11.send(event)
+        except h11.LocalProtocolError as exc:
+            raise LocalProtocolError(str(exc), key=self._origin, url=self._url) from exc
+        return data or b""
+
+    async def _write(self, data: bytes) -> None:
+        if not data:
+            return
+        with trio.move_on_after(_deadline(self._timeouts.write)) as scope:
+            try:
+                await self._stream.send_all(data)
+            except trio.ClosedResourceError as exc:
+                raise self._closed_locally_error() from exc
+            except (trio.BrokenResourceError, OSError) as exc:
+                raise _WriteFailed from exc
+        if scope.cancelled_caught:
+            raise WriteTimeout(
+                f"write did not complete within {self._timeouts.write} s",
+                key=self._origin,
+                url=self._url,
+            )
+
+    async def _read(self) -> bytes:
+        with trio.move_on_after(_deadline(self._timeouts.read)) as scope:
+            try:
+                self._reads += 1
+                data = await self._stream.receive_some(_READ_SIZE)
+            except trio.ClosedResourceError as exc:
+                raise self._closed_locally_error() from exc
+            except (trio.BrokenResourceError, OSError) as exc:
+                raise self._disconnected_error(exc) from exc
+            if not data and not self._response_started:
+                raise self._disconnected_error(self._write_error) from self._write_error
+            if data:
+                self._response_started = True
+            return bytes(data)
+        assert scope.cancelled_caught
+        raise ReadTimeout(
+            f"no data within the read timeout of {self._timeouts.read} s",
+            key=self._origin,
+            url=self._url,
+        )
+
+    def _disconnected_error(self, exc: BaseException | None) -> RemoteProtocolError:
+        if not self._response_started:
+            return ServerDisconnected(
+                "the server closed the connection without sending a response",
+                key=self._origin,
+                url=self._url,
+            )
+        return RemoteProtocolError(
+            f"the connection broke in the middle of the response: {exc!r}",
+            key=self._origin,
+            url=self._url,
+        )
+
+    def _closed_locally_error(self) -> TransportError:
+        return TransportError(
+            "the connection was closed locally while in use", key=self._origin, url=self._url
+        )
+
+    async def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        """The next h11 event of the response, reading as much as needed."""
+        while True:
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise RemoteProtocolError(
+                    f"invalid response: {exc}", key=self._origin, url=self._url
+                ) from exc
+            if event is h11.NEED_DATA:
+                data = await self._read()
+                try:
+                    self._h11.receive_data(data)
+                except h11.RemoteProtocolError as exc:  # pragma: no cover (defensive)
+                    raise RemoteProtocolError(str(exc), url=self._url) from exc
+                continue
+            return event
+
+    async def _receive_response_head(self, request: Request) -> Response:
+        while True:
+            event = await self._next_event()
+            if isinstance(event, h11.InformationalResponse):
+                continue  # 100 Continue, 103 Early Hints: the final response follows
+            if isinstance(event, h11.Response):
+                break
+            raise RemoteProtocolError(  # pragma: no cover (h11 raises first)
+                f"unexpected event before the response head: {event!r}",
+                key=self._origin,
+                url=self._url,
+            )
+        headers = Headers._from_trusted(  # pyright: ignore[reportPrivateUsage]
+            list(event.headers.raw_items())
+        )
+        if "transfer-encoding" not in headers:
+            length = headers.get("content-length")
+            if length is not None:
+                self._body_remaining = int(length)  # h11 has validated it
+        return Response(
+            event.status_code,
+            request=request,
+            headers=headers,
+            reason_phrase=event.reason.decode("latin-1"),
+            http_version="HTTP/" + event.http_version.decode("ascii"),
+            stream=_HTTP11Body(self, self._exchanges),
+        )
+
+    # ---- the body, driven by _HTTP11Body -------------------------------------------------
+
+    def _body_is_current(self, exchange: int) -> bool:
+        return self._state is _State.ACTIVE and self._exchanges == exchange
+
+    async def _receive_body_chunk(self) -> bytes:
+        """The next non-empty chunk of the body, or ``b""`` once it has ended.
+
+        Not a checkpoint on its own when the bytes were already buffered: the caller starts
+        with ``checkpoint_if_cancelled`` and this ends with a cancel-shielded checkpoint then.
+        """
+        reads = self._reads
+        try:
+            while True:
+                event = await self._next_event()
+                if isinstance(event, h11.Data):
+                    if self._body_remaining is not None:
+                        self._body_remaining -= len(event.data)
+                    if event.data:
+                        chunk = bytes(event.data)
+                        break
+                elif isinstance(event, h11.EndOfMessage):
+                    self._exchange_done()
+                    chunk = b""
+                    break
+                else:  # pragma: no cover (h11 raises first)
+                    raise RemoteProtocolError(
+                        f"unexpected event in the response body: {event!r}",
+                        key=self._origin,
+                        url=self._url,
+                    )
+        except BaseException:
+            await self._fail()
+            raise
+        if self._state is _State.CLOSED:
+            await self._fail()
+        elif reads == self._reads:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return chunk
+
+    def _exchange_done(self) -> None:
+        if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
+            self._h11.start_next_cycle()
+            self._state = _State.IDLE
+            self._completed += 1
+        else:
+            # Either side said "Connection: close" (MUST_CLOSE / CLOSED), or our request body
+            # was cut short by a write error: the connection cannot carry another exchange.
+            self._state = _State.CLOSED
+
+    async def _close_body_early(self) -> None:
+        """`Response.aclose` before the body's end: drain a small rest, else close."""
+        remaining = self._body_remaining
+        if remaining is None or remaining > _MAX_DRAIN:
+            await self._fail()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return
+        with trio.move_on_after(_deadline(self._timeouts.read)):
+            try:
+                for _ in range(remaining + 2):  # each step consumes >= 1 byte or ends
+                    if not await self._receive_body_chunk():
+                        return
+            except TransportError:
+                pass  # _receive_body_chunk has closed the connection already
+        await self._fail()
+
+    async def _fail(self) -> None:
+        """End the connection after an incomplete exchange: state CLOSED, transport closed."""
+        self._state = _State.CLOSED
+        if not self._transport_closed:
+            self._transport_closed = True
+            await _close_forcefully(self._stream)
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+@final
+class _HTTP11Body:
+    """The `ResponseStream` of one exchange: reads the body from the connection.
+
+    It remembers which exchange it belongs to, so a stale response object can never read
+    from (or close) a later exchange on the same connection.
+    """
+
+    __slots__ = ("_connection", "_done", "_exchange")
+
+    def __init__(self, connection: HTTP11Connection, exchange: int) -> None:
+        self._connection = connection
+        self._exchange = exchange
+        self._done = False
+
+    async def receive_some(self) -> bytes:
+        if self._done:
+            await trio.lowlevel.checkpoint()
+            return b""
+        connection = self._connection
+        if not connection._body_is_current(self._exchange):  # pyright: ignore[reportPrivateUsage]
+            # Closed under us (e.g. the pool was closed): never pass that off as the end.
+            self._done = True
+            await trio.lowlevel.checkpoint()
+            raise connection._closed_locally_error()  # pyright: ignore[reportPrivateUsage]
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            chunk = await connection._receive_body_chunk()  # pyright: ignore[reportPrivateUsage]
+        except BaseException:
+            self._done = True
+            await connection._fail()  # pyright: ignore[reportPrivateUsage]
+            raise
+        if not chunk:
+            self._done = True
+        return chunk
+
+    async def aclose(self) -> None:
+        if self._done:
+            await trio.lowlevel.checkpoint()
+            return
+        self._done = True
+        connection = self._connection
+        if connection._body_is_current(self._exchange):  # pyright: ignore[reportPrivateUsage]
+            await connection._close_body_early()  # pyright: ignore[reportPrivateUsage]
+        else:
+            await trio.lowlevel.checkpoint()

@@ -1,0 +1,788 @@
+"""The values the HTTP layer passes around: URL, origin, headers, request, timeouts, response.
+
+These are plain data with validation at the boundary. Everything a caller hands us is checked
+when the object is built (a URL with whitespace, a header value with CR/LF, a method that is not
+a token), so that nothing illegal can reach the wire later and header injection is impossible
+by construction. The protocol modules (`_http11.py`, and the HTTP/2 one) then trust these
+objects and only move bytes.
+
+`Response` owns the body of one exchange through the small `ResponseStream` protocol, so the
+same class serves HTTP/1.1 and HTTP/2: the connection supplies an object that yields body bytes
+and knows how to release the connection when the caller is done with them.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ipaddress
+import math
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from http import HTTPStatus
+from typing import Protocol, Union, cast, final
+from urllib.parse import SplitResult, quote, urlsplit
+
+import attrs
+import trio
+
+from .._exceptions import InvalidHeader, InvalidURL, LocalProtocolError
+
+__all__ = [
+    "Headers",
+    "HeaderTypes",
+    "Origin",
+    "Request",
+    "RequestContent",
+    "Response",
+    "ResponseStream",
+    "Timeouts",
+    "URL",
+]
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+# RFC 9110 section 5.6.2: token = 1*tchar.
+_TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Characters allowed in a registered name (RFC 3986 section 3.2.2), once lowercased.
+_REG_NAME_RE = re.compile(r"[a-z0-9\-._~!$&'()*+,;=%]+")
+# Any control character other than HTAB makes a header value illegal (RFC 9110 section 5.5).
+_BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Headers whose values `Headers.__repr__` hides, so that logging a request leaks no secret.
+_SECRET_HEADERS = frozenset({b"authorization", b"proxy-authorization"})
+
+
+def _is_control_or_space(char: str) -> bool:
+    code = ord(char)
+    return code <= 0x20 or 0x7F <= code <= 0x9F or char.isspace()
+
+
+def format_authority(host: str, port: int, scheme: str) -> str:
+    """Return ``host[:port]`` as it appears in a URL or a Host header.
+
+    IPv6 literals get their brackets back, and the port is left out when it is the scheme's
+    default.
+
+    Args:
+        host: The host without brackets.
+        port: The port.
+        scheme: ``"http"`` or ``"https"``, to know the default port.
+
+    Returns:
+        The authority text.
+    """
+    text = f"[{host}]" if ":" in host else host
+    if _DEFAULT_PORTS.get(scheme) != port:
+        text = f"{text}:{port}"
+    return text
+
+
+@attrs.frozen
+class Origin:
+    """Where a connection goes: the scheme, host and port of a URL.
+
+    Two requests with equal origins may share a connection. The host is lowercased and IPv6
+    literals carry no brackets, exactly as `URL.host`.
+
+    Attributes:
+        scheme: ``"http"`` or ``"https"``.
+        host: The host name or IP address.
+        port: The TCP port.
+    """
+
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def is_secure(self) -> bool:
+        """Whether the connection uses TLS."""
+        return self.scheme == "https"
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+def _parse_host(parts: SplitResult, text: str) -> str:
+    host = parts.hostname  # lowercased, brackets removed
+    if not host:
+        raise InvalidURL(f"URL has no host: {text!r}")
+    if "[" in parts.netloc:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise InvalidURL(f"invalid IPv6 address in URL: {text!r}") from None
+        return host
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise InvalidURL(f"host cannot be IDNA-encoded: {text!r}") from exc
+    if not _REG_NAME_RE.fullmatch(host):
+        raise InvalidURL(f"invalid character in host: {text!r}")
+    return host
+
+
+@final
+class URL:
+    """An absolute ``http`` or ``https`` URL, parsed and checked once.
+
+    Parsing is done by `urllib.parse.urlsplit`; on top of it we refuse everything we could not
+    send safely: whitespace or control characters anywhere, userinfo (credentials belong in
+    headers, not in a URL that ends up in logs), schemes other than http/https, and ports
+    outside 1..65535. Non-ASCII host names are IDNA-encoded; non-ASCII characters in the path
+    or query are percent-encoded (as UTF-8). The fragment is dropped: it is never sent.
+
+    Args:
+        text: The URL, e.g. ``"https://example.com/search?q=trio"``.
+
+    Attributes:
+        scheme: ``"http"`` or ``"https"``.
+        host: The lowercased host, IDNA-encoded, IPv6 literals without brackets.
+        port: The port, 80 or 443 when the URL gives none.
+        target: The request target sent on the wire: path (``/`` when empty) plus
+            ``?query``.
+
+    Raises:
+        InvalidURL: If ``text`` is not an acceptable URL (also a `ValueError`).
+    """
+
+    __slots__ = ("host", "port", "scheme", "target")
+
+    scheme: str
+    host: str
+    port: int
+    target: bytes
+
+    def __init__(self, text: str) -> None:
+        if not isinstance(text, str):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise InvalidURL(f"URL must be a str, not {type(text).__name__}")
+        if not text:
+            raise InvalidURL("URL is empty")
+        if any(_is_control_or_space(char) for char in text):
+            raise InvalidURL(f"URL contains whitespace or a control character: {text!r}")
+        try:
+            parts = urlsplit(text)
+            port = parts.port
+        except ValueError as exc:
+            raise InvalidURL(f"invalid URL {text!r}: {exc}") from exc
+        scheme = parts.scheme.lower()
+        if scheme not in _DEFAULT_PORTS:
+            raise InvalidURL(f"unsupported URL scheme {parts.scheme!r} (use http or https)")
+        if "@" in parts.netloc:
+            raise InvalidURL("URL must not contain userinfo; send credentials in a header")
+        host = _parse_host(parts, text)
+        if port is None:
+            port = _DEFAULT_PORTS[scheme]
+        elif not 1 <= port <= 65535:
+            raise InvalidURL(f"port out of range 1..65535: {text!r}")
+        target = _quote_non_ascii(parts.path or "/")
+        if parts.query:
+            target += "?" + _quote_non_ascii(parts.query)
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.target = target.encode("ascii")
+
+    @property
+    def is_secure(self) -> bool:
+        """Whether the URL's scheme is ``https``."""
+        return self.scheme == "https"
+
+    @property
+    def origin(self) -> Origin:
+        """The `Origin` (scheme, host, port) this URL's requests are sent to."""
+        return Origin(self.scheme, self.host, self.port)
+
+    def _key(self) -> tuple[str, str, int, bytes]:
+        return (self.scheme, self.host, self.port, self.target)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, URL):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __str__(self) -> str:
+        authority = format_authority(self.host, self.port, self.scheme)
+        return f"{self.scheme}://{authority}{self.target.decode('ascii')}"
+
+    def __repr__(self) -> str:
+        return f"URL({str(self)!r})"
+
+
+def _quote_non_ascii(text: str) -> str:
+    if text.isascii():
+        return text
+    return "".join(char if char.isascii() else quote(char, safe="") for char in text)
+
+
+HeaderTypes = Union[
+    "Headers",
+    Mapping[str, str],
+    Mapping[bytes, bytes],
+    Mapping[str | bytes, str | bytes],
+    Iterable[tuple[str, str]],
+    Iterable[tuple[bytes, bytes]],
+    Iterable[tuple[str | bytes, str | bytes]],
+    None,
+]
+"""Everything `Headers` (and the ``headers`` argument of `Request`) accepts."""
+
+
+def _encode_name(name: object) -> bytes:
+    if isinstance(name, str):
+        try:
+            raw = name.encode("ascii")
+        except UnicodeEncodeError:
+            raise InvalidHeader(f"header name is not a token: {name!r}") from None
+    elif isinstance(name, bytes):
+        raw = name
+    else:
+        raise TypeError(f"header name must be str or bytes, not {type(name).__name__}")
+    if not _TOKEN_RE.fullmatch(raw):
+        raise InvalidHeader(f"header name is not a token: {name!r}")
+    return raw
+
+
+def _encode_value(name: bytes, value: object) -> bytes:
+    if isinstance(value, str):
+        try:
+            raw = value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise InvalidHeader(
+                f"value of header {name.decode()!r} cannot be encoded as latin-1; "
+                "encode it yourself (e.g. percent-encoding) and pass bytes"
+            ) from None
+    elif isinstance(value, bytes):
+        raw = value
+    else:
+        raise TypeError(
+            f"value of header {name.decode()!r} must be str or bytes, not {type(value).__name__}"
+        )
+    if _BAD_VALUE_RE.search(raw):
+        raise InvalidHeader(
+            f"value of header {name.decode()!r} contains CR, LF, NUL or another "
+            f"control character: {value!r}"
+        )
+    return raw.strip(b" \t")
+
+
+@final
+class Headers:
+    """HTTP header fields: case-insensitive, multi-valued, in the order given.
+
+    A header may appear several times (``Set-Cookie``); `get` joins the values with ``", "``,
+    `get_list` returns them one by one, and `items` / `raw` return every pair in order, with
+    the names as they were given. Names and values are stored as bytes (``str`` values are
+    encoded as latin-1, as HTTP/1.1 defines).
+
+    Every name and value is validated when it goes in: a name must be an RFC 9110 token, and a
+    value must not contain CR, LF, NUL or any other control character except tab (leading and
+    trailing spaces and tabs are stripped). This is what makes header injection impossible.
+
+    Iteration, `keys` and ``len()`` see each distinct name once, lowercased, like a mapping.
+
+    Args:
+        headers: ``None``, a mapping, an iterable of ``(name, value)`` pairs, or another
+            `Headers` (copied).
+
+    Raises:
+        InvalidHeader: If a name or value is malformed (also a `ValueError`).
+        TypeError: If a name or value is neither ``str`` nor ``bytes``.
+    """
+
+    __slots__ = ("_items",)
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __init__(self, headers: HeaderTypes = None) -> None:
+        self._items: list[tuple[bytes, bytes]] = []
+        if headers is None:
+            return
+        if isinstance(headers, Headers):
+            self._items = list(headers._items)
+            return
+        pairs: Iterable[object]
+        if isinstance(headers, Mapping):
+            pairs = cast("Mapping[object, object]", headers).items()
+        else:
+            pairs = cast("Iterable[object]", headers)
+        for pair in pairs:
+            if not isinstance(pair, tuple):
+                raise TypeError(f"headers must be (name, value) pairs, got {pair!r}")
+            items = cast("tuple[object, ...]", pair)
+            if len(items) != 2:
+                raise TypeError(f"headers must be (name, value) pairs, got {pair!r}")
+            raw_name = _encode_name(items[0])
+            self._items.append((raw_name, _encode_value(raw_name, items[1])))
+
+    @classmethod
+    def _from_trusted(cls, items: list[tuple[bytes, bytes]]) -> Headers:
+        """Wrap pairs that a protocol parser (h11, h2) has already validated."""
+        self = cls()
+        self._items = items
+        return self
+
+    def get(self, name: str | bytes, default: str | None = None) -> str | None:
+        """Return the value of ``name``, several values joined by ``", "``, or ``default``."""
+        values = self.get_list(name)
+        return ", ".join(values) if values else default
+
+    def get_list(self, name: str | bytes) -> list[str]:
+        """Return every value of ``name`` in order (an empty list if absent)."""
+        key = _lower(name)
+        return [v.decode("latin-1") for n, v in self._items if n.lower() == key]
+
+    def add(self, name: str | bytes, value: str | bytes) -> None:
+        """Append a value for ``name``, keeping the values it already has."""
+        raw_name = _encode_name(name)
+        self._items.append((raw_name, _encode_value(raw_name, value)))
+
+    def __getitem__(self, name: str | bytes) -> str:
+        value = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __setitem__(self, name: str | bytes, value: str | bytes) -> None:
+        """Replace every value of ``name`` with ``value``, at the place of the first one."""
+        raw_name = _encode_name(name)
+        pair = (raw_name, _encode_value(raw_name, value))
+        key = raw_name.lower()
+        position = next(
+            (i for i, (n, _) in enumerate(self._items) if n.lower() == key), len(self._items)
+        )
+        self._items = [p for p in self._items if p[0].lower() != key]
+        self._items.insert(position, pair)
+
+    def __delitem__(self, name: str | bytes) -> None:
+        key = _lower(name)
+        kept = [p for p in self._items if p[0].lower() != key]
+        if len(kept) == len(self._items):
+            raise KeyError(name)
+        self._items = kept
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, (str, bytes)):
+            return False
+        key = _lower(name)
+        return any(n.lower() == key for n, _ in self._items)
+
+    def keys(self) -> list[str]:
+        """Return each distinct name once, lowercased, in order of first appearance."""
+        return list(dict.fromkeys(n.lower().decode("latin-1") for n, _ in self._items))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def items(self) -> list[tuple[str, str]]:
+        """Return every ``(name, value)`` pair in order, names as given."""
+        return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self._items]
+
+    @property
+    def raw(self) -> list[tuple[bytes, bytes]]:
+        """Every ``(name, value)`` pair as bytes, in order (a new list)."""
+        return list(self._items)
+
+    def copy(self) -> Headers:
+        """Return an independent copy."""
+        return Headers._from_trusted(list(self._items))
+
+    def _normalized(self) -> list[tuple[bytes, bytes]]:
+        # Stable sort: the relative order of one name's values matters, the order of
+        # different names does not.
+        return sorted(((n.lower(), v) for n, v in self._items), key=lambda p: p[0])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Headers):
+            try:
+                other = Headers(other)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                return NotImplemented
+        return self._normalized() == other._normalized()
+
+    def __repr__(self) -> str:
+        shown = [
+            (
+                n.decode("latin-1"),
+                "[secret]" if n.lower() in _SECRET_HEADERS else v.decode("latin-1"),
+            )
+            for n, v in self._items
+        ]
+        return f"Headers({shown!r})"
+
+
+def _lower(name: str | bytes) -> bytes:
+    if isinstance(name, str):
+        return name.encode("latin-1", errors="replace").lower()
+    return name.lower()
+
+
+RequestContent = Union[bytes, AsyncIterable[bytes], None]  # noqa: UP007 (runtime alias)
+"""A request body: all of it as bytes, an async iterable of byte chunks, or none."""
+
+
+@final
+class Request:
+    """One HTTP request: method, URL, headers and an optional body.
+
+    Args:
+        method: The method, e.g. ``"GET"``; it must be an RFC 9110 token and is sent exactly as
+            given (methods are case-sensitive).
+        url: The absolute URL, as a `URL` or a string.
+        headers: Extra header fields. ``Host``, ``Content-Length`` and ``Transfer-Encoding`` are
+            added by the connection when absent.
+        content: The body: ``bytes``, an async iterable of ``bytes`` chunks (streamed; sent
+            chunked unless you give a ``Content-Length``), or ``None``.
+
+    Attributes:
+        method: The method.
+        url: The parsed `URL`.
+        headers: The `Headers`.
+        content: The body as given.
+
+    Raises:
+        LocalProtocolError: If the method is not a token.
+        InvalidURL: If the URL is invalid.
+        InvalidHeader: If a header is invalid.
+        TypeError: If ``content`` is a ``str`` (encode it first) or another unsupported type.
+    """
+
+    __slots__ = ("content", "headers", "method", "url")
+
+    def __init__(
+        self,
+        method: str,
+        url: URL | str,
+        *,
+        headers: HeaderTypes = None,
+        content: RequestContent = None,
+    ) -> None:
+        if not isinstance(method, str):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"method must be a str, not {type(method).__name__}")
+        if not method.isascii() or not _TOKEN_RE.fullmatch(method.encode("ascii")):
+            raise LocalProtocolError(f"invalid HTTP method {method!r}")
+        given: object = content
+        if isinstance(given, str):
+            raise TypeError("content must be bytes, not str: encode it first (e.g. .encode())")
+        if isinstance(given, (bytearray, memoryview)):
+            content = bytes(given)
+        elif not (given is None or isinstance(given, bytes) or hasattr(given, "__aiter__")):
+            raise TypeError(
+                "content must be bytes, an async iterable of bytes or None, "
+                f"not {type(content).__name__}"
+            )
+        self.method = method
+        self.url = url if isinstance(url, URL) else URL(url)
+        self.headers = Headers(headers)
+        self.content: RequestContent = content
+
+    @property
+    def is_replayable(self) -> bool:
+        """Whether the body can be sent again (it is ``bytes`` or absent), e.g. for a retry."""
+        return self.content is None or isinstance(self.content, bytes)
+
+    @property
+    def is_idempotent(self) -> bool:
+        """Whether the method is idempotent (RFC 9110 section 9.2.2), so safe to retry."""
+        return self.method in _IDEMPOTENT_METHODS
+
+    def __repr__(self) -> str:
+        return f"<Request [{self.method} {self.url}]>"
+
+
+def _check_timeout(name: str, value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"timeout {name!r} must be a number or None, not {value!r}")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"timeout {name!r} must be >= 0 or None, not {value!r}")
+
+
+@attrs.frozen
+class Timeouts:
+    """Time limits for one request, in seconds; ``None`` means no limit.
+
+    Attributes:
+        connect: Opening the TCP connection plus the TLS handshake.
+        read: Each wait for bytes from the server (not the whole response).
+        write: Each write of bytes to the server.
+        pool: Waiting for a connection from the pool.
+
+    Raises:
+        ValueError: If a value is negative or NaN.
+        TypeError: If a value is not a number.
+    """
+
+    connect: float | None = 5.0
+    read: float | None = 5.0
+    write: float | None = 5.0
+    pool: float | None = None
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("connect", "read", "write", "pool"):
+            _check_timeout(name, getattr(self, name))
+
+
+class ResponseStream(Protocol):
+    """The body of a response, as supplied by the connection that received it.
+
+    Implementations must make both methods checkpoints, keep `receive_some` returning ``b""``
+    once the body has ended, and make `aclose` idempotent and quick (it is also called, under a
+    shield, after `receive_some` raised).
+    """
+
+    async def receive_some(self) -> bytes:
+        """Return the next chunk of the body, or ``b""`` at its end."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the body holds (e.g. give the connection back, or close it)."""
+        ...
+
+
+@final
+class _EmptyStream:
+    async def receive_some(self) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return b""
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+@final
+class _BodyIterator:
+    """What `Response.aiter_bytes` returns: a plain async iterator, not an async generator.
+
+    An abandoned async generator is finalized by the garbage collector in whatever task trio
+    picks, outside every cancel scope; a plain iterator has nothing to finalize.
+    """
+
+    __slots__ = ("_response", "_started")
+
+    def __init__(self, response: Response) -> None:
+        self._response = response
+        self._started = False
+
+    def __aiter__(self) -> _BodyIterator:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self._started:
+            self._started = True
+            self._response._claim_stream()  # pyright: ignore[reportPrivateUsage]
+        chunk = await self._response._next_chunk()  # pyright: ignore[reportPrivateUsage]
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+
+
+@final
+class Response:
+    """An HTTP response whose head has arrived; the body is read on demand.
+
+    Read the body with `aread` (all of it, kept in `content`) or `aiter_bytes` (chunk by
+    chunk, nothing kept). Reading the body to its end gives the connection back; if you stop
+    early, call `aclose` (the client does it for you when its context manager exits).
+
+    Args:
+        status_code: The status code.
+        request: The request this responds to.
+        headers: The header fields.
+        reason_phrase: The reason phrase sent by the server (may be empty).
+        http_version: ``"HTTP/1.1"`` or ``"HTTP/2"``.
+        stream: Where the body comes from; ``None`` for an empty body.
+
+    Attributes:
+        status_code: The status code.
+        reason_phrase: The reason phrase.
+        headers: The `Headers`.
+        http_version: The protocol version.
+        request: The `Request`.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_consumed",
+        "_content",
+        "_stream",
+        "_stream_claimed",
+        "headers",
+        "http_version",
+        "reason_phrase",
+        "request",
+        "status_code",
+    )
+
+    def __init__(
+        self,
+        status_code: int,
+        *,
+        request: Request,
+        headers: HeaderTypes = None,
+        reason_phrase: str = "",
+        http_version: str = "HTTP/1.1",
+        stream: ResponseStream | None = None,
+    ) -> None:
+        self.status_code = status_code
+        self.request = request
+        self.headers = headers if isinstance(headers, Headers) else Headers(headers)
+        self.reason_phrase = reason_phrase
+        self.http_version = http_version
+        self._stream: ResponseStream = _EmptyStream() if stream is None else stream
+        self._content: bytes | None = None
+        self._stream_claimed = False
+        self._consumed = False
+        self._closed = False
+
+    @property
+    def url(self) -> URL:
+        """The URL of the request."""
+        return self.request.url
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether the body has ended or `aclose` was called (the stream is released)."""
+        return self._closed
+
+    @property
+    def content(self) -> bytes:
+        """The whole body, once `aread` has read it.
+
+        Raises:
+            RuntimeError: If `aread` has not been called.
+        """
+        if self._content is None:
+            raise RuntimeError("the body has not been read: call 'await response.aread()' first")
+        return self._content
+
+    @property
+    def charset(self) -> str | None:
+        """The ``charset`` parameter of ``Content-Type``, if any and known to Python."""
+        content_type = self.headers.get("content-type")
+        if content_type is None:
+            return None
+        for param in content_type.split(";")[1:]:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "charset":
+                value = value.strip().strip('"').strip()
+                try:
+                    return codecs.lookup(value).name
+                except LookupError:
+                    return None
+        return None
+
+    @property
+    def text(self) -> str:
+        """The body decoded with the ``Content-Type`` charset, else UTF-8 (errors replaced).
+
+        Raises:
+            RuntimeError: If `aread` has not been called.
+        """
+        return self.content.decode(self.charset or "utf-8", errors="replace")
+
+    def _claim_stream(self) -> None:
+        if self._stream_claimed:
+            raise RuntimeError("the response body has already been read or is being read")
+        if self._closed:
+            raise RuntimeError("the response is closed: its body can no longer be read")
+        self._stream_claimed = True
+
+    async def _next_chunk(self) -> bytes:
+        if self._consumed:
+            await trio.lowlevel.checkpoint()
+            return b""
+        try:
+            chunk = await self._stream.receive_some()
+        except BaseException:
+            self._consumed = self._closed = True
+            with trio.CancelScope(shield=True):
+                await self._stream.aclose()
+            raise
+        if not chunk:
+            self._consumed = True
+            if not self._closed:
+                self._closed = True
+                await self._stream.aclose()
+        return chunk
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """Iterate over the body in non-empty chunks as they arrive, keeping nothing.
+
+        Use it as ``async for chunk in response.aiter_bytes(): ...``; every step is a
+        checkpoint. If `aread` already read the body, the stored content is yielded.
+
+        Returns:
+            An async iterator of ``bytes``.
+
+        Raises:
+            RuntimeError: (when iterated) if the body was already iterated over or the
+                response was closed before its body was read.
+        """
+        if self._content is not None:
+            return _StoredIterator(self._content)
+        return _BodyIterator(self)
+
+    async def aread(self) -> bytes:
+        """Read the whole body (once), store it in `content` and return it.
+
+        Returns:
+            The body.
+
+        Raises:
+            RuntimeError: If the body was already (partly) consumed by `aiter_bytes`, or the
+                response was closed before its body was read.
+        """
+        if self._content is not None:
+            await trio.lowlevel.checkpoint()
+            return self._content
+        self._claim_stream()
+        chunks: list[bytes] = []
+        while chunk := await self._next_chunk():
+            chunks.append(chunk)
+        self._content = b"".join(chunks)
+        return self._content
+
+    async def aclose(self) -> None:
+        """Release the body: give the connection back, or close it. Idempotent."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        await self._stream.aclose()
+
+    def __repr__(self) -> str:
+        reason = self.reason_phrase
+        if not reason:
+            try:
+                reason = HTTPStatus(self.status_code).phrase
+            except ValueError:
+                reason = ""
+        text = f"{self.status_code} {reason}" if reason else str(self.status_code)
+        return f"<Response [{text}]>"
+
+
+@final
+class _StoredIterator:
+    __slots__ = ("_chunk",)
+
+    def __init__(self, content: bytes) -> None:
+        self._chunk = content
+
+    def __aiter__(self) -> _StoredIterator:
+        return self
+
+    async def __anext__(self) -> bytes:
+        await trio.lowlevel.checkpoint()
+        chunk, self._chunk = self._chunk, b""
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
