@@ -319,6 +319,30 @@ class Pool(Generic[K, C]):
             return lease
         return await self._wait(key, self.acquire_timeout if timeout is _DEFAULT else timeout)
 
+    def acquire_nowait(self, key: K) -> Lease[K, C]:
+        """Lease an available connection for ``key`` without waiting.
+
+        Never starts a connect and never jumps the queue: if tasks are already waiting for the
+        key, they come first.
+
+        Raises:
+            trio.WouldBlock: No connection of ``key`` is available right now.
+            PoolClosed: The pool is closed.
+        """
+        state = self._state
+        if state.closed or self._nursery is None:
+            raise PoolClosed(
+                "the pool is closed" if state.closed else "the pool is not running", key=key
+            )
+        lease = state.acquire_nowait(key)
+        if state.effects:
+            self._apply()
+        if lease is None:
+            raise trio.WouldBlock
+        if self._instruments:
+            self._hook("lease_acquired", key, lease.connection)
+        return lease
+
     def release(self, lease: Lease[K, C], *, discard: bool = False) -> None:
         """Give a lease back. Synchronous; never blocks.
 
@@ -488,9 +512,13 @@ class Pool(Generic[K, C]):
             else:
                 cause = effect.cause
                 message = "connect failed" if cause is not None else "connect was cancelled"
+                error_type = ConnectError
                 if isinstance(cause, ConnectError):
+                    # The connector already said what went wrong (ConnectTimeout, say): keep
+                    # its type and words. Each waiter gets an exception object of its own.
                     message = str(cause.args[0]) if cause.args else message
-                error = ConnectError(message, key=key)
+                    error_type = type(cause)
+                error = error_type(message, key=key)
                 error.__cause__ = cause
             self._wake(effect.waiter, outcome.Error(error))
 
@@ -509,8 +537,11 @@ class Pool(Generic[K, C]):
             return
         except BaseException:
             # Cancelled (the pool is closing) or KeyboardInterrupt: no connection to clean up.
+            # The pool's nursery may be cancelled from outside before _serve has closed the
+            # state: close it first, so waiters get PoolClosed and no new connect starts.
             if self._instruments:
                 self._hook("connect_failed", key, None)
+            self._begin_close()
             state.connect_failed(record, None)
             self._apply()
             raise
@@ -709,7 +740,15 @@ async def _run_owned(pool: Pool[K, C]) -> AsyncGenerator[Pool[K, C], None]:
             finally:
                 await pool._aclose_shielded()
     except BaseExceptionGroup as group:
-        if raised is not None and len(group.exceptions) == 1 and group.exceptions[0] is raised:
+        # Cancelled leaves are a cancellation of the whole block reaching the pool's own tasks
+        # too: they are not failures, and the cancelled scope outside catches them.
+        failures = group.split(trio.Cancelled)[1]
+        if failures is None and not isinstance(raised, trio.Cancelled):
+            raise
+        if raised is not None and (
+            failures is None
+            or (len(failures.exceptions) == 1 and failures.exceptions[0] is raised)
+        ):
             context = raised.__context__
             try:
                 raise raised

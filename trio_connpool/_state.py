@@ -551,17 +551,18 @@ class PoolState(Generic[K, C]):
         if record.leases == 0:
             record.idle_since = now
             self._idle[record] = None
-        if record.retiring or not record.ready or record.leases >= record.capacity:
-            return  # Takes no new lease (its capacity may have been lowered under it).
-        if record.available:
-            sub.available.move_to_end(record)
-        else:
-            record.available = True
-            sub.available[record] = None
-        if sub.waiters:
-            self._serve(sub)
-            self._attribute(sub)
-        elif self._blocked and record.leases == 0:
+        # A connection retiring, not ready, or whose capacity was lowered under its leases
+        # takes no new lease; if it went idle it can still be evicted for a blocked key.
+        if not record.retiring and record.ready and record.leases < record.capacity:
+            if record.available:
+                sub.available.move_to_end(record)
+            else:
+                record.available = True
+                sub.available[record] = None
+            if sub.waiters:
+                self._pump(sub)  # Serve; and take the key off the blocked list if served.
+                return
+        if self._blocked and record.leases == 0:
             self._unblock()
 
     # ------------------------------------------------------------------ connects

@@ -22,6 +22,7 @@ exchange that fails or is cancelled half-way closes its connection; it is never 
 
 from __future__ import annotations
 
+import functools
 import math
 import ssl
 from collections.abc import AsyncGenerator, Hashable
@@ -52,6 +53,25 @@ __all__ = [
 ]
 
 _USER_AGENT = "trio-connpool"
+
+
+@functools.cache
+def _default_context(verify: bool) -> ssl.SSLContext:
+    return create_ssl_context(verify)
+
+
+def _shared_context(verify: bool | ssl.SSLContext) -> ssl.SSLContext:
+    """The TLS context for ``verify``: the caller's own, or one shared per setting.
+
+    Pool keys compare contexts by identity, so clients that share a pool with the same
+    ``verify=True`` (or False) must share one context to share connections. Contexts are safe
+    to share: nothing here modifies one after it is made.
+    """
+    if isinstance(verify, ssl.SSLContext):
+        return verify
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be a bool or an ssl.SSLContext, not {verify!r}")
+    return _default_context(verify)
 
 
 @runtime_checkable
@@ -152,6 +172,13 @@ class _LeasedBody:
             self._release()
         return data
 
+    def receive_buffered(self) -> bytes | None:
+        receive_buffered = getattr(self._inner, "receive_buffered", None)
+        data: bytes | None = receive_buffered() if receive_buffered is not None else None
+        if data == b"":
+            self._release()
+        return data
+
     async def aclose(self) -> None:
         try:
             await self._inner.aclose()
@@ -188,7 +215,7 @@ class PoolSender:
         key_extra: Hashable = None,
     ) -> None:
         self.pool = pool
-        self._ssl_context = create_ssl_context(verify)
+        self._ssl_context = _shared_context(verify)
         self.acquire_timeout = acquire_timeout
         self.retry_stale = retry_stale
         self.key_extra = key_extra
@@ -208,9 +235,15 @@ class PoolSender:
         timeout = self.acquire_timeout
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         pool = self.pool
+        # The request's own I/O is this call's checkpoint; take an idle connection without
+        # yielding first (a cancelled task must not lease, hence checkpoint_if_cancelled).
+        await trio.lowlevel.checkpoint_if_cancelled()
         while True:
-            remaining = None if timeout is None else max(0.0, deadline - trio.current_time())
-            lease = await pool.acquire(key, timeout=remaining)
+            try:
+                lease = pool.acquire_nowait(key)
+            except trio.WouldBlock:
+                remaining = None if timeout is None else max(0.0, deadline - trio.current_time())
+                lease = await pool.acquire(key, timeout=remaining)
             connection = lease.connection
             try:
                 response = await connection.send_request(request)
@@ -252,11 +285,9 @@ class _ClosingBody:
         return data
 
     async def aclose(self) -> None:
-        try:
-            with trio.CancelScope(shield=True):
-                await self._inner.aclose()
-        finally:
-            await self._connection.aclose()
+        # The connection is closed either way: draining the rest of the body first would
+        # only wait for bytes nobody reads (up to the read timeout).
+        await self._connection.aclose()
 
 
 class NoPoolSender:
@@ -273,7 +304,7 @@ class NoPoolSender:
         verify: bool | ssl.SSLContext = True,
         timeouts: Timeouts = Timeouts(),  # noqa: B008
     ) -> None:
-        self._ssl_context = create_ssl_context(verify)
+        self._ssl_context = _shared_context(verify)
         self.timeouts = timeouts
         self._connector = HTTPConnector(timeouts=timeouts)
 
@@ -303,6 +334,7 @@ class Client:
     def __init__(self, sender: RequestSender, *, headers: HeaderTypes = None) -> None:
         self.sender = sender
         self.headers = Headers(headers)
+        self._urls: dict[str, URL] = {}
         if "user-agent" not in self.headers:
             self.headers["User-Agent"] = _USER_AGENT
 
@@ -328,6 +360,15 @@ class Client:
             LocalProtocolError: The method is not a valid token.
             TypeError: ``content`` is a str (encode it) or of another unsupported type.
         """
+        if isinstance(url, str):
+            # Parsing a URL is the costliest part of building a request: keep the last few
+            # hundred (URL objects are immutable, so sharing them is safe).
+            parsed = self._urls.get(url)
+            if parsed is None:
+                if len(self._urls) >= 512:
+                    self._urls.clear()
+                parsed = self._urls[url] = URL(url)
+            url = parsed
         merged = self.headers.copy()
         if headers is not None:
             for name, value in Headers(headers).raw:
@@ -358,11 +399,13 @@ class Client:
                 PoolTimeout, ReadTimeout, RemoteProtocolError, ...
         """
         request = self.build_request(method, url, headers=headers, content=content)
-        response = await self.sender.send_request(request)
+        response = await self.sender.send_request(request)  # a checkpoint (it did I/O)
         try:
-            await response.aread()
+            await response._read_all()  # no extra checkpoint for what is already buffered
         finally:
-            await response.aclose()
+            if not response.is_closed:
+                with trio.CancelScope(shield=True):
+                    await response.aclose()
         return response
 
     @asynccontextmanager
@@ -389,9 +432,17 @@ class Client:
         response = await self.sender.send_request(request)
         try:
             yield response
-        finally:
-            with trio.CancelScope(shield=True):
+        except BaseException:
+            # The block raised or was cancelled: close at once, never wait for the rest of
+            # the body (a shielded drain would hold a cancellation up to the read timeout).
+            # Within a cancelled scope only bytes already received are drained; otherwise
+            # the connection is closed, not returned.
+            with trio.CancelScope() as scope:
+                scope.cancel()
                 await response.aclose()
+            raise
+        with trio.CancelScope(shield=True):
+            await response.aclose()
 
     async def get(self, url: URL | str, *, headers: HeaderTypes = None) -> Response:
         """``request("GET", url)``."""

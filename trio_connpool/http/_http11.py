@@ -157,6 +157,7 @@ class HTTP11Connection:
         self._write_error: BaseException | None = None
         self._body_remaining: int | None = None  # unread Content-Length bytes, if known
         self._reads = 0  # reads from the transport, to know whether we checkpointed
+        self._close_pending = False  # body ended in _receive_buffered; transport to close
 
     # ---- what the pool reads -------------------------------------------------------------
 
@@ -464,6 +465,11 @@ class HTTP11Connection:
         with ``checkpoint_if_cancelled`` and this ends with a cancel-shielded checkpoint then.
         """
         reads = self._reads
+        if self._close_pending:
+            # _receive_buffered met the end of a body after which the connection must close.
+            self._close_pending = False
+            await self._fail()
+            return b""
         try:
             while True:
                 event = await self._next_event()
@@ -491,6 +497,37 @@ class HTTP11Connection:
         elif reads == self._reads:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return chunk
+
+    def _receive_buffered(self) -> bytes | None:
+        """The next body chunk if h11 holds it already; ``b""`` at a clean end; else None.
+
+        Synchronous and never raises: anything unusual (more data needed, a protocol error,
+        an end after which the connection must close) is left to `_receive_body_chunk`,
+        which reads, raises and closes as needed.
+        """
+        h11_connection = self._h11
+        for _ in range(64):  # bounded: each step consumes an event
+            if h11_connection.their_state is not h11.SEND_BODY:
+                return None
+            try:
+                event = h11_connection.next_event()
+            except h11.RemoteProtocolError:
+                return None  # h11 remembers the error; _receive_body_chunk re-raises it
+            if isinstance(event, h11.Data):
+                if self._body_remaining is not None:
+                    self._body_remaining -= len(event.data)
+                if event.data:
+                    return bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self._exchange_done()
+                if self._state is _State.IDLE:
+                    return b""
+                # The connection must close: let the async path close the transport.
+                self._close_pending = True
+                return None
+            else:
+                return None
+        return None
 
     def _exchange_done(self) -> None:
         if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
@@ -548,7 +585,10 @@ class _HTTP11Body:
             await trio.lowlevel.checkpoint()
             return b""
         connection = self._connection
-        if not connection._body_is_current(self._exchange):  # pyright: ignore[reportPrivateUsage]
+        if (
+            not connection._body_is_current(self._exchange)  # pyright: ignore[reportPrivateUsage]
+            and not connection._close_pending  # pyright: ignore[reportPrivateUsage]
+        ):
             # Closed under us (e.g. the pool was closed): never pass that off as the end.
             self._done = True
             await trio.lowlevel.checkpoint()
@@ -561,6 +601,17 @@ class _HTTP11Body:
             await connection._fail()  # pyright: ignore[reportPrivateUsage]
             raise
         if not chunk:
+            self._done = True
+        return chunk
+
+    def receive_buffered(self) -> bytes | None:
+        if self._done:
+            return b""
+        connection = self._connection
+        if not connection._body_is_current(self._exchange):  # pyright: ignore[reportPrivateUsage]
+            return None
+        chunk = connection._receive_buffered()  # pyright: ignore[reportPrivateUsage]
+        if chunk == b"":
             self._done = True
         return chunk
 

@@ -52,6 +52,10 @@ _IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELE
 _SECRET_HEADERS = frozenset({b"authorization", b"proxy-authorization"})
 
 
+# The ASCII characters a URL may never contain: controls, space and DEL.
+_UNSAFE_ASCII = re.compile(r"[\x00-\x20\x7f]")
+
+
 def _is_control_or_space(char: str) -> bool:
     code = ord(char)
     return code <= 0x20 or 0x7F <= code <= 0x9F or char.isspace()
@@ -148,7 +152,7 @@ class URL:
         InvalidURL: If ``text`` is not an acceptable URL (also a `ValueError`).
     """
 
-    __slots__ = ("host", "port", "scheme", "target")
+    __slots__ = ("_origin", "host", "port", "scheme", "target")
 
     scheme: str
     host: str
@@ -160,7 +164,11 @@ class URL:
             raise InvalidURL(f"URL must be a str, not {type(text).__name__}")
         if not text:
             raise InvalidURL("URL is empty")
-        if any(_is_control_or_space(char) for char in text):
+        if not text.isascii() or _UNSAFE_ASCII.search(text):
+            bad = any(_is_control_or_space(char) for char in text)
+        else:
+            bad = False
+        if bad:
             raise InvalidURL(f"URL contains whitespace or a control character: {text!r}")
         try:
             parts = urlsplit(text)
@@ -184,6 +192,7 @@ class URL:
         self.host = host
         self.port = port
         self.target = target.encode("ascii")
+        self._origin: Origin | None = None
 
     @property
     def is_secure(self) -> bool:
@@ -193,7 +202,10 @@ class URL:
     @property
     def origin(self) -> Origin:
         """The `Origin` (scheme, host, port) this URL's requests are sent to."""
-        return Origin(self.scheme, self.host, self.port)
+        origin = self._origin
+        if origin is None:
+            origin = self._origin = Origin(self.scheme, self.host, self.port)
+        return origin
 
     def _key(self) -> tuple[str, str, int, bytes]:
         return (self.scheme, self.host, self.port, self.target)
@@ -537,6 +549,11 @@ class ResponseStream(Protocol):
     Implementations must make both methods checkpoints, keep `receive_some` returning ``b""``
     once the body has ended, and make `aclose` idempotent and quick (it is also called, under a
     shield, after `receive_some` raised).
+
+    A stream may also offer ``receive_buffered() -> bytes | None``, synchronous: the next
+    chunk if it is already at hand without I/O, ``b""`` if the body has ended *and the
+    stream has released everything it held* (so `aclose` is not needed), or ``None`` if
+    only `receive_some` can tell. It must never raise; errors surface from `receive_some`.
     """
 
     async def receive_some(self) -> bytes:
@@ -744,12 +761,37 @@ class Response:
         if self._content is not None:
             await trio.lowlevel.checkpoint()
             return self._content
+        await trio.lowlevel.checkpoint_if_cancelled()
+        content, waited = await self._read_all()
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return content
+
+    async def _read_all(self) -> tuple[bytes, bool]:
+        """Read the rest of the body into `content`; return it and whether I/O was awaited.
+
+        Takes what the stream already holds without yielding (``receive_buffered``), so a
+        small body that arrived with the head costs no extra trip through the scheduler. Not
+        a checkpoint on its own when nothing had to be waited for: callers see to that.
+        """
         self._claim_stream()
         chunks: list[bytes] = []
-        while chunk := await self._next_chunk():
+        receive_buffered = getattr(self._stream, "receive_buffered", None)
+        waited = False
+        while True:
+            chunk = receive_buffered() if receive_buffered is not None else None
+            if chunk == b"":
+                # The stream ended and released everything it held (see ResponseStream).
+                self._consumed = self._closed = True
+                break
+            if chunk is None:
+                waited = True
+                chunk = await self._next_chunk()
+                if not chunk:
+                    break
             chunks.append(chunk)
-        self._content = b"".join(chunks)
-        return self._content
+        content = self._content = b"".join(chunks)
+        return content, waited
 
     async def aclose(self) -> None:
         """Release the body: give the connection back, or close it. Idempotent."""

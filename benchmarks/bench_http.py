@@ -1,0 +1,264 @@
+"""HTTP/1.1 benchmark: our client against a raw h11 floor and the peers, on a local nginx.
+
+Each point (C concurrent tasks, at most M connections) runs these clients, interleaved:
+
+- ``floor``: raw h11 on M persistent trio sockets with no pool: C tasks take a socket from a
+  FIFO channel, do one request, put it back. The least work any trio HTTP/1.1 client can do.
+- ``ours``: ``trio_connpool.open_client(max_connections_per_key=M)``.
+- ``httpx``: ``httpx.AsyncClient`` (httpcore's pool) on trio, ``max_connections=M``.
+- ``aiohttp``: ``aiohttp.ClientSession`` on asyncio, ``TCPConnector(limit=M)``.
+
+nginx (Debian's package) is started by this script with its own config on 127.0.0.1 (one
+worker, keep-alive unlimited, a fixed 5-byte answer), so the server is not the bottleneck on
+a 2-core machine. TLS uses a trustme certificate. Throughput is requests per second over the
+whole run; latencies are per request.
+
+Run: ``python benchmarks/bench_http.py`` (``--quick`` for a short run, ``--tls`` for TLS only,
+``--plain`` for plain only). Needs nginx on PATH (``apt-get install nginx-light``) and the
+``bench`` extra (httpx, aiohttp, trustme).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import h11
+import trio
+
+from trio_connpool.http import open_client
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log error;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{tls_port} ssl;
+        ssl_certificate {dir}/cert.pem;
+        ssl_certificate_key {dir}/key.pem;
+        location / {{ return 200 "hello"; }}
+    }}
+}}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Nginx:
+    """nginx on two loopback ports (plain and TLS), in a temporary directory."""
+
+    def __init__(self) -> None:
+        import trustme
+
+        self.dir = tempfile.mkdtemp(prefix="bench-nginx-")
+        self.ca = trustme.CA()
+        cert = self.ca.issue_cert("127.0.0.1")
+        cert.private_key_pem.write_to_path(os.path.join(self.dir, "key.pem"))
+        cert.cert_chain_pems[0].write_to_path(os.path.join(self.dir, "cert.pem"))
+        self.port, self.tls_port = _free_port(), _free_port()
+        with open(os.path.join(self.dir, "nginx.conf"), "w") as f:
+            f.write(NGINX_CONF.format(dir=self.dir, port=self.port, tls_port=self.tls_port))
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.process = subprocess.Popen(
+            [nginx, "-c", os.path.join(self.dir, "nginx.conf"), "-p", self.dir]
+        )
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", self.tls_port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError("nginx did not start")
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Result:
+    def __init__(self, total: int, elapsed: float, latencies: list[float]) -> None:
+        latencies.sort()
+        self.rate = total / elapsed
+        self.p50 = latencies[len(latencies) // 2]
+        self.p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+
+
+async def _drive_trio(total: int, tasks: int, one: Callable[[], Awaitable[None]]) -> Result:
+    latencies: list[float] = []
+    remaining = total
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            began = time.perf_counter()
+            await one()
+            latencies.append(time.perf_counter() - began)
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(tasks):
+            nursery.start_soon(worker)
+    return Result(total, time.perf_counter() - start, latencies)
+
+
+async def run_floor(url: str, ctx: ssl.SSLContext | None, total: int, c: int, m: int) -> Result:
+    host, port = "127.0.0.1", int(url.rsplit(":", 1)[1].rstrip("/"))
+    send, receive = trio.open_memory_channel[tuple[trio.abc.Stream, h11.Connection]](m)
+    streams: list[trio.abc.Stream] = []
+    for _ in range(m):
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        if ctx is not None:
+            stream = trio.SSLStream(stream, ctx, server_hostname=host)
+        streams.append(stream)
+        send.send_nowait((stream, h11.Connection(h11.CLIENT)))
+    request = h11.Request(method="GET", target="/", headers=[("host", f"{host}:{port}")])
+
+    async def one() -> None:
+        stream, conn = await receive.receive()
+        await stream.send_all((conn.send(request) or b"") + (conn.send(h11.EndOfMessage()) or b""))
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        conn.start_next_cycle()
+        send.send_nowait((stream, conn))
+
+    try:
+        return await _drive_trio(total, c, one)
+    finally:
+        for stream in streams:
+            await trio.aclose_forcefully(stream)
+
+
+async def run_ours(url: str, ctx: ssl.SSLContext | None, total: int, c: int, m: int) -> Result:
+    async with open_client(
+        verify=ctx if ctx is not None else True, max_connections=m, max_connections_per_key=m
+    ) as client:
+
+        async def one() -> None:
+            response = await client.request("GET", url)
+            assert response.status_code == 200
+
+        return await _drive_trio(total, c, one)
+
+
+async def run_httpx(url: str, ctx: ssl.SSLContext | None, total: int, c: int, m: int) -> Result:
+    import httpx
+
+    limits = httpx.Limits(max_connections=m, max_keepalive_connections=m)
+    verify: Any = ctx if ctx is not None else True
+    async with httpx.AsyncClient(limits=limits, verify=verify, timeout=60) as client:
+
+        async def one() -> None:
+            response = await client.get(url)
+            assert response.status_code == 200
+
+        return await _drive_trio(total, c, one)
+
+
+def run_aiohttp(url: str, ctx: ssl.SSLContext | None, total: int, c: int, m: int) -> Result:
+    import aiohttp
+
+    async def main() -> Result:
+        connector = aiohttp.TCPConnector(limit=m, ssl=ctx if ctx is not None else True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            latencies: list[float] = []
+            remaining = total
+
+            async def worker() -> None:
+                nonlocal remaining
+                while remaining > 0:
+                    remaining -= 1
+                    began = time.perf_counter()
+                    async with session.get(url) as response:
+                        await response.read()
+                        assert response.status == 200
+                    latencies.append(time.perf_counter() - began)
+
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(c)))
+            return Result(total, time.perf_counter() - start, latencies)
+
+    return asyncio.run(main())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--tls", action="store_true", help="TLS only")
+    parser.add_argument("--plain", action="store_true", help="plain only")
+    parser.add_argument("--peers", default="httpx,aiohttp", help="comma-separated peers to run")
+    args = parser.parse_args()
+    total = 2_000 if args.quick else 6_000
+    peers = [p for p in args.peers.split(",") if p]
+    nginx = Nginx()
+    try:
+        modes = []
+        if not args.tls:
+            modes.append(("plain", f"http://127.0.0.1:{nginx.port}/", None))
+        if not args.plain:
+            modes.append(("tls", f"https://127.0.0.1:{nginx.tls_port}/", nginx.ssl_context()))
+        for name, url, ctx in modes:
+            print(f"\n== HTTP/1.1 {name}, {total} requests per run; req/s (p99 ms)")
+            cols = ["floor", "ours", *peers]
+            print(f"{'C':>4} {'M':>3} " + " ".join(f"{c:>16}" for c in cols) + "  ours/floor")
+            for c in (1, 64, 512):
+                for m in (1, 16, 64):
+                    if m > c and c > 1:
+                        continue
+                    results: dict[str, Result] = {}
+                    results["floor"] = trio.run(run_floor, url, ctx, total, c, m)
+                    results["ours"] = trio.run(run_ours, url, ctx, total, c, m)
+                    if "httpx" in peers:
+                        n = max(200, total // 5)
+                        results["httpx"] = trio.run(run_httpx, url, ctx, n, c, m)
+                    if "aiohttp" in peers:
+                        results["aiohttp"] = run_aiohttp(url, ctx, total, c, m)
+                    cells = " ".join(
+                        f"{results[k].rate:>8,.0f} ({1000 * results[k].p99:>5.1f})" for k in cols
+                    )
+                    ratio = results["ours"].rate / results["floor"].rate
+                    p99 = results["ours"].p99 / results["floor"].p99
+                    print(f"{c:>4} {m:>3} {cells}  {ratio:.2f} (p99 x{p99:.2f})", flush=True)
+    finally:
+        nginx.stop()
+
+
+if __name__ == "__main__":
+    main()
