@@ -511,7 +511,16 @@ class PoolState(Generic[K, C]):
         waiter: Waiter[K, C] = Waiter(key)
         sub.waiters[waiter] = None
         sub.unattributed[waiter] = None
-        self._pump(sub)
+        try:
+            self._pump(sub)
+        except BaseException:
+            # The user's reserve() raised: the caller will never park, so withdraw the waiter
+            # (connects already started for it stay, late-bound, for whoever comes next).
+            if waiter.state is _WaiterState.WAITING:
+                waiter.state = _WaiterState.CANCELLED
+                self._unqueue(sub, waiter)
+                self._forget_if_empty(sub)
+            raise
         return waiter
 
     def cancel(self, waiter: Waiter[K, C]) -> None:

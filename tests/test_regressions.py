@@ -1,0 +1,54 @@
+"""Regression tests for bugs found in review, each named for what went wrong."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from trio_connpool import Reservation, open_pool
+from trio_connpool._state import PoolState
+
+
+class _Conn:
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def _reserve(key: str) -> Reservation:
+    if key == "bad":
+        raise RuntimeError("reserve failed")
+    return Reservation()
+
+
+def test_reserve_that_raises_leaves_no_waiter_behind_in_the_state() -> None:
+    state: PoolState[str, _Conn] = PoolState(reserve=_reserve)
+    with pytest.raises(RuntimeError, match="reserve failed"):
+        state.enqueue("bad")
+    state.check_invariants()
+    stats = state.statistics()
+    assert stats.waiting == 0
+    assert dict(stats.keys) == {}
+    # The pool still works for other keys.
+    waiter = state.enqueue("good")
+    assert waiter.waiting
+    assert state.statistics().connecting == 1
+
+
+async def test_reserve_that_raises_surfaces_from_acquire_and_leaks_nothing() -> None:
+    made: list[_Conn] = []
+
+    async def connect(key: str) -> _Conn:
+        await trio.lowlevel.checkpoint()
+        made.append(_Conn())
+        return made[-1]
+
+    async with open_pool(connect, reserve=_reserve) as pool:
+        with pytest.raises(RuntimeError, match="reserve failed"):
+            await pool.acquire("bad")
+        assert pool.statistics().waiting == 0
+        async with pool.lease("good") as conn:
+            assert conn is made[0]
+    assert all(c.closed for c in made)
