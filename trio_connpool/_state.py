@@ -536,6 +536,8 @@ class PoolState(Generic[K, C]):
         self._unqueue(sub, waiter)
         self._pump(sub)
         self._forget_if_empty(sub)
+        if self._blocked:
+            self._unblock()  # The key may have left the head of the blocked keys' line.
 
     # ------------------------------------------------------------------ release
 
@@ -679,10 +681,12 @@ class PoolState(Generic[K, C]):
         when the last is released.
         """
         if self.idle_timeout is not None:
-            limit = now - self.idle_timeout
+            idle_timeout = self.idle_timeout
             while self._idle:
                 record = next(iter(self._idle))
-                if record.idle_since > limit:
+                # The same sum as next_deadline(): ``now - idle_timeout`` can round the other
+                # way, and the timer would then wake up at its deadline for ever.
+                if record.idle_since + idle_timeout > now:
                     break
                 self._drop(record)
                 self._after_drop(record.sub)
@@ -940,6 +944,10 @@ class PoolState(Generic[K, C]):
             record = next(iter(self._idle))
             other = record.sub
             self._drop(record)
+            if other.unattributed and other.key not in self._blocked:
+                # Its waiters were held by its own limit, which this frees: now they need
+                # global room like any blocked key.
+                self._blocked[other.key] = None
             self._forget_if_empty(other)
         return True
 
