@@ -153,7 +153,7 @@ async def run_floor(url: str, ctx: ssl.SSLContext | None, total: int, c: int, m:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
+                conn.receive_data(bytes(await stream.receive_some(65536)))
             elif isinstance(event, h11.EndOfMessage):
                 break
         conn.start_next_cycle()
@@ -229,7 +229,7 @@ def main() -> None:
     peers = [p for p in args.peers.split(",") if p]
     nginx = Nginx()
     try:
-        modes = []
+        modes: list[tuple[str, str, ssl.SSLContext | None]] = []
         if not args.tls:
             modes.append(("plain", f"http://127.0.0.1:{nginx.port}/", None))
         if not args.plain:
