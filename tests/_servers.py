@@ -77,10 +77,12 @@ class TLSFiles:
         cert.private_key_pem.write_to_path(str(keyfile))
         return cls(ca, cert, certfile, keyfile)
 
-    def client_context(self) -> ssl.SSLContext:
-        """A verifying client context that trusts this CA (no ALPN set: HTTP/1.1)."""
+    def client_context(self, alpn: list[str] | None = None) -> ssl.SSLContext:
+        """A verifying client context that trusts this CA (ALPN ``alpn``; none: HTTP/1.1)."""
         context = ssl.create_default_context()
         self.ca.configure_trust(context)
+        if alpn is not None:
+            context.set_alpn_protocols(alpn)
         return context
 
     def server_context(self) -> ssl.SSLContext:
@@ -189,9 +191,17 @@ async def _respond(
 
 
 @asynccontextmanager
-async def serve_hypercorn(app: CountingApp, tls: TLSFiles | None = None) -> AsyncIterator[str]:
-    """Run hypercorn with ``app`` on 127.0.0.1 (a free port) and yield its base URL."""
+async def serve_hypercorn(
+    app: CountingApp, tls: TLSFiles | None = None, *, alpn: list[str] | None = None
+) -> AsyncIterator[str]:
+    """Run hypercorn with ``app`` on 127.0.0.1 (a free port) and yield its base URL.
+
+    Over TLS it offers ALPN ``alpn`` (default ``h2`` and ``http/1.1``); over plain TCP it
+    speaks HTTP/1.1, and HTTP/2 to a client that starts with the HTTP/2 preface.
+    """
     config = Config()
+    if alpn is not None:
+        config.alpn_protocols = alpn
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
     config.errorlog = None

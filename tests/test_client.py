@@ -318,8 +318,14 @@ async def test_invalid_timeouts_and_options_raise_at_once() -> None:
     with pytest.raises(TypeError):
         async with open_client(timeouts=5):  # type: ignore[arg-type]
             raise AssertionError("unreachable")  # pragma: no cover
-    with pytest.raises(ValueError, match="http2"):
-        async with open_client(http2=True):
+    with pytest.raises(ValueError, match="no protocol"):
+        async with open_client(http1=False, http2=False):
+            raise AssertionError("unreachable")  # pragma: no cover
+    with pytest.raises(ValueError, match="max_concurrent_streams"):
+        async with open_client(http2=True, max_concurrent_streams=0):
+            raise AssertionError("unreachable")  # pragma: no cover
+    with pytest.raises(ValueError, match="health_check_after"):
+        async with open_client(http2=True, health_check_after=-1):
             raise AssertionError("unreachable")  # pragma: no cover
     with pytest.raises(TypeError):
         async with open_client(pool=object()):  # type: ignore[arg-type]

@@ -221,6 +221,11 @@ class Pool(Generic[K, C]):
         for instrument in instruments:
             if not isinstance(instrument, Instrument):
                 raise TypeError(f"instruments must be Instrument objects, not {instrument!r}")
+        if reserve is None:
+            # A connector that knows what its connects bring (HTTPConnector) says so itself.
+            reserve = getattr(connector, "reserve", None)
+            if not callable(reserve):
+                reserve = None
         self._state: PoolState[K, C] = PoolState(
             max_connections=max_connections,
             max_connections_per_key=max_connections_per_key,
@@ -698,7 +703,8 @@ async def open_pool(
         lifetime_jitter: Fraction of ``max_lifetime`` randomly taken off each connection's.
         close_timeout: Seconds a graceful close may take before it is made forceful.
         reserve: ``reserve(key) -> Reservation``: the weight and capacity a connect in flight
-            reserves (default: weight 1, capacity 1).
+            reserves. Default: the connector's own ``reserve`` method if it has one (an
+            HTTP connector reserves for HTTP/2), else weight 1 and capacity 1.
         instruments: :class:`Instrument` objects whose hooks see the pool's events.
         rng: Random source for the lifetime jitter.
 

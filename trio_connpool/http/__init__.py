@@ -1,4 +1,5 @@
-"""The HTTP layer of trio_connpool: URL and message models, HTTP/1.1 connections, connects.
+"""The HTTP layer of trio_connpool: URL and message models, HTTP/1.1 and HTTP/2 connections,
+connects, and the client.
 
 The names here are what the client and the pool build on; the modules themselves are private.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 from ._client import (
     Client as Client,
+    HTTPConnection as HTTPConnection,
     HTTPConnector as HTTPConnector,
     HTTPKey as HTTPKey,
     NoPoolSender as NoPoolSender,
@@ -15,6 +17,7 @@ from ._client import (
     open_client as open_client,
 )
 from ._connect import create_ssl_context as create_ssl_context, open_stream as open_stream
+from ._http2 import HTTP2Connection as HTTP2Connection
 from ._http11 import HTTP11Connection as HTTP11Connection
 from ._models import (
     URL as URL,
@@ -30,6 +33,7 @@ from ._models import (
 
 __all__ = [
     "Client",
+    "HTTPConnection",
     "HTTPConnector",
     "HTTPKey",
     "NoPoolSender",
@@ -37,6 +41,7 @@ __all__ = [
     "RequestSender",
     "open_client",
     "HTTP11Connection",
+    "HTTP2Connection",
     "HeaderTypes",
     "Headers",
     "Origin",

@@ -4,20 +4,30 @@ Three layers, each usable on its own (rama's design: the connector works with no
 default pool, or a custom pool):
 
 - :class:`HTTPConnector` opens one connection for a pool key: TCP (happy eyeballs), TLS with
-  ALPN, then an HTTP/1.1 connection over it. It is a plain ``connector`` for
-  :func:`~trio_connpool.open_pool`, so a custom pool of HTTP connections is just
-  ``open_pool(HTTPConnector(...), max_connections=...)``.
+  ALPN, then an HTTP/1.1 or HTTP/2 connection over it, whichever the server chose. It is a
+  plain ``connector`` for :func:`~trio_connpool.open_pool`, so a custom pool of HTTP
+  connections is just ``open_pool(HTTPConnector(...), max_connections=...)``; its
+  ``reserve`` method tells the pool what a connect in flight is expected to bring.
 - A :class:`RequestSender` sends one request and returns its response. Three ship here:
   :class:`PoolSender` (leases a connection from a pool, gives it back when the response body
   ends), :class:`NoPoolSender` (a fresh connection per request, closed after), and any single
-  :class:`~trio_connpool.http.HTTP11Connection`.
+  :class:`~trio_connpool.http.HTTP11Connection` or
+  :class:`~trio_connpool.http.HTTP2Connection`.
 - :class:`Client` adds what users want on top: URL parsing, default headers, ``request()``
   reading the body, ``stream()`` streaming it. :func:`open_client` makes one with the default
   pool, or wraps a sender or pool you give it.
 
 The lease is released exactly when the response body has been read to its end, or when the
 response is closed early (the HTTP/1.1 connection then drains a small remainder or closes). An
-exchange that fails or is cancelled half-way closes its connection; it is never returned.
+exchange that fails or is cancelled half-way closes its connection; it is never returned
+(an HTTP/2 stream that was reset leaves its connection in service for the other streams).
+
+HTTP/2 and the pool's weights. A connect to an origin that may speak HTTP/2 reserves the
+weight and capacity of an HTTP/2 connection (``http2_weight``, ``max_concurrent_streams``),
+so a cold burst of requests opens one connection and multiplexes on it. If ALPN answers
+``http/1.1`` the connection reports weight 1 and capacity 1, the pool corrects the
+reservation and opens further connections for the waiters, and the connector remembers the
+origin's choice, so later connects to it reserve as HTTP/1.1 from the start.
 """
 
 from __future__ import annotations
@@ -27,14 +37,21 @@ import math
 import ssl
 from collections.abc import AsyncGenerator, Hashable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, runtime_checkable
 
 import trio
 
-from .._exceptions import ServerDisconnected
+from .._exceptions import (
+    ConnectError,
+    ConnectTimeout,
+    RemoteProtocolError,
+    ServerDisconnected,
+    TransportError,
+)
 from .._pool import Pool, open_pool
-from .._state import ReleasePolicy
+from .._state import DEFAULT_RESERVATION, ReleasePolicy, Reservation
 from ._connect import create_ssl_context, open_stream
+from ._http2 import HTTP2Connection
 from ._http11 import HTTP11Connection
 from ._models import URL, Headers, Origin, Request, Response, Timeouts
 
@@ -44,6 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Client",
+    "HTTPConnection",
     "HTTPConnector",
     "HTTPKey",
     "NoPoolSender",
@@ -54,32 +72,68 @@ __all__ = [
 
 _USER_AGENT = "trio-connpool"
 
+HTTPConnection: TypeAlias = "HTTP11Connection | HTTP2Connection"
+"""A connection the HTTP pool holds: HTTP/1.1 or HTTP/2."""
+
+# What a key offers (HTTPKey.http_version).
+HTTP11: Final = "HTTP/1.1"
+HTTP2: Final = "HTTP/2"
+HTTP2_OR_HTTP11: Final = "HTTP/2,HTTP/1.1"
+_OFFERS: Final = frozenset({HTTP11, HTTP2, HTTP2_OR_HTTP11})
+
+# A request the server did not process (GOAWAY, REFUSED_STREAM) is sent again; at most this
+# many times by connections that completed nothing (a server that refuses everything must
+# not keep a request looping; the pool timeout bounds the whole wait as well).
+_MAX_RETRIES: Final = 5
+# How many origins' protocol choices a connector remembers (then it starts over).
+_MAX_REMEMBERED: Final = 4096
+
+
+def _offer(*, http1: bool, http2: bool, secure: bool) -> str:
+    """The protocols a key offers. Plain HTTP has no ALPN: HTTP/2 there is prior knowledge,
+    used only when HTTP/1.1 is off (no h2c upgrade)."""
+    if http2 and not http1:
+        return HTTP2
+    if http2 and secure:
+        return HTTP2_OR_HTTP11
+    return HTTP11
+
+
+def _check_protocols(http1: bool, http2: bool) -> None:
+    if not isinstance(http1, bool) or not isinstance(http2, bool):
+        raise TypeError("http1 and http2 must be bools")
+    if not (http1 or http2):
+        raise ValueError("http1=False and http2=False leave no protocol to speak")
+
 
 @functools.cache
-def _default_context(verify: bool) -> ssl.SSLContext:
-    return create_ssl_context(verify)
+def _default_context(verify: bool, http1: bool, http2: bool) -> ssl.SSLContext:
+    return create_ssl_context(verify, http1=http1, http2=http2)
 
 
-def _shared_context(verify: bool | ssl.SSLContext) -> ssl.SSLContext:
+def _shared_context(
+    verify: bool | ssl.SSLContext, *, http1: bool = True, http2: bool = False
+) -> ssl.SSLContext:
     """The TLS context for ``verify``: the caller's own, or one shared per setting.
 
     Pool keys compare contexts by identity, so clients that share a pool with the same
-    ``verify=True`` (or False) must share one context to share connections. Contexts are safe
-    to share: nothing here modifies one after it is made.
+    ``verify=True`` (or False) and protocols must share one context to share connections.
+    Contexts are safe to share: nothing here modifies one after it is made.
     """
     if isinstance(verify, ssl.SSLContext):
         return verify
     if not isinstance(verify, bool):
         raise TypeError(f"verify must be a bool or an ssl.SSLContext, not {verify!r}")
-    return _default_context(verify)
+    return _default_context(verify, http1, http2)
 
 
 @runtime_checkable
 class RequestSender(Protocol):
     """Anything that sends a request and returns its response (head read, body pending).
 
-    Implemented by :class:`PoolSender`, :class:`NoPoolSender` and
-    :class:`~trio_connpool.http.HTTP11Connection`; pass any of them to
+    Implemented by :class:`PoolSender`, :class:`NoPoolSender`,
+    :class:`~trio_connpool.http.HTTP11Connection` and
+    :class:`~trio_connpool.http.HTTP2Connection` (whose reader you run); pass any of them to
     ``open_client(pool=...)``.
     """
 
@@ -93,7 +147,9 @@ class HTTPKey:
 
     Attributes:
         origin: Scheme, host and port.
-        http_version: The protocol(s) offered: ``"HTTP/1.1"``.
+        http_version: The protocol(s) offered: ``"HTTP/1.1"``, ``"HTTP/2"`` (HTTP/2 only: ALPN
+            ``h2`` over TLS, prior knowledge over plain TCP) or ``"HTTP/2,HTTP/1.1"`` (ALPN
+            offering both over TLS; the server chooses).
         tls: The TLS context for https, or None for plain HTTP. Compared by identity: two
             contexts with the same settings are still different keys (a context's settings
             cannot be read back completely, so identity is the only safe comparison).
@@ -110,6 +166,10 @@ class HTTPKey:
         tls: ssl.SSLContext | None = None,
         extra: Hashable = None,
     ) -> None:
+        if http_version not in _OFFERS:
+            raise ValueError(
+                f"http_version must be one of {sorted(_OFFERS)}, not {http_version!r}"
+            )
         self.origin = origin
         self.http_version = http_version
         self.tls = tls
@@ -136,20 +196,126 @@ class HTTPKey:
 class HTTPConnector:
     """Opens HTTP connections for pool keys: a ``connector`` for :func:`open_pool`.
 
+    The protocol follows the key: ``key.http_version`` says what is offered, and over TLS the
+    server's ALPN answer decides (``h2``: HTTP/2; ``http/1.1`` or no answer: HTTP/1.1).
+    `reserve` is the pool's ``reserve`` callback (:func:`~trio_connpool.open_pool` uses a
+    connector's ``reserve`` method by default): a connect that may bring HTTP/2 reserves
+    ``http2_weight`` and ``max_concurrent_streams``; an origin known to have chosen HTTP/1.1
+    reserves weight 1 and capacity 1.
+
     Args:
-        timeouts: ``connect`` bounds each connect; ``read`` and ``write`` are given to the
-            connections.
+        timeouts: ``connect`` bounds each connect (TCP, TLS and the HTTP/2 preface); ``read``
+            and ``write`` are given to the connections.
+        max_concurrent_streams: Our cap on the streams of one HTTP/2 connection (the server's
+            SETTINGS_MAX_CONCURRENT_STREAMS applies below it).
+        http2_weight: How much of the pool's limits an HTTP/2 connection uses. Set it to the
+            per-key limit for one multiplexed connection per origin (what `open_client` does);
+            1 lets the pool open more HTTP/2 connections when every stream is busy.
+        ping_interval: Keep-alive PING on an HTTP/2 connection after this many seconds
+            without receiving anything; the connection closes if no answer comes within
+            ``ping_timeout``. None: no keep-alive pings.
+        ping_timeout: See ``ping_interval``.
     """
 
-    def __init__(self, *, timeouts: Timeouts = Timeouts()) -> None:  # noqa: B008
+    def __init__(
+        self,
+        *,
+        timeouts: Timeouts = Timeouts(),  # noqa: B008
+        max_concurrent_streams: int = 100,
+        http2_weight: int = 1,
+        ping_interval: float | None = None,
+        ping_timeout: float = 5.0,
+    ) -> None:
+        if not isinstance(timeouts, Timeouts):
+            raise TypeError("timeouts must be a trio_connpool.http.Timeouts")
+        for name, value in (
+            ("max_concurrent_streams", max_concurrent_streams),
+            ("http2_weight", http2_weight),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int of at least 1, not {value!r}")
+        for name, seconds in (("ping_interval", ping_interval), ("ping_timeout", ping_timeout)):
+            if seconds is not None and not seconds > 0:
+                raise ValueError(f"{name} must be positive, not {seconds!r}")
         self.timeouts = timeouts
+        self.max_concurrent_streams = max_concurrent_streams
+        self.http2_weight = http2_weight
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self._http2_reservation = Reservation(weight=http2_weight, capacity=max_concurrent_streams)
+        self._chosen: dict[HTTPKey, str] = {}
 
-    async def __call__(self, key: HTTPKey) -> HTTP11Connection:
-        """Connect to ``key.origin`` (TLS with ``key.tls`` for https)."""
-        stream, _alpn = await open_stream(
-            key.origin, ssl_context=key.tls, connect_timeout=self.timeouts.connect
+    def reserve(self, key: HTTPKey) -> Reservation:
+        """What a connect for ``key`` reserves: HTTP/2's weight and streams, unless the key
+        offers only HTTP/1.1 or its origin chose HTTP/1.1 before."""
+        if key.http_version == HTTP11 or self._chosen.get(key) == HTTP11:
+            return DEFAULT_RESERVATION
+        return self._http2_reservation
+
+    def protocol_chosen(self, key: HTTPKey) -> str | None:
+        """The protocol the last connection for ``key`` speaks (``"HTTP/1.1"`` or
+        ``"HTTP/2"``), or None if none was made (or it was forgotten)."""
+        return self._chosen.get(key)
+
+    async def __call__(self, key: HTTPKey) -> HTTPConnection:
+        """Connect to ``key.origin`` (TLS with ``key.tls`` for https) and speak the protocol
+        the key offers and the server chose.
+
+        Raises:
+            ConnectError: The connect failed, the server did not choose a protocol the key
+                offers, or the HTTP/2 preface could not be sent. `ConnectTimeout` when it
+                took longer than ``timeouts.connect``.
+        """
+        origin = key.origin
+        stream, alpn = await open_stream(
+            origin, ssl_context=key.tls, connect_timeout=self.timeouts.connect
         )
-        return HTTP11Connection(stream, key.origin, timeouts=self.timeouts)
+        offered = key.http_version
+        use_http2 = alpn == "h2" if origin.is_secure else offered == HTTP2
+        refusal = None
+        if not use_http2 and offered == HTTP2:
+            refusal = f"{origin} did not choose h2 in ALPN (it answered {alpn!r})"
+        elif use_http2 and offered == HTTP11:
+            # A caller's SSLContext offered h2 to a client that speaks only HTTP/1.1.
+            refusal = f"{origin} chose h2 in ALPN, but HTTP/2 is off (pass http2=True)"
+        if refusal is not None:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            raise ConnectError(refusal, key=origin)
+        if len(self._chosen) >= _MAX_REMEMBERED:
+            self._chosen.clear()
+        if not use_http2:
+            self._chosen[key] = HTTP11
+            return HTTP11Connection(stream, origin, timeouts=self.timeouts)
+        self._chosen[key] = HTTP2
+        connection = HTTP2Connection(
+            stream,
+            origin,
+            timeouts=self.timeouts,
+            max_concurrent_streams=self.max_concurrent_streams,
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            weight=self.http2_weight,
+        )
+        try:
+            with trio.fail_after(
+                math.inf if self.timeouts.connect is None else self.timeouts.connect
+            ):
+                await connection.start()
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            if isinstance(exc, trio.TooSlowError):
+                raise ConnectTimeout(
+                    f"starting HTTP/2 with {origin} took longer than {self.timeouts.connect} s",
+                    key=origin,
+                ) from exc
+            if isinstance(exc, TransportError):
+                raise ConnectError(
+                    f"cannot start HTTP/2 with {origin}: {exc}", key=origin
+                ) from exc
+            raise
+        return connection
 
 
 class _LeasedBody:
@@ -157,10 +323,10 @@ class _LeasedBody:
 
     __slots__ = ("_inner", "_lease", "_pool")
 
-    def __init__(self, inner: Any, pool: Pool[HTTPKey, HTTP11Connection], lease: Any) -> None:
+    def __init__(self, inner: Any, pool: Pool[HTTPKey, HTTPConnection], lease: Any) -> None:
         self._inner = inner
         self._pool = pool
-        self._lease: Lease[HTTPKey, HTTP11Connection] = lease
+        self._lease: Lease[HTTPKey, HTTPConnection] = lease
 
     async def receive_some(self) -> bytes:
         try:
@@ -203,31 +369,70 @@ class PoolSender:
             idempotent and the body can be sent again. Each stale connection is discarded,
             and a failure on a fresh connection is not retried, so this ends.
         key_extra: Added to every pool key (connections are reused only for the same value).
+        http1: Offer HTTP/1.1.
+        http2: Offer HTTP/2: ALPN ``h2`` over TLS (the server chooses, unless HTTP/1.1 is
+            off); over plain TCP, HTTP/2 with prior knowledge when HTTP/1.1 is off.
+        health_check_after: Before an HTTP/2 connection that received nothing for this many
+            seconds is used, PING it and wait for the answer (bounded by its read timeout);
+            a connection that fails the check is closed and another one used. None: never.
+
+    A request the server did not process (an HTTP/2 stream refused, or above a GOAWAY's
+    last stream id) is sent again on another connection whatever its method, if its body can
+    be sent again; refusals by connections that completed no request end this after 5.
     """
 
     def __init__(
         self,
-        pool: Pool[HTTPKey, HTTP11Connection],
+        pool: Pool[HTTPKey, HTTPConnection],
         *,
         verify: bool | ssl.SSLContext = True,
         acquire_timeout: float | None = None,
         retry_stale: bool = True,
         key_extra: Hashable = None,
+        http1: bool = True,
+        http2: bool = False,
+        health_check_after: float | None = None,
     ) -> None:
+        _check_protocols(http1, http2)
+        if health_check_after is not None and not health_check_after >= 0:
+            raise ValueError(f"health_check_after must be >= 0, not {health_check_after!r}")
         self.pool = pool
-        self._ssl_context = _shared_context(verify)
+        self._ssl_context = _shared_context(verify, http1=http1, http2=http2)
         self.acquire_timeout = acquire_timeout
         self.retry_stale = retry_stale
         self.key_extra = key_extra
+        self.http1 = http1
+        self.http2 = http2
+        self.health_check_after = health_check_after
         self._keys: dict[Origin, HTTPKey] = {}
 
     def key_for(self, origin: Origin) -> HTTPKey:
         """The pool key for ``origin``."""
         key = self._keys.get(origin)
         if key is None:
-            tls = self._ssl_context if origin.is_secure else None
-            key = self._keys[origin] = HTTPKey(origin, tls=tls, extra=self.key_extra)
+            secure = origin.is_secure
+            key = self._keys[origin] = HTTPKey(
+                origin,
+                http_version=_offer(http1=self.http1, http2=self.http2, secure=secure),
+                tls=self._ssl_context if secure else None,
+                extra=self.key_extra,
+            )
         return key
+
+    async def _healthy(self, connection: HTTPConnection) -> bool:
+        """PING an HTTP/2 connection that was quiet for too long; False if it failed."""
+        threshold = self.health_check_after
+        if (
+            threshold is None
+            or not isinstance(connection, HTTP2Connection)
+            or trio.current_time() - connection.last_activity < threshold
+        ):
+            return True
+        try:
+            await connection.ping()
+        except TransportError:
+            return False
+        return True
 
     async def send_request(self, request: Request) -> Response:
         """Lease a connection, send ``request``, and tie the lease to the response body."""
@@ -238,6 +443,7 @@ class PoolSender:
         # The request's own I/O is this call's checkpoint; take an idle connection without
         # yielding first (a cancelled task must not lease, hence checkpoint_if_cancelled).
         await trio.lowlevel.checkpoint_if_cancelled()
+        retries = 0
         while True:
             try:
                 lease = pool.acquire_nowait(key)
@@ -246,6 +452,9 @@ class PoolSender:
                 lease = await pool.acquire(key, timeout=remaining)
             connection = lease.connection
             try:
+                if not await self._healthy(connection):
+                    pool.release(lease, discard=True)
+                    continue
                 response = await connection.send_request(request)
             except ServerDisconnected:
                 pool.release(lease, discard=True)
@@ -256,6 +465,17 @@ class PoolSender:
                     and request.is_replayable
                 ):
                     continue
+                raise
+            except RemoteProtocolError as exc:
+                pool.release(lease, discard=not connection.is_clean())
+                if getattr(exc, "retryable", False) and request.is_replayable:
+                    # A server that rotates connections (GOAWAY after N requests) refuses
+                    # many requests once each while it makes progress; only refusals from
+                    # a connection that completed nothing count towards the bound.
+                    if getattr(connection, "requests_completed", 0) == 0:
+                        retries += 1
+                    if retries <= _MAX_RETRIES:
+                        continue
                 raise
             except BaseException:
                 pool.release(lease, discard=not connection.is_clean())
@@ -269,7 +489,7 @@ class _ClosingBody:
 
     __slots__ = ("_connection", "_inner")
 
-    def __init__(self, inner: Any, connection: HTTP11Connection) -> None:
+    def __init__(self, inner: Any, connection: HTTPConnection) -> None:
         self._inner = inner
         self._connection = connection
 
@@ -292,6 +512,9 @@ class _ClosingBody:
 
 class NoPoolSender:
     """Sends each request on a new connection, closed when the response ends: no pool.
+
+    It speaks HTTP/1.1 only: an HTTP/2 connection needs a reader task, and so a nursery,
+    which is what a pool provides.
 
     Args:
         verify: TLS verification for https: True, False or an `ssl.SSLContext`.
@@ -339,7 +562,7 @@ class Client:
             self.headers["User-Agent"] = _USER_AGENT
 
     @property
-    def pool(self) -> Pool[HTTPKey, HTTP11Connection] | None:
+    def pool(self) -> Pool[HTTPKey, HTTPConnection] | None:
         """The pool behind the client, or None when it sends without one."""
         sender = self.sender
         return sender.pool if isinstance(sender, PoolSender) else None
@@ -464,7 +687,11 @@ async def open_client(
     retry_stale: bool = True,
     headers: HeaderTypes = None,
     key_extra: Hashable = None,
-    pool: RequestSender | Pool[HTTPKey, HTTP11Connection] | None = None,
+    pool: RequestSender | Pool[HTTPKey, HTTPConnection] | None = None,
+    max_concurrent_streams: int = 100,
+    http2_extra_connections: bool = False,
+    ping_interval: float | None = None,
+    health_check_after: float | None = None,
 ) -> AsyncGenerator[Client, None]:
     """Open an HTTP client for the ``async with`` block.
 
@@ -484,8 +711,11 @@ async def open_client(
         verify: True (verify certificates and host names against the system trust store),
             False (don't; never on an untrusted network) or an `ssl.SSLContext` (used as
             given, never modified).
-        http1: Speak HTTP/1.1. Must be True in this release.
-        http2: Speak HTTP/2. Not available in this release: True raises ValueError.
+        http1: Speak HTTP/1.1.
+        http2: Speak HTTP/2. Over TLS, ALPN offers ``h2`` (and ``http/1.1`` unless
+            ``http1=False``) and the server chooses; over plain ``http://``, HTTP/2 is used
+            with prior knowledge (h2c) when ``http1=False``, else HTTP/1.1. A given
+            `ssl.SSLContext` is not modified: set its ALPN protocols yourself.
         max_connections: The pool's global limit.
         max_connections_per_key: Connections per origin (and TLS settings); None: no limit.
         release_policy: Which idle connection is reused first.
@@ -497,42 +727,57 @@ async def open_client(
         headers: Default headers for every request.
         key_extra: Added to every pool key (e.g. a user agent or tenant).
         pool: See above.
+        max_concurrent_streams: Our cap on the streams of one HTTP/2 connection.
+        http2_extra_connections: When every stream of every HTTP/2 connection to an origin
+            is busy, open another connection (up to ``max_connections_per_key``) instead of
+            waiting for a stream. By default an HTTP/2 connection weighs as much as
+            ``max_connections_per_key`` (it counts that much against ``max_connections``
+            too), so each origin gets one multiplexed connection; True makes it weigh 1.
+            With ``max_connections_per_key=None`` it always weighs 1.
+        ping_interval: Keep-alive PING on an idle HTTP/2 connection after this many seconds
+            without traffic; no answer within the read timeout closes it. None: no pings.
+        health_check_after: PING an HTTP/2 connection that was quiet this many seconds
+            before using it (see :class:`PoolSender`). None: never.
 
     Raises:
         ValueError, TypeError: For invalid options, at once.
     """
-    if http2:
-        raise ValueError("http2=True is not supported yet: this release speaks HTTP/1.1")
-    if not http1:
-        raise ValueError("http1=False leaves no protocol to speak in this release")
+    _check_protocols(http1, http2)
     if not isinstance(timeouts, Timeouts):
         raise TypeError("timeouts must be a trio_connpool.http.Timeouts")
+    options: dict[str, Any] = {
+        "verify": verify,
+        "acquire_timeout": timeouts.pool,
+        "retry_stale": retry_stale,
+        "key_extra": key_extra,
+        "http1": http1,
+        "http2": http2,
+        "health_check_after": health_check_after,
+    }
     if pool is None:
+        weight = 1
+        if not http2_extra_connections and isinstance(max_connections_per_key, int):
+            weight = max(1, min(max_connections_per_key, max_connections))
+        connector = HTTPConnector(
+            timeouts=timeouts,
+            max_concurrent_streams=max_concurrent_streams,
+            http2_weight=weight,
+            ping_interval=ping_interval,
+            ping_timeout=5.0 if timeouts.read is None else timeouts.read,
+        )
         async with open_pool(
-            HTTPConnector(timeouts=timeouts),
+            connector,
             max_connections=max_connections,
             max_connections_per_key=max_connections_per_key,
             release_policy=release_policy,
             idle_timeout=idle_timeout,
             max_lifetime=max_lifetime,
+            reserve=connector.reserve,
         ) as owned:
-            sender = PoolSender(
-                owned,
-                verify=verify,
-                acquire_timeout=timeouts.pool,
-                retry_stale=retry_stale,
-                key_extra=key_extra,
-            )
-            yield Client(sender, headers=headers)
+            yield Client(PoolSender(owned, **options), headers=headers)
         return
     if isinstance(pool, Pool):
-        given: RequestSender = PoolSender(
-            pool,
-            verify=verify,
-            acquire_timeout=timeouts.pool,
-            retry_stale=retry_stale,
-            key_extra=key_extra,
-        )
+        given: RequestSender = PoolSender(pool, **options)
     elif isinstance(pool, RequestSender):
         given = pool
     else:

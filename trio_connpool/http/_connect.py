@@ -29,7 +29,7 @@ __all__ = ["create_ssl_context", "open_stream"]
 
 
 def create_ssl_context(
-    verify: bool | ssl.SSLContext = True, *, http2: bool = False
+    verify: bool | ssl.SSLContext = True, *, http1: bool = True, http2: bool = False
 ) -> ssl.SSLContext:
     """Return the `ssl.SSLContext` to open HTTPS connections with.
 
@@ -39,14 +39,18 @@ def create_ssl_context(
             trusted networks only). An `ssl.SSLContext` is returned as is, never modified:
             its ALPN protocols are then whatever you set on it (none unless you called
             ``set_alpn_protocols``, which means HTTP/1.1).
-        http2: Offer ``h2`` before ``http/1.1`` in ALPN (ignored for a given context).
+        http1: Offer ``http/1.1`` in ALPN (ignored for a given context).
+        http2: Offer ``h2`` in ALPN, before ``http/1.1`` (ignored for a given context).
 
     Returns:
         The context.
 
     Raises:
         TypeError: If ``verify`` is neither a bool nor an `ssl.SSLContext`.
+        ValueError: If neither protocol is offered.
     """
+    if not (http1 or http2):
+        raise ValueError("offer at least one of http1 and http2")
     if isinstance(verify, ssl.SSLContext):
         return verify
     if not isinstance(verify, bool):  # pyright: ignore[reportUnnecessaryIsInstance]
@@ -55,7 +59,7 @@ def create_ssl_context(
     if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
+    context.set_alpn_protocols(["h2"] * http2 + ["http/1.1"] * http1)
     return context
 
 

@@ -225,6 +225,8 @@ class HTTP2Connection:
             receiving anything, and closes the connection when no acknowledgement comes
             within ``ping_timeout``.
         ping_timeout: See ``ping_interval``.
+        weight: What the connection reports as its `weight` to the pool (an HTTP/2 connection
+            may count as several HTTP/1.1 ones against the limits).
     """
 
     def __init__(
@@ -236,9 +238,13 @@ class HTTP2Connection:
         max_concurrent_streams: int = 100,
         ping_interval: float | None = None,
         ping_timeout: float = 5.0,
+        weight: int = 1,
     ) -> None:
         if max_concurrent_streams < 1:
             raise ValueError("max_concurrent_streams must be at least 1")
+        if weight < 1:
+            raise ValueError("weight must be at least 1")
+        self._weight = weight
         self._stream = stream
         self._origin = origin
         self._timeouts = timeouts
@@ -294,8 +300,18 @@ class HTTP2Connection:
 
     @property
     def weight(self) -> int:
-        """How much of the pool's limits this connection uses: 1."""
-        return 1
+        """How much of the pool's limits this connection uses (the ``weight`` given)."""
+        return self._weight
+
+    @property
+    def requests_completed(self) -> int:
+        """How many streams completed on this connection."""
+        return self._completed
+
+    @property
+    def last_activity(self) -> float:
+        """When the reader last received anything (`trio.current_time`), or started."""
+        return self._last_received
 
     def is_ready(self) -> bool:
         """Whether new requests are taken: False after GOAWAY (either way) or once closed."""
@@ -353,6 +369,7 @@ class HTTP2Connection:
             WriteTimeout: If the write did not complete within ``timeouts.write``.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
+        self._last_received = trio.current_time()
         self._h2.initiate_connection()
         self._h2.increment_flow_control_window(_CONNECTION_WINDOW - _DEFAULT_WINDOW)
         await self._flush()
