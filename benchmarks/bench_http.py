@@ -1,4 +1,4 @@
-"""HTTP/1.1 benchmark: our client against a raw h11 floor and the peers, on a local nginx.
+"""HTTP benchmark: our client against a raw h11 floor and the peers, on a local nginx.
 
 Each point (C concurrent tasks, at most M connections) runs these clients, interleaved:
 
@@ -8,13 +8,18 @@ Each point (C concurrent tasks, at most M connections) runs these clients, inter
 - ``httpx``: ``httpx.AsyncClient`` (httpcore's pool) on trio, ``max_connections=M``.
 - ``aiohttp``: ``aiohttp.ClientSession`` on asyncio, ``TCPConnector(limit=M)``.
 
+The HTTP/2 table (over TLS with ALPN, and h2c with prior knowledge) runs C tasks on one
+connection: ``ours-h2`` (``open_client(http2=True)``) next to ``httpx-h2``
+(``httpx.AsyncClient(http2=True)`` on trio) and our own HTTP/1.1 at M=64 (``ours-h1``).
+
 nginx (Debian's package) is started by this script with its own config on 127.0.0.1 (one
 worker, keep-alive unlimited, a fixed 5-byte answer), so the server is not the bottleneck on
 a 2-core machine. TLS uses a trustme certificate. Throughput is requests per second over the
 whole run; latencies are per request.
 
 Run: ``python benchmarks/bench_http.py`` (``--quick`` for a short run, ``--tls`` for TLS only,
-``--plain`` for plain only). Needs nginx on PATH (``apt-get install nginx-light``) and the
+``--plain`` for plain only, ``--http2`` for the HTTP/2 table only, ``--no-http2`` without it).
+Needs nginx on PATH (``apt-get install nginx-light``) and the
 ``bench`` extra (httpx, aiohttp, trustme).
 """
 
@@ -55,6 +60,8 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         listen 127.0.0.1:{tls_port} ssl;
+        listen 127.0.0.1:{h2_port} ssl http2;
+        listen 127.0.0.1:{h2c_port} http2;
         ssl_certificate {dir}/cert.pem;
         ssl_certificate_key {dir}/key.pem;
         location / {{ return 200 "hello"; }}
@@ -82,24 +89,35 @@ class Nginx:
         cert.private_key_pem.write_to_path(os.path.join(self.dir, "key.pem"))
         cert.cert_chain_pems[0].write_to_path(os.path.join(self.dir, "cert.pem"))
         self.port, self.tls_port = _free_port(), _free_port()
+        self.h2_port, self.h2c_port = _free_port(), _free_port()
         with open(os.path.join(self.dir, "nginx.conf"), "w") as f:
-            f.write(NGINX_CONF.format(dir=self.dir, port=self.port, tls_port=self.tls_port))
+            f.write(
+                NGINX_CONF.format(
+                    dir=self.dir,
+                    port=self.port,
+                    tls_port=self.tls_port,
+                    h2_port=self.h2_port,
+                    h2c_port=self.h2c_port,
+                )
+            )
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         self.process = subprocess.Popen(
             [nginx, "-c", os.path.join(self.dir, "nginx.conf"), "-p", self.dir]
         )
         for _ in range(100):
             try:
-                socket.create_connection(("127.0.0.1", self.tls_port), timeout=0.1).close()
+                socket.create_connection(("127.0.0.1", self.h2c_port), timeout=0.1).close()
                 break
             except OSError:
                 time.sleep(0.05)
         else:
             raise RuntimeError("nginx did not start")
 
-    def ssl_context(self) -> ssl.SSLContext:
+    def ssl_context(self, alpn: list[str] | None = None) -> ssl.SSLContext:
         context = ssl.create_default_context()
         self.ca.configure_trust(context)
+        if alpn is not None:
+            context.set_alpn_protocols(alpn)
         return context
 
     def stop(self) -> None:
@@ -192,6 +210,69 @@ async def run_httpx(url: str, ctx: ssl.SSLContext | None, total: int, c: int, m:
         return await _drive_trio(total, c, one)
 
 
+async def run_ours_h2(url: str, ctx: ssl.SSLContext | None, total: int, c: int) -> Result:
+    verify = ctx if ctx is not None else True
+    async with open_client(verify=verify, http2=True, http1=ctx is not None) as client:
+
+        async def one() -> None:
+            response = await client.request("GET", url)
+            assert response.status_code == 200
+            assert response.http_version == "HTTP/2"
+
+        result = await _drive_trio(total, c, one)
+        assert client.pool is not None
+        assert client.pool.statistics().connections == 1
+        return result
+
+
+async def run_httpx_h2(url: str, ctx: ssl.SSLContext | None, total: int, c: int) -> Result:
+    import httpx
+
+    verify: Any = ctx if ctx is not None else True
+    async with httpx.AsyncClient(
+        verify=verify, http2=True, http1=ctx is not None, timeout=60
+    ) as client:
+
+        async def one() -> None:
+            response = await client.get(url)
+            assert response.status_code == 200
+            assert response.http_version == "HTTP/2"
+
+        return await _drive_trio(total, c, one)
+
+
+def http2_table(nginx: Nginx, total: int, peers: list[str]) -> None:
+    modes: list[tuple[str, str, str, ssl.SSLContext | None]] = [
+        (
+            "tls",
+            f"https://127.0.0.1:{nginx.h2_port}/",
+            f"https://127.0.0.1:{nginx.tls_port}/",
+            nginx.ssl_context(["h2", "http/1.1"]),
+        ),
+        ("h2c", f"http://127.0.0.1:{nginx.h2c_port}/", f"http://127.0.0.1:{nginx.port}/", None),
+    ]
+    for name, url, h1_url, ctx in modes:
+        print(f"\n== HTTP/2 {name}, one connection, {total} requests per run; req/s (p99 ms)")
+        cols = ["ours-h2", *(["httpx-h2"] if "httpx" in peers else []), "ours-h1"]
+        print(f"{'C':>4} " + " ".join(f"{c:>16}" for c in cols) + "  ours-h2/httpx-h2")
+        for c in (1, 64, 512):
+            results: dict[str, Result] = {}
+            results["ours-h2"] = trio.run(run_ours_h2, url, ctx, total, c)
+            if "httpx" in peers:
+                # httpx sets ALPN on the context it is given: give it one of its own.
+                own = nginx.ssl_context() if ctx is not None else None
+                results["httpx-h2"] = trio.run(run_httpx_h2, url, own, max(200, total // 5), c)
+            h1_ctx = nginx.ssl_context() if ctx is not None else None
+            results["ours-h1"] = trio.run(run_ours, h1_url, h1_ctx, total, c, 64)
+            cells = " ".join(
+                f"{results[k].rate:>8,.0f} ({1000 * results[k].p99:>5.1f})" for k in cols
+            )
+            ratio = ""
+            if "httpx-h2" in results:
+                ratio = f"{results['ours-h2'].rate / results['httpx-h2'].rate:.2f}"
+            print(f"{c:>4} {cells}  {ratio}", flush=True)
+
+
 def run_aiohttp(url: str, ctx: ssl.SSLContext | None, total: int, c: int, m: int) -> Result:
     import aiohttp
 
@@ -224,6 +305,8 @@ def main() -> None:
     parser.add_argument("--tls", action="store_true", help="TLS only")
     parser.add_argument("--plain", action="store_true", help="plain only")
     parser.add_argument("--peers", default="httpx,aiohttp", help="comma-separated peers to run")
+    parser.add_argument("--http2", action="store_true", help="the HTTP/2 table only")
+    parser.add_argument("--no-http2", action="store_true", help="skip the HTTP/2 table")
     args = parser.parse_args()
     total = 2_000 if args.quick else 6_000
     peers = [p for p in args.peers.split(",") if p]
@@ -234,6 +317,8 @@ def main() -> None:
             modes.append(("plain", f"http://127.0.0.1:{nginx.port}/", None))
         if not args.plain:
             modes.append(("tls", f"https://127.0.0.1:{nginx.tls_port}/", nginx.ssl_context()))
+        if args.http2:
+            modes = []
         for name, url, ctx in modes:
             print(f"\n== HTTP/1.1 {name}, {total} requests per run; req/s (p99 ms)")
             cols = ["floor", "ours", *peers]
@@ -256,6 +341,8 @@ def main() -> None:
                     ratio = results["ours"].rate / results["floor"].rate
                     p99 = results["ours"].p99 / results["floor"].p99
                     print(f"{c:>4} {m:>3} {cells}  {ratio:.2f} (p99 x{p99:.2f})", flush=True)
+        if not args.no_http2:
+            http2_table(nginx, total, peers)
     finally:
         nginx.stop()
 

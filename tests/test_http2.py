@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import h2.connection
 import h2.events
 import h2.settings
+import hpack
 import pytest
 import trio
 import trio.testing
@@ -195,6 +196,28 @@ async def test_host_header_becomes_authority_and_post_body() -> None:
         assert request.header(b":authority") == b"other:8443"
         assert request.header(b"content-length") == b"7"
         assert request.header(b"host") is None
+
+
+async def test_credentials_are_never_indexed_and_headers_lower_cased() -> None:
+    async with connected() as harness:
+        client, server = harness.client, harness.server
+        async with trio.open_nursery() as nursery:
+
+            async def answer() -> None:
+                request = await server.wait_request()
+                await server.respond(request.stream_id)
+
+            nursery.start_soon(answer)
+            headers = {"Authorization": "Bearer secret", "Cookie": "a=1", "X-Plain": "yes"}
+            response = await client.send_request(Request("GET", URL, headers=headers))
+            await response.aread()
+        (event,) = [e for e in server.events if isinstance(e, h2.events.RequestReceived)]
+        assert event.headers is not None
+        kinds = {bytes(h[0]): type(h) for h in event.headers}
+        assert kinds[b"authorization"] is hpack.NeverIndexedHeaderTuple
+        assert kinds[b"cookie"] is hpack.NeverIndexedHeaderTuple
+        assert kinds[b"x-plain"] is not hpack.NeverIndexedHeaderTuple
+        assert set(kinds) >= {b":method", b":path", b"authorization", b"x-plain"}
 
 
 async def test_capacity_before_settings_and_callback_on_settings() -> None:

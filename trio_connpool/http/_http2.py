@@ -72,6 +72,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 import trio
 from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
 from h2.errors import ErrorCodes
@@ -107,6 +108,7 @@ _DROPPED_HEADERS: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"host"}
 )
 _METHODS_WITH_CONTENT: Final = frozenset({"POST", "PUT", "PATCH"})
+_SECRET_HEADERS: Final = frozenset({b"authorization", b"proxy-authorization"})
 
 
 class _RetryableError(RemoteProtocolError):
@@ -139,7 +141,18 @@ class _H2Connection(h2.connection.H2Connection):
     """The h2 connection we use: our settings, and graceful GOAWAY (h2 issue 1181)."""
 
     def __init__(self) -> None:
-        super().__init__(config=h2.config.H2Configuration(client_side=True, header_encoding=None))
+        # Outbound headers are built by `HTTP2Connection._request_headers` from headers our
+        # models validated (names lower-cased, no CR/LF/NUL, hop-by-hop ones dropped,
+        # pseudo-headers first): h2's own outbound checks would repeat that work on every
+        # request. What the server sends is still validated by h2.
+        super().__init__(
+            config=h2.config.H2Configuration(
+                client_side=True,
+                header_encoding=None,
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
+        )
         self.state_machine = _GracefulStateMachine()
         self.local_settings = h2.settings.Settings(
             client=True,
@@ -503,6 +516,11 @@ class HTTP2Connection:
         for name, value in request.headers.raw:
             name = name.lower()
             if name in _DROPPED_HEADERS or (name == b"te" and value.lower() != b"trailers"):
+                continue
+            if name in _SECRET_HEADERS or (name == b"cookie" and len(value) < 20):
+                # Never put credentials in the HPACK table, where a compression oracle could
+                # guess them (RFC 7541 section 7.1.3).
+                headers.append(hpack.NeverIndexedHeaderTuple(name, value))
                 continue
             headers.append((name, value))
         if "content-length" not in request.headers:
