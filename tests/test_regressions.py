@@ -52,3 +52,18 @@ async def test_reserve_that_raises_surfaces_from_acquire_and_leaks_nothing() -> 
         async with pool.lease("good") as conn:
             assert conn is made[0]
     assert all(c.closed for c in made)
+
+
+def test_build_request_keeps_every_value_of_a_repeated_header() -> None:
+    """A header given several times kept only its last value; defaults are still replaced."""
+    from trio_connpool.http import Client, NoPoolSender
+
+    client = Client(NoPoolSender(), headers={"X-Default": "d", "Accept": "*/*"})
+    request = client.build_request(
+        "GET",
+        "http://127.0.0.1/",
+        headers=[("X-Dup", "a"), ("x-dup", "b"), ("ACCEPT", "text/plain")],
+    )
+    assert request.headers.get_list("x-dup") == ["a", "b"]
+    assert request.headers.get_list("accept") == ["text/plain"]
+    assert request.headers.get_list("x-default") == ["d"]

@@ -594,8 +594,14 @@ class Client:
             url = parsed
         merged = self.headers.copy()
         if headers is not None:
-            for name, value in Headers(headers).raw:
-                merged[name] = value
+            given = Headers(headers).raw
+            # The request's own headers replace the defaults of the same name; a name given
+            # several times keeps every value.
+            for name in {name for name, _ in given}:
+                if name in merged:
+                    del merged[name]
+            for name, value in given:
+                merged.add(name, value)
         return Request(method, url, headers=merged, content=content)
 
     async def request(
