@@ -39,13 +39,14 @@ from ._state import (
     Reservation as Reservation,
 )
 from ._version import __version__ as __version__
+from .http import open_client as open_client  # the client, at the top for convenience
 
 
 def _fixup_module_metadata() -> None:
     # Make reprs and tracebacks say trio_connpool.Pool, not trio_connpool._pool.Pool.
     for name in __all__:
         obj = globals()[name]
-        if getattr(obj, "__module__", "").startswith("trio_connpool._"):
+        if getattr(obj, "__module__", "").startswith("trio_connpool._") and name != "open_client":
             obj.__module__ = __name__
 
 
@@ -74,6 +75,7 @@ __all__ = [
     "WriteTimeout",
     "__version__",
     "create_pool",
+    "open_client",
     "open_pool",
 ]
 
