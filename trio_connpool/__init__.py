@@ -24,6 +24,7 @@ from ._exceptions import (
     TransportError as TransportError,
     WriteTimeout as WriteTimeout,
 )
+from ._logging import LoggingInstrument as LoggingInstrument
 from ._pool import (
     Connection as Connection,
     Instrument as Instrument,
@@ -55,6 +56,7 @@ __all__ = [
     "ConnectTimeout",
     "Connection",
     "Instrument",
+    "LoggingInstrument",
     "InvalidHeader",
     "InvalidURL",
     "KeyStatistics",

@@ -12,6 +12,7 @@ option or URL); 130 when interrupted. Errors are one line on stderr, never a tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from functools import partial
@@ -230,8 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if all(isinstance(leaf, BrokenPipeError) for leaf in leaves):
             # The reader of our output went away (`... | head`): stop quietly, and keep the
             # interpreter from complaining again when it flushes stdout at exit.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+            with contextlib.suppress(OSError, ValueError):  # no real stdout: nothing to do
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
             return 1
         raise
 
