@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from trio_connpool import Reservation, open_pool
+from trio_connpool import PoolError, Reservation, open_pool
 from trio_connpool._state import PoolState
 
 
@@ -67,3 +67,23 @@ def test_build_request_keeps_every_value_of_a_repeated_header() -> None:
     assert request.headers.get_list("x-dup") == ["a", "b"]
     assert request.headers.get_list("accept") == ["text/plain"]
     assert request.headers.get_list("x-default") == ["d"]
+
+
+async def test_an_exception_group_raised_in_the_block_comes_out_as_itself() -> None:
+    """A group from the block's own nursery came out as PoolError (split() rebuilt it, so the
+    identity check that recognises the block's own exception failed)."""
+
+    async def broken_pipe() -> None:
+        raise BrokenPipeError
+
+    with pytest.RaisesGroup(BrokenPipeError) as info:
+        async with open_pool(_connect_conn) as pool, trio.open_nursery() as nursery:
+            assert not pool.closed
+            nursery.start_soon(broken_pipe)
+    assert not isinstance(info.value, PoolError)
+    assert info.value.__cause__ is None
+
+
+async def _connect_conn(key: str) -> _Conn:
+    await trio.lowlevel.checkpoint()
+    return _Conn()

@@ -27,7 +27,7 @@ import math
 import sys
 from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 import outcome
 import trio
@@ -730,6 +730,17 @@ async def open_pool(
         yield running
 
 
+def _leaf_ids(exc: BaseException) -> frozenset[int]:
+    """The identities of the leaf exceptions of ``exc`` (itself, unless it is a group)."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return frozenset((id(exc),))
+    group = cast("BaseExceptionGroup[BaseException]", exc)
+    ids: set[int] = set()
+    for inner in group.exceptions:
+        ids |= _leaf_ids(inner)
+    return frozenset(ids)
+
+
 @asynccontextmanager
 async def _run_owned(pool: Pool[K, C]) -> AsyncGenerator[Pool[K, C], None]:
     """Run ``pool`` in a private nursery around the caller's block, unwrapping the block's
@@ -746,15 +757,18 @@ async def _run_owned(pool: Pool[K, C]) -> AsyncGenerator[Pool[K, C], None]:
             finally:
                 await pool._aclose_shielded()
     except BaseExceptionGroup as group:
-        # Cancelled leaves are a cancellation of the whole block reaching the pool's own tasks
-        # too: they are not failures, and the cancelled scope outside catches them.
-        failures = group.split(trio.Cancelled)[1]
-        if failures is None and not isinstance(raised, trio.Cancelled):
+        # The block's own exception is one member of the group. If it is a group itself (the
+        # block's own nursery), trio may have rebuilt it on the way out, so it is recognised
+        # by its leaves. Cancelled leaves elsewhere are a cancellation of the whole block
+        # reaching the pool's own tasks too: they are not failures, and the cancelled scope
+        # outside catches them.
+        mine = None if raised is None else _leaf_ids(raised)
+        others = [exc for exc in group.exceptions if _leaf_ids(exc) != mine]
+        ours = len(others) < len(group.exceptions)
+        failures = BaseExceptionGroup("", others).split(trio.Cancelled)[1] if others else None
+        if failures is None and not ours:
             raise
-        if raised is not None and (
-            failures is None
-            or (len(failures.exceptions) == 1 and failures.exceptions[0] is raised)
-        ):
+        if raised is not None and failures is None:
             context = raised.__context__
             try:
                 raise raised
