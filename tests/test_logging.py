@@ -192,3 +192,20 @@ def test_repr_and_argument_checks() -> None:
         LoggingInstrument(level="DEBUG")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="level must be"):
         LoggingInstrument(level=True)
+
+
+async def test_open_client_takes_instruments(caplog: pytest.LogCaptureFixture) -> None:
+    from _servers import CountingApp, serve_hypercorn
+
+    from trio_connpool import open_client
+
+    caplog.set_level(logging.DEBUG, logger="trio_connpool")
+    async with (
+        serve_hypercorn(CountingApp()) as base,
+        open_client(instruments=[LoggingInstrument()]) as client,
+    ):
+        await client.get(f"{base}/")
+    events = [getattr(r, "pool_event", None) for r in caplog.records if r.name == "trio_connpool"]
+    assert events[:3] == ["waiting", "connect_started", "connect_succeeded"]
+    assert "lease_released" in events
+    assert events[-1] == "connection_closed"

@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import ssl
-from collections.abc import AsyncGenerator, Hashable
+from collections.abc import AsyncGenerator, Hashable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, runtime_checkable
 
@@ -48,7 +48,7 @@ from .._exceptions import (
     ServerDisconnected,
     TransportError,
 )
-from .._pool import Pool, open_pool
+from .._pool import Instrument, Pool, open_pool
 from .._state import DEFAULT_RESERVATION, ReleasePolicy, Reservation
 from ._connect import create_ssl_context, open_stream
 from ._http2 import HTTP2Connection
@@ -698,6 +698,7 @@ async def open_client(
     http2_extra_connections: bool = False,
     ping_interval: float | None = None,
     health_check_after: float | None = None,
+    instruments: Sequence[Instrument] = (),
 ) -> AsyncGenerator[Client, None]:
     """Open an HTTP client for the ``async with`` block.
 
@@ -744,6 +745,8 @@ async def open_client(
             without traffic; no answer within the read timeout closes it. None: no pings.
         health_check_after: PING an HTTP/2 connection that was quiet this many seconds
             before using it (see :class:`PoolSender`). None: never.
+        instruments: :class:`~trio_connpool.Instrument` hooks for the client's own pool (a
+            :class:`~trio_connpool.LoggingInstrument`, say).
 
     Raises:
         ValueError, TypeError: For invalid options, at once.
@@ -779,6 +782,7 @@ async def open_client(
             idle_timeout=idle_timeout,
             max_lifetime=max_lifetime,
             reserve=connector.reserve,
+            instruments=instruments,
         ) as owned:
             yield Client(PoolSender(owned, **options), headers=headers)
         return
