@@ -21,6 +21,7 @@ import h2.exceptions
 import h11
 import trio
 
+from ._commands import percentile
 from .http import open_client
 
 __all__ = ["DemoServer", "run_demo"]
@@ -180,13 +181,6 @@ class DemoServer:
         return 404, b"not found"
 
 
-def _percentile(sorted_values: list[float], fraction: float) -> float:
-    if not sorted_values:
-        return math.nan
-    index = min(len(sorted_values) - 1, int(fraction * len(sorted_values)))
-    return sorted_values[index]
-
-
 class _Phase:
     """The figures of one protocol's run."""
 
@@ -285,7 +279,7 @@ async def run_demo(
     )
     for phase in phases:
         done = len(phase.latencies)
-        p50, p90, p99, top = (1000 * _percentile(phase.latencies, f) for f in (0.5, 0.9, 0.99, 1))
+        p50, p90, p99, top = (1000 * percentile(phase.latencies, f) for f in (0.5, 0.9, 0.99, 1))
         print(
             f"{phase.name:9} {done - phase.failures:>6} {phase.failures:>6} "
             f"{done / phase.elapsed:>8,.0f} {p50:>7.2f} {p90:>7.2f} {p99:>7.2f} {top:>7.2f} "
