@@ -1,0 +1,173 @@
+"""Cancellation at the awaits HTTP/2 adds to connect and request: the HTTP/2 preface written
+by the connector, and the PING health check before a quiet connection is used.
+
+The transport is faked below `open_stream` only: the client's real connector, pool and
+HTTP/2 connection talk to a real h2 server object over trio's in-memory streams
+(`lockstep_stream_pair` where a write must block until the server reads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import h2.events
+import pytest
+import trio
+import trio.testing
+from _h2server import H2Server
+from _servers import assert_pool_balanced
+
+from trio_connpool import PoolClosed
+from trio_connpool.http import Client, Origin, Timeouts, _client, open_client
+
+URL = "https://example.com/"
+WRITE = 3.0
+TIMEOUTS = Timeouts(connect=10, read=5, write=WRITE)
+
+
+class FakeNetwork:
+    """`open_stream` for the client: each connect makes a stream pair, hands the server end
+    to the test, and says ALPN chose h2."""
+
+    def __init__(self, pair: Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]]) -> None:
+        self._pair = pair
+        self.send, self.servers = trio.open_memory_channel[trio.abc.Stream](10)
+        self.connects = 0
+
+    async def open_stream(
+        self, origin: Origin, *, ssl_context: object, connect_timeout: float | None
+    ) -> tuple[trio.abc.Stream, str | None]:
+        await trio.lowlevel.checkpoint()
+        self.connects += 1
+        client, server = self._pair()
+        self.send.send_nowait(server)
+        return client, "h2"
+
+
+@asynccontextmanager
+async def fake_client(
+    monkeypatch: pytest.MonkeyPatch,
+    pair: Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]],
+    **options: object,
+) -> AsyncIterator[tuple[Client, FakeNetwork]]:
+    network = FakeNetwork(pair)
+    monkeypatch.setattr(_client, "open_stream", network.open_stream)
+    async with open_client(http2=True, timeouts=TIMEOUTS, **options) as client:  # type: ignore[arg-type]
+        yield client, network
+
+
+async def _eof(stream: trio.abc.Stream) -> bool:
+    """Whether the peer closed ``stream`` (reading what is left first)."""
+    for _ in range(10_000):
+        try:
+            data = await stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return True
+        if not data:
+            return True
+    return False  # pragma: no cover
+
+
+async def test_requester_cancelled_while_the_preface_write_blocks(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with fake_client(monkeypatch, trio.testing.lockstep_stream_pair) as (client, network):
+        pool = client.pool
+        assert pool is not None
+        with trio.move_on_after(1) as scope:
+            await client.get(URL)
+        assert scope.cancelled_caught
+        # The connect goes on (late binding) and is stuck writing the preface.
+        stats = pool.statistics()
+        assert (stats.connecting, stats.waiting, stats.leases) == (1, 0, 0)
+        server_stream = network.servers.receive_nowait()
+        server = H2Server(server_stream)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve)
+            await trio.testing.wait_all_tasks_blocked()
+            # The connect finished: its connection went idle, and it serves the next request.
+            assert_pool_balanced(pool, idle=1)
+            response = await client.get(URL)
+            assert response.http_version == "HTTP/2"
+            assert network.connects == 1
+            assert_pool_balanced(pool, idle=1)
+            nursery.cancel_scope.cancel()
+
+
+async def test_pool_closed_while_the_preface_write_blocks(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    begun = trio.current_time()
+    errors: list[PoolClosed] = []
+
+    async def request(client: Client) -> None:
+        try:
+            await client.get(URL)
+        except PoolClosed as exc:
+            errors.append(exc)
+
+    async with (
+        trio.open_nursery() as nursery,
+        fake_client(monkeypatch, trio.testing.lockstep_stream_pair) as (client, network),
+    ):
+        nursery.start_soon(request, client)
+        await trio.testing.wait_all_tasks_blocked()
+        pool = client.pool
+        assert pool is not None
+        assert pool.statistics().connecting == 1
+        server_stream = network.servers.receive_nowait()
+        # The block ends with the connect stuck in its (shielded) preface write.
+    assert len(errors) == 1
+    # The write is shielded (half a frame would break the connection) but bounded by the
+    # write timeout; then the stream is closed, never leaked.
+    assert trio.current_time() - begun <= WRITE + 1
+    assert await _eof(server_stream)
+    assert pool.closed
+    stats = pool.statistics()
+    assert (stats.connections, stats.connecting, stats.waiting, stats.leases) == (0, 0, 0, 0)
+
+
+async def test_cancelled_during_the_health_check_ping(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with fake_client(
+        monkeypatch, trio.testing.memory_stream_pair, health_check_after=0.0
+    ) as (client, network):
+        pool = client.pool
+        assert pool is not None
+        served = trio.Event()
+
+        async with trio.open_nursery() as nursery:
+
+            async def serve_one(server: H2Server) -> None:
+                await server.start()
+                request = await server.wait_request()
+                await server.respond(request.stream_id, body=b"first")
+                served.set()  # then stop reading: the next PING gets no answer
+
+            async def first() -> None:
+                response = await client.get(URL)
+                assert response.content == b"first"
+
+            nursery.start_soon(first)
+            server = H2Server(await network.servers.receive())
+            nursery.start_soon(serve_one, server)
+            await served.wait()
+        assert_pool_balanced(pool, idle=1)
+        await trio.sleep(1)  # the connection is quiet now: the next use PINGs it first
+        with trio.move_on_after(1) as scope:
+            await client.get(URL)
+        assert scope.cancelled_caught
+        # Cancelled waiting for the PING's answer: the lease came back, the connection is
+        # still clean (nothing half-sent) and stays in the pool.
+        assert_pool_balanced(pool, idle=1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve)
+            response = await client.get(URL)
+            assert response.content == b"ok"
+            assert network.connects == 1
+            # The health check did PING the quiet connection.
+            assert any(isinstance(e, h2.events.PingReceived) for e in server.events)
+            nursery.cancel_scope.cancel()
+        assert_pool_balanced(pool, idle=1)
