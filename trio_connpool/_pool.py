@@ -603,13 +603,16 @@ class Pool(Generic[K, C]):
             self._apply()
 
     async def _close_gracefully(self, close: Close[K, C]) -> None:
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(self.close_timeout) as scope:
-                try:
-                    await close.connection.aclose()  # type: ignore[attr-defined]
-                except Exception as exc:
-                    self._hook("hook_failed", "aclose", exc)
-            if scope.cancelled_caught:
+        # One scope: shielded from the pool's own cancellation, bounded by its own deadline
+        # (a shield does not stop a scope's own deadline). Closing is on the churn path.
+        deadline = trio.current_time() + self.close_timeout
+        with trio.CancelScope(shield=True, deadline=deadline) as scope:
+            try:
+                await close.connection.aclose()  # type: ignore[attr-defined]
+            except Exception as exc:
+                self._hook("hook_failed", "aclose", exc)
+        if scope.cancelled_caught:
+            with trio.CancelScope(shield=True):
                 await self._close_forcefully(close)
 
     async def _close_forcefully(self, close: Close[K, C]) -> None:
