@@ -58,7 +58,7 @@ class LoggingInstrument(Instrument):
             raise TypeError(f"level must be a logging level (an int), not {level!r}")
         self.logger = logger
         self.level = level
-        self.warning_level = max(level, logging.WARNING)
+        self.warning_level: int = max(level, logging.WARNING)
 
     def __repr__(self) -> str:
         return (

@@ -91,7 +91,9 @@ class Connection(Protocol):
       when it returns the connection counts as closed.
     """
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """Close the connection (the pool bounds it with ``close_timeout``)."""
+        ...
 
 
 class Instrument:

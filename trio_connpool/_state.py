@@ -125,6 +125,8 @@ DEFAULT_RESERVATION = Reservation()
 
 
 class _RecState(enum.Enum):
+    """Where a connection's record is in its life."""
+
     CONNECTING = "connecting"
     OPEN = "open"
     CLOSED = "closed"
@@ -153,21 +155,21 @@ class _Record(Generic[K, C]):
     )
 
     def __init__(self, sub: _SubPool[K, C], reservation: Reservation) -> None:
-        self.sub = sub
+        self.sub: _SubPool[K, C] = sub
         self.key: K = sub.key
         self.connection: C | None = None
-        self.state = _RecState.CONNECTING
-        self.weight = reservation.weight
-        self.reserved_capacity = reservation.capacity
-        self.capacity = 0
-        self.leases = 0
-        self.uses = 0
-        self.ready = False
-        self.retiring = False
-        self.available = False
-        self.created_at = 0.0
-        self.expires_at = math.inf
-        self.idle_since = 0.0
+        self.state: _RecState = _RecState.CONNECTING
+        self.weight: int = reservation.weight
+        self.reserved_capacity: int = reservation.capacity
+        self.capacity: int = 0
+        self.leases: int = 0
+        self.uses: int = 0
+        self.ready: bool = False
+        self.retiring: bool = False
+        self.available: bool = False
+        self.created_at: float = 0.0
+        self.expires_at: float = math.inf
+        self.idle_since: float = 0.0
         # Waiters this connect was started for (Rule 3). Insertion-ordered.
         self.waiters: dict[Waiter[K, C], None] = {}
 
@@ -227,8 +229,8 @@ class Lease(Generic[K, C]):
         self._record = record
         self.key: K = record.key
         self.connection: C = connection
-        self.is_reused = record.uses > 1
-        self.released = False
+        self.is_reused: bool = record.uses > 1
+        self.released: bool = False
 
     def __repr__(self) -> str:
         state = "released" if self.released else "held"
@@ -363,7 +365,7 @@ class _SubPool(Generic[K, C]):
     __slots__ = ("available", "connecting", "key", "records", "unattributed", "usage", "waiters")
 
     def __init__(self, key: K) -> None:
-        self.key = key
+        self.key: K = key
         # Open, ready connections with spare capacity, in release order (newest last).
         self.available: OrderedDict[_Record[K, C], None] = OrderedDict()
         # Every open connection of this key.
@@ -372,9 +374,10 @@ class _SubPool(Generic[K, C]):
         # Waiting tasks, oldest first; and the subset no connect is attributed to.
         self.waiters: OrderedDict[Waiter[K, C], None] = OrderedDict()
         self.unattributed: OrderedDict[Waiter[K, C], None] = OrderedDict()
-        self.usage = 0
+        self.usage: int = 0
 
     def is_empty(self) -> bool:
+        """Whether the sub-pool holds nothing (it can then be forgotten)."""
         return not (self.records or self.connecting or self.waiters)
 
 

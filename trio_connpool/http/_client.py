@@ -170,10 +170,10 @@ class HTTPKey:
             raise ValueError(
                 f"http_version must be one of {sorted(_OFFERS)}, not {http_version!r}"
             )
-        self.origin = origin
-        self.http_version = http_version
-        self.tls = tls
-        self.extra = extra
+        self.origin: Origin = origin
+        self.http_version: str = http_version
+        self.tls: ssl.SSLContext | None = tls
+        self.extra: Hashable = extra
         self._hash = hash((origin, http_version, id(tls), extra))
 
     def _identity(self) -> tuple[Origin, str, int, Hashable]:
@@ -556,7 +556,7 @@ class Client:
 
     def __init__(self, sender: RequestSender, *, headers: HeaderTypes = None) -> None:
         self.sender = sender
-        self.headers = Headers(headers)
+        self.headers: Headers = Headers(headers)
         self._urls: dict[str, URL] = {}
         if "user-agent" not in self.headers:
             self.headers["User-Agent"] = _USER_AGENT

@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from http import HTTPStatus
-from typing import Protocol, Union, cast, final
+from typing import ClassVar, Protocol, Union, cast, final
 from urllib.parse import SplitResult, quote, urlsplit
 
 import attrs
@@ -308,7 +308,7 @@ class Headers:
     """
 
     __slots__ = ("_items",)
-    __hash__ = None  # type: ignore[assignment]  # mutable
+    __hash__: ClassVar[None] = None  # type: ignore[assignment]  # mutable
 
     def __init__(self, headers: HeaderTypes = None) -> None:
         self._items: list[tuple[bytes, bytes]] = []
@@ -490,9 +490,9 @@ class Request:
                 "content must be bytes, an async iterable of bytes or None, "
                 f"not {type(content).__name__}"
             )
-        self.method = method
-        self.url = url if isinstance(url, URL) else URL(url)
-        self.headers = Headers(headers)
+        self.method: str = method
+        self.url: URL = url if isinstance(url, URL) else URL(url)
+        self.headers: Headers = Headers(headers)
         self.content: RequestContent = content
 
     @property
@@ -649,11 +649,11 @@ class Response:
         http_version: str = "HTTP/1.1",
         stream: ResponseStream | None = None,
     ) -> None:
-        self.status_code = status_code
-        self.request = request
-        self.headers = headers if isinstance(headers, Headers) else Headers(headers)
-        self.reason_phrase = reason_phrase
-        self.http_version = http_version
+        self.status_code: int = status_code
+        self.request: Request = request
+        self.headers: Headers = headers if isinstance(headers, Headers) else Headers(headers)
+        self.reason_phrase: str = reason_phrase
+        self.http_version: str = http_version
         self._stream: ResponseStream = _EmptyStream() if stream is None else stream
         self._content: bytes | None = None
         self._stream_claimed = False
