@@ -6,9 +6,8 @@ do: results on stdout, one line per failure on stderr, exit status 0 (everything
 1 (a request failed) or 2 (the command line asked for something impossible; raised here as
 :class:`UsageError` and reported by ``_cli.main``). No user error ever ends in a traceback.
 
-Wall-clock figures (request times, throughput) come from :func:`time.perf_counter`: they are
-for humans, and no timer of the pool depends on them (the library itself keeps to
-``trio.current_time()``).
+Request times and throughput come from ``trio.current_time()``, like every other time in the
+library: the real clock in a normal run, a test's clock in tests.
 
 A progress bar is drawn on stderr when it is a terminal and ``tqdm`` is installed (the
 ``progress`` extra). ``tqdm`` is imported lazily, the first time a bar is wanted, and its
@@ -26,7 +25,6 @@ import os
 import re
 import ssl
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol, TextIO, cast
@@ -433,7 +431,7 @@ async def get_command(
             nonlocal failures, output_closed
             for index, (text, url) in jobs:  # shared: each job is taken by one worker
                 path = None if output_dir is None or names is None else output_dir / names[index]
-                began = time.perf_counter()
+                began = trio.current_time()
                 try:
                     status, size = await _fetch(client, url, path)
                 except (PoolError, OSError) as exc:
@@ -442,7 +440,7 @@ async def get_command(
                 else:
                     if status >= 400:
                         failures += 1
-                    milliseconds = 1000 * (time.perf_counter() - began)
+                    milliseconds = 1000 * (trio.current_time() - began)
                     saved = "" if path is None else f" -> {path}"
                     line, file = (
                         f"{status} {size} bytes {milliseconds:.1f} ms {text}{saved}",
@@ -536,7 +534,7 @@ async def load_command(
             nonlocal remaining, received, first_error
             while remaining > 0:  # bounded: every turn takes one of `requests`
                 remaining -= 1
-                began = time.perf_counter()
+                began = trio.current_time()
                 try:
                     response = await client.request("GET", url)
                 except PoolError as exc:
@@ -544,17 +542,17 @@ async def load_command(
                     if first_error is None:
                         first_error = describe(exc)
                 else:
-                    latencies.append(time.perf_counter() - began)
+                    latencies.append(trio.current_time() - began)
                     statuses[response.status_code] += 1
                     versions[response.http_version] += 1
                     received += len(response.content)
                 bar.advance()
 
-        start = time.perf_counter()
+        start = trio.current_time()
         async with trio.open_nursery() as nursery:
             for _ in range(tasks):
                 nursery.start_soon(worker)
-        elapsed = time.perf_counter() - start
+        elapsed = trio.current_time() - start
         bar.close()
         pool = client.pool
         stats = pool.statistics() if pool is not None else None
