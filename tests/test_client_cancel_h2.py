@@ -1,5 +1,6 @@
-"""Cancellation at the awaits HTTP/2 adds to connect and request: the HTTP/2 preface written
-by the connector, and the PING health check before a quiet connection is used.
+"""HTTP/2 through the client and its pool, over a fake transport: cancellation at the awaits
+HTTP/2 adds to connect and request (the preface the connector writes, the PING health check
+before a quiet connection is used), and the server changing its stream limit mid-flight.
 
 The transport is faked below `open_stream` only: the client's real connector, pool and
 HTTP/2 connection talk to a real h2 server object over trio's in-memory streams
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import h2.events
+import h2.settings
 import pytest
 import trio
 import trio.testing
@@ -170,4 +172,53 @@ async def test_cancelled_during_the_health_check_ping(
             # The health check did PING the quiet connection.
             assert any(isinstance(e, h2.events.PingReceived) for e in server.events)
             nursery.cancel_scope.cancel()
+        assert_pool_balanced(pool, idle=1)
+
+
+async def test_stream_limit_lowered_below_streams_in_flight_holds_new_leases(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    limit = h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
+    async with fake_client(monkeypatch, trio.testing.memory_stream_pair) as (client, network):
+        pool = client.pool
+        assert pool is not None
+        results: list[bytes] = []
+
+        async def one(n: int) -> None:
+            response = await client.get(f"{URL}{n}")
+            results.append(response.content)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(5):
+                nursery.start_soon(one, n)
+            server = H2Server(await network.servers.receive())
+            await server.start()
+            first = await server.wait_requests(5)
+            await server.update_settings({limit: 2})
+            await trio.testing.wait_all_tasks_blocked()
+            # Five streams in flight on a connection that now takes two: new requests wait
+            # in the pool (not on the connection, not on a second connection).
+            for n in range(5, 8):
+                nursery.start_soon(one, n)
+            await trio.testing.wait_all_tasks_blocked()
+            stats = pool.statistics()
+            assert (stats.waiting, stats.leases, stats.connections) == (3, 5, 1)
+            assert len(server.streams) == 5
+            for request in first:
+                await server.respond(request.stream_id, body=b"done")
+            for _ in range(3):
+                (request,) = await server.wait_requests(1)
+                open_streams = [s for s in server.streams.values() if not s.responded]
+                assert len(open_streams) <= 2
+                await server.respond(request.stream_id, body=b"late")
+            # Raised again: waiters are served at once, on the same connection.
+            await server.update_settings({limit: 50})
+            for n in range(8, 20):
+                nursery.start_soon(one, n)
+            await server.wait_requests(12)
+            assert len([s for s in server.streams.values() if not s.responded]) == 12
+            for request in server.pending():
+                await server.respond(request.stream_id, body=b"again")
+        assert sorted(results) == sorted([b"done"] * 5 + [b"late"] * 3 + [b"again"] * 12)
+        assert network.connects == 1
         assert_pool_balanced(pool, idle=1)
