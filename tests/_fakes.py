@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable, Hashable
+from typing import Any
 
 import attrs
 import trio
@@ -23,6 +24,7 @@ __all__ = [
     "FakeConnector",
     "Step",
     "assert_balanced",
+    "assert_pool_closed",
     "assert_stats",
 ]
 
@@ -239,8 +241,8 @@ class FakeConnector:
         return all(c.closed for c in self.made)
 
 
-def assert_balanced(pool: Pool[Hashable, FakeConnection], connector: FakeConnector) -> None:
-    """After the pool closed: nothing left in it, every connection closed exactly once."""
+def assert_pool_closed(pool: Pool[Any, Any]) -> None:
+    """After the pool closed: nothing left in it, no key, no weight."""
     stats = pool.statistics()
     assert stats.closed
     assert (stats.idle, stats.in_use, stats.connecting, stats.waiting, stats.leases) == (
@@ -252,6 +254,11 @@ def assert_balanced(pool: Pool[Hashable, FakeConnection], connector: FakeConnect
     ), stats
     assert stats.weight == 0
     assert dict(stats.keys) == {}
+
+
+def assert_balanced(pool: Pool[Hashable, FakeConnection], connector: FakeConnector) -> None:
+    """After the pool closed: nothing left in it, every connection closed exactly once."""
+    assert_pool_closed(pool)
     assert connector.in_flight == 0
     for connection in connector.made:
         assert connection.closed, connection

@@ -20,6 +20,8 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
+from _fakes import assert_pool_closed
+from _servers import assert_pool_balanced
 
 from trio_connpool import Pool, open_pool
 
@@ -235,35 +237,6 @@ async def run_line_server() -> AsyncGenerator[LineServer, None]:
         nursery.cancel_scope.cancel()
 
 
-def assert_balanced(pool: LinePool, *, idle: int) -> None:
-    """No lease, waiter or connect left in an open pool; exactly ``idle`` idle connections."""
-    stats = pool.statistics()
-    assert (stats.idle, stats.in_use, stats.connecting, stats.waiting, stats.leases) == (
-        idle,
-        0,
-        0,
-        0,
-        0,
-    ), stats
-    for key_stats in stats.keys.values():
-        assert (key_stats.in_use, key_stats.connecting, key_stats.waiting) == (0, 0, 0)
-        assert key_stats.leases == 0
-
-
-def assert_closed(pool: LinePool) -> None:
-    stats = pool.statistics()
-    assert stats.closed
-    assert (stats.idle, stats.in_use, stats.connecting, stats.waiting, stats.leases) == (
-        0,
-        0,
-        0,
-        0,
-        0,
-    ), stats
-    assert stats.weight == 0
-    assert dict(stats.keys) == {}
-
-
 async def test_many_tasks_share_few_connections() -> None:
     tasks, rounds, limit = 40, 5, 3
     answers: list[str] = []
@@ -280,9 +253,9 @@ async def test_many_tasks_share_few_connections() -> None:
                 async with trio.open_nursery() as nursery:
                     for number in range(tasks):
                         nursery.start_soon(client, number)
-                assert_balanced(pool, idle=limit)
+                assert_pool_balanced(pool, idle=limit)
                 assert pool.statistics().keys[server.key].idle == limit
-            assert_closed(pool)
+            assert_pool_closed(pool)
             await server.wait_for(lambda: server.eof == limit)
     assert sorted(answers) == sorted(f"{n}.{s}" for n in range(tasks) for s in range(rounds))
     assert server.accepted == limit
@@ -297,7 +270,7 @@ async def test_server_closed_connection_is_dropped() -> None:
             async with open_pool(connect, max_connections_per_key=1) as pool:
                 async with pool.lease(server.key) as first:
                     assert await first.request("PING") == "PONG"
-                assert_balanced(pool, idle=1)
+                assert_pool_balanced(pool, idle=1)
                 assert not first.is_closed()
 
                 server.drop(0)
@@ -311,8 +284,8 @@ async def test_server_closed_connection_is_dropped() -> None:
                 await trio.testing.wait_all_tasks_blocked()
                 assert first.aclose_calls == 1  # the pool closed the dead one
                 assert server.accepted == 2
-                assert_balanced(pool, idle=1)
-            assert_closed(pool)
+                assert_pool_balanced(pool, idle=1)
+            assert_pool_closed(pool)
             assert second.aclose_calls == 1
             await server.wait_for(lambda: server.eof == 1)
 
@@ -332,8 +305,8 @@ async def test_server_closing_mid_lease_discards_the_connection() -> None:
                         await connection.request("PING")
                 await trio.testing.wait_all_tasks_blocked()
                 assert leased[0].aclose_calls == 1
-                assert_balanced(pool, idle=0)
-            assert_closed(pool)
+                assert_pool_balanced(pool, idle=0)
+            assert_pool_closed(pool)
 
 
 async def test_pool_exit_closes_every_connection() -> None:
@@ -356,9 +329,9 @@ async def test_pool_exit_closes_every_connection() -> None:
                 async with trio.open_nursery() as nursery:
                     for _ in range(count):
                         nursery.start_soon(hold)
-                assert_balanced(pool, idle=count)
+                assert_pool_balanced(pool, idle=count)
                 assert server.eof == 0
-            assert_closed(pool)
+            assert_pool_closed(pool)
             await server.wait_for(lambda: server.eof == count)
     assert len({id(connection) for connection in held}) == count
     assert [connection.aclose_calls for connection in held] == [1] * count
@@ -384,9 +357,9 @@ async def test_cancelled_request_closes_its_connection() -> None:
                 # The answer may still come: the connection must not be reused.
                 await server.wait_for(lambda: server.eof == 1)
                 assert leased[0].aclose_calls == 1
-                assert_balanced(pool, idle=0)
+                assert_pool_balanced(pool, idle=0)
                 async with pool.lease(server.key) as fresh:
                     assert fresh is not leased[0]
                     assert await fresh.request("PING") == "PONG"
                 assert server.accepted == 2
-            assert_closed(pool)
+            assert_pool_closed(pool)
