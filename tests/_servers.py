@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import h11
 import trio
+import trio.testing
 import trustme
 from hypercorn.config import Config
 from hypercorn.trio import serve
@@ -39,6 +40,7 @@ __all__ = [
     "ServerConnection",
     "TLSFiles",
     "assert_pool_balanced",
+    "cancel_when",
     "run_fault_server",
     "serve_hypercorn",
 ]
@@ -419,3 +421,29 @@ def assert_pool_balanced(pool: Pool[Any, Any] | None, *, idle: int | None = None
         assert (key_stats.leases, key_stats.waiting, key_stats.connecting) == (0, 0, 0)
     if idle is not None:
         assert stats.idle == idle, stats
+
+
+async def cancel_when(
+    request: Callable[[], Awaitable[object]], ready: Callable[[], Awaitable[None]]
+) -> float:
+    """Run ``request`` in a task; once ``ready()`` returns and everything is blocked, cancel
+    it. Return how long the cancellation took to complete. The request must not finish."""
+    scope = trio.CancelScope()
+    finished = False
+
+    async def attempt() -> None:
+        nonlocal finished
+        with scope:
+            await request()
+            finished = True
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt)
+            await ready()
+            await trio.testing.wait_all_tasks_blocked()
+            start = trio.current_time()
+            scope.cancel()
+    assert not finished
+    assert scope.cancelled_caught
+    return trio.current_time() - start

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 import trio.testing
-from _servers import ServerConnection, TLSFiles, assert_pool_balanced, run_fault_server
+from _servers import (
+    ServerConnection,
+    TLSFiles,
+    assert_pool_balanced,
+    cancel_when,
+    run_fault_server,
+)
 
 from trio_connpool import ConnectError, ConnectTimeout
 from trio_connpool.http import NoPoolSender, Timeouts, open_client
@@ -25,32 +31,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from _servers import FaultServer
-
-
-async def _cancel_when(
-    request: Callable[[], Awaitable[object]], ready: Callable[[], Awaitable[None]]
-) -> float:
-    """Run ``request`` in a task; once ``ready()`` returns and everything is blocked, cancel
-    it. Return how long the cancellation took to complete. The request must not finish."""
-    scope = trio.CancelScope()
-    finished = False
-
-    async def attempt() -> None:
-        nonlocal finished
-        with scope:
-            await request()
-            finished = True
-
-    with trio.fail_after(2):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(attempt)
-            await ready()
-            await trio.testing.wait_all_tasks_blocked()
-            start = trio.current_time()
-            scope.cancel()
-    assert not finished
-    assert scope.cancelled_caught
-    return trio.current_time() - start
 
 
 async def _all_closed_by_client(server: FaultServer) -> None:
@@ -72,7 +52,7 @@ async def test_cancel_while_connecting(tmp_path: Path) -> None:
             async def ready() -> None:
                 await server.wait_for(lambda: server.accepted == 1)
 
-            await _cancel_when(lambda: client.get(server.url("/", scheme="https")), ready)
+            await cancel_when(lambda: client.get(server.url("/", scheme="https")), ready)
             stats = pool.statistics()
             assert (stats.leases, stats.waiting, stats.connections) == (0, 0, 0)
             # The connect itself goes on in the pool's nursery (late binding: it would go
@@ -164,7 +144,7 @@ async def test_cancel_while_sending_the_body() -> None:
             async def ready() -> None:
                 await blocked.wait()
 
-            await _cancel_when(
+            await cancel_when(
                 lambda: client.request("POST", server.url("/upload"), content=body()), ready
             )
             assert body_closed.is_set()  # the client ended the iteration it started
@@ -186,7 +166,7 @@ async def test_cancel_while_waiting_for_the_response_head() -> None:
             async def ready() -> None:
                 await server.wait_for(lambda: len(server.requests) == 2)
 
-            elapsed = await _cancel_when(lambda: client.get(server.url("/stalled")), ready)
+            elapsed = await cancel_when(lambda: client.get(server.url("/stalled")), ready)
             assert elapsed < 0.5
             assert_pool_balanced(client.pool, idle=0)
             await _check_not_reused(server, lambda: client.get(server.url("/next")))
@@ -212,7 +192,7 @@ async def test_cancel_while_reading_a_streamed_body() -> None:
     async with run_fault_server(_warm_then(_head_and_part)) as server:
         async with open_client() as client:
             assert (await client.get(server.url("/warm"))).status_code == 200
-            elapsed = await _cancel_when(read_body, got_first.wait)
+            elapsed = await cancel_when(read_body, got_first.wait)
             assert elapsed < 0.5
             assert_pool_balanced(client.pool, idle=0)
             await _check_not_reused(server, lambda: client.get(server.url("/next")))
@@ -233,7 +213,7 @@ async def test_cancel_inside_the_stream_block_does_not_drain() -> None:
     async with run_fault_server(_warm_then(_head_and_part)) as server:
         async with open_client() as client:  # read timeout: the default 5 s
             assert (await client.get(server.url("/warm"))).status_code == 200
-            elapsed = await _cancel_when(read_head_only, got_head.wait)
+            elapsed = await cancel_when(read_head_only, got_head.wait)
             assert elapsed < 0.5
             assert_pool_balanced(client.pool, idle=0)
             await _check_not_reused(server, lambda: client.get(server.url("/next")))
@@ -248,7 +228,7 @@ async def test_cancel_while_request_reads_the_body() -> None:
             async def ready() -> None:
                 await server.wait_for(lambda: len(server.requests) == 2)
 
-            await _cancel_when(lambda: client.get(server.url("/body")), ready)
+            await cancel_when(lambda: client.get(server.url("/body")), ready)
             assert_pool_balanced(client.pool, idle=0)
             await _check_not_reused(server, lambda: client.get(server.url("/next")))
         await _all_closed_by_client(server)
@@ -278,7 +258,7 @@ async def test_cancel_while_waiting_for_a_pool_slot() -> None:
                         await trio.lowlevel.checkpoint()
                     raise AssertionError("the request never waited")
 
-                await _cancel_when(lambda: client.get(server.url("/waiting")), ready)
+                await cancel_when(lambda: client.get(server.url("/waiting")), ready)
                 stats = pool.statistics()
                 assert (stats.waiting, stats.leases, stats.connecting) == (0, 1, 0)
                 release.set()
@@ -301,7 +281,7 @@ async def test_no_pool_sender_cancelled_inside_the_stream_block_closes_at_once()
 
     async with run_fault_server(_head_and_part) as server:
         async with open_client(pool=NoPoolSender()) as client:
-            elapsed = await _cancel_when(read_head_only, got_head.wait)
+            elapsed = await cancel_when(read_head_only, got_head.wait)
             assert elapsed < 0.5
             await _all_closed_by_client(server)
         assert server.accepted == 1

@@ -27,6 +27,7 @@ from _servers import (
     ServerConnection,
     TLSFiles,
     assert_pool_balanced,
+    cancel_when,
     run_fault_server,
     serve_hypercorn,
 )
@@ -51,7 +52,7 @@ from trio_connpool.contrib.httpx import AsyncPoolTransport, PoolClosedError, Poo
 from trio_connpool.http import Request, Response, Timeouts, open_client
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
 MiB = 1024 * 1024
@@ -566,30 +567,6 @@ async def test_errors_of_a_request_body_pass_through(served: Served) -> None:
 # ---- cancellation --------------------------------------------------------------------------
 
 
-async def _cancel_when(
-    request: Callable[[], Awaitable[object]], ready: Callable[[], Awaitable[None]]
-) -> None:
-    """Run ``request`` in a task; once ``ready()`` returns and everything is blocked, cancel
-    it. The request must not finish."""
-    scope = trio.CancelScope()
-    finished = False
-
-    async def attempt() -> None:
-        nonlocal finished
-        with scope:
-            await request()
-            finished = True
-
-    with trio.fail_after(WAIT):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(attempt)
-            await ready()
-            await trio.testing.wait_all_tasks_blocked()
-            scope.cancel()
-    assert not finished
-    assert scope.cancelled_caught
-
-
 async def test_cancel_while_waiting_for_the_head_leaks_nothing() -> None:
     async def script(conn: ServerConnection) -> None:
         if conn.index == 0:
@@ -608,7 +585,7 @@ async def test_cancel_while_waiting_for_the_head_leaks_nothing() -> None:
             async def ready() -> None:
                 await server.wait_for(lambda: len(server.requests) == 2)
 
-            await _cancel_when(lambda: client.get(server.url("/stalled")), ready)
+            await cancel_when(lambda: client.get(server.url("/stalled")), ready)
             assert_pool_balanced(transport.pool, idle=0)
             await server.wait_for(lambda: server.peer_closed == 1)  # closed, not reused
             assert (await client.get(server.url("/next"))).content == b"ok"
@@ -640,7 +617,7 @@ async def test_cancel_while_reading_a_streamed_body_leaks_nothing() -> None:
                     async for _ in response.aiter_bytes():
                         got_part.set()
 
-            await _cancel_when(read_body, got_part.wait)
+            await cancel_when(read_body, got_part.wait)
             assert_pool_balanced(transport.pool, idle=0)
             await server.wait_for(lambda: server.peer_closed == 1)
             assert (await client.get(server.url("/next"))).content == b"ok"
@@ -664,7 +641,7 @@ async def test_cancel_while_waiting_for_a_connection_leaks_nothing(served: Serve
                     await trio.testing.wait_all_tasks_blocked()
                 raise AssertionError("the request never waited")  # pragma: no cover
 
-            await _cancel_when(lambda: client.get(served.base + "/"), ready)
+            await cancel_when(lambda: client.get(served.base + "/"), ready)
             assert pool.statistics().waiting == 0
             assert len(await held.aread()) == 1000
         assert_pool_balanced(pool, idle=1)
