@@ -1,10 +1,10 @@
-"""An HTTP/1.1 client connection: h11 over one `trio.abc.Stream`, as a pool connection.
+"""An HTTP/1.1 client connection: `H1Client` over one `trio.abc.Stream`, as a pool connection.
 
-h11 does all the parsing and framing and no I/O; this module only moves bytes between the
-stream and the `h11.Connection`, with a timeout around every read and write, and keeps the
-small lifecycle the pool relies on::
+`_h1.py` does all the parsing and framing and no I/O; this module only moves bytes between the
+stream and the `H1Client`, with a timeout on every read and write, and keeps the small
+lifecycle the pool relies on::
 
-    IDLE ──send_request()──> ACTIVE ──body read to the end, both sides DONE──> IDLE
+    IDLE ──send_request()──> ACTIVE ──body read to the end, both sides done──> IDLE
                                │
                                ├── Connection: close, error, timeout, cancellation ──> CLOSED
                                └── Response.aclose() early: drain a small rest ──> IDLE
@@ -24,6 +24,9 @@ Rules:
 3. "The server closed before any byte of the response arrived" (`ServerDisconnected`) is
    kept apart from "the server broke off in the middle" (`RemoteProtocolError`): only the
    first one is safe to retry.
+4. One cancel scope per exchange carries the read and write timeouts: its deadline is moved
+   before every read and write (cheaper than a scope per operation), and lifted while the
+   caller's own request body iterator runs. A body read that has to wait opens its own.
 
 Known limit: the request body is written completely before the response is read. A server
 that answers early (say 413) and stops reading while still keeping the connection open stalls
@@ -39,7 +42,6 @@ import math
 import select
 from typing import TYPE_CHECKING, Final, cast, final
 
-import h11
 import trio
 
 from .._exceptions import (
@@ -50,6 +52,7 @@ from .._exceptions import (
     TransportError,
     WriteTimeout,
 )
+from ._h1 import H1Client, LocalViolation, RemoteViolation
 from ._models import Headers, Origin, Request, Response, Timeouts, format_authority
 
 if TYPE_CHECKING:
@@ -66,6 +69,15 @@ _CLOSE_TIMEOUT: Final = 1.0
 # Methods whose requests carry content by definition: with no body we still say
 # "Content-Length: 0" (RFC 9110 section 8.6).
 _METHODS_WITH_CONTENT: Final = frozenset({"POST", "PUT", "PATCH"})
+# The request header names the connection looks at, lowercased, by their lengths (a name of
+# any other length is none of them, which spares lowercasing it).
+_HOST: Final = b"host"
+_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
+_NAME_LENGTHS: Final = frozenset({4, 14, 17})
+_HTTP_VERSIONS: Final = {b"1.1": "HTTP/1.1", b"1.0": "HTTP/1.0"}
+# Which operation a timeout interrupted.
+_READING: Final = 0
+_WRITING: Final = 1
 
 
 class _State(enum.Enum):
@@ -104,10 +116,6 @@ async def _close_forcefully(stream: trio.abc.AsyncResource) -> None:
         await trio.aclose_forcefully(stream)
 
 
-def _deadline(seconds: float | None) -> float:
-    return math.inf if seconds is None else seconds
-
-
 @final
 class _WriteFailed(Exception):
     """The transport broke while we sent the request; the server may have answered first."""
@@ -144,20 +152,24 @@ class HTTP11Connection:
         self._stream = stream
         self._origin = origin
         self._timeouts = timeouts
-        self._h11 = h11.Connection(
-            our_role=h11.CLIENT, max_incomplete_event_size=max_incomplete_event_size
-        )
+        self._read_timeout = math.inf if timeouts.read is None else timeouts.read
+        self._write_timeout = math.inf if timeouts.write is None else timeouts.write
+        self._host = format_authority(origin.host, origin.port, origin.scheme).encode("ascii")
+        self._h1 = H1Client(max_head_size=max_incomplete_event_size)
         self._state = _State.IDLE
         self._transport_closed = False
         # Per exchange:
         self._exchanges = 0  # started exchanges; also identifies the current one
         self._completed = 0  # exchanges that ended with the connection idle again
-        self._url: str | None = None
+        self._request: Request | None = None
         self._response_started = False  # any byte of the current response received
         self._write_error: BaseException | None = None
-        self._body_remaining: int | None = None  # unread Content-Length bytes, if known
+        self._violation: RemoteViolation | None = None  # met by _receive_buffered
         self._reads = 0  # reads from the transport, to know whether we checkpointed
         self._close_pending = False  # body ended in _receive_buffered; transport to close
+        # The scope whose deadline bounds the current read or write, and which one it is.
+        self._scope = trio.CancelScope()
+        self._operation = _READING
 
     # ---- what the pool reads -------------------------------------------------------------
 
@@ -200,7 +212,7 @@ class HTTP11Connection:
         if self._state is _State.CLOSED:
             return True
         if self._state is _State.IDLE:
-            if self._h11.trailing_data[0]:
+            if self._h1.trailing_data:
                 self._state = _State.CLOSED  # the server sent bytes nobody asked for
                 return True
             sock = _socket_of(self._stream)
@@ -220,6 +232,7 @@ class HTTP11Connection:
         then forcefully. Like every trio ``aclose``, it closes even when cancelled.
         """
         self._state = _State.CLOSED
+        self._h1.fail()
         if not self._transport_closed:
             self._transport_closed = True
             with trio.CancelScope(shield=True):
@@ -238,6 +251,11 @@ class HTTP11Connection:
         )
 
     # ---- one exchange --------------------------------------------------------------------
+
+    @property
+    def _url(self) -> str | None:
+        # Built only when an error needs it: str(URL) is not free, and most exchanges end well.
+        return None if self._request is None else str(self._request.url)
 
     async def send_request(self, request: Request) -> Response:
         """Send ``request`` and return the response once its head has arrived.
@@ -264,60 +282,62 @@ class HTTP11Connection:
             raise RuntimeError(f"connection is not ready for a request: {self!r}")
         self._state = _State.ACTIVE
         self._exchanges += 1
-        self._url = str(request.url)
-        self._response_started = bool(self._h11.trailing_data[0])
+        self._request = request
+        self._response_started = bool(self._h1.trailing_data)
         self._write_error = None
-        self._body_remaining = None
         try:
-            try:
-                await self._send_request(request)
-            except _WriteFailed as exc:
-                # The server may have answered before closing (e.g. 413 for a large upload):
-                # look for that answer; if there is none we report the disconnect.
-                self._write_error = exc.__cause__
-            return await self._receive_response_head(request)
+            with trio.CancelScope() as self._scope:
+                try:
+                    await self._send_request(request)
+                except _WriteFailed as exc:
+                    # The server may have answered before closing (e.g. 413 for a large
+                    # upload): look for that answer; if there is none we report the
+                    # disconnect.
+                    self._write_error = exc.__cause__
+                return await self._receive_response_head(request)
+            raise self._timeout_error()
         except BaseException:
             await self._fail()
             raise
 
     async def _send_request(self, request: Request) -> None:
-        headers = self._request_headers(request)
-        try:
-            head = self._h11.send(
-                h11.Request(
-                    method=request.method.encode("ascii"),
-                    target=request.url.target,
-                    headers=headers,
-                )
-            )
-        except h11.LocalProtocolError as exc:
-            raise LocalProtocolError(str(exc), key=self._origin, url=self._url) from exc
-        assert head is not None
+        h1 = self._h1
         content = request.content
-        if content is None:
-            await self._write(head + self._send_event(h11.EndOfMessage()))
-        elif isinstance(content, bytes):
-            body = self._send_event(h11.Data(data=content)) if content else b""
-            end = self._send_event(h11.EndOfMessage())
-            if len(content) <= _COALESCE_LIMIT:
-                await self._write(head + body + end)
+        try:
+            head = h1.send_request(
+                request.method.encode("ascii"), request.url.target, self._request_headers(request)
+            )
+            if content is None:
+                await self._write(head + h1.end_request())
+            elif isinstance(content, bytes):
+                body = h1.send_data(content)
+                end = h1.end_request()
+                if len(content) <= _COALESCE_LIMIT:
+                    await self._write(head + body + end)
+                else:
+                    await self._write(head)
+                    await self._write(body + end)
             else:
                 await self._write(head)
-                await self._write(body + end)
-        else:
-            await self._write(head)
-            await self._send_streamed_body(content)
+                await self._send_streamed_body(content)
+        except LocalViolation as exc:
+            raise LocalProtocolError(str(exc), key=self._origin, url=self._url) from exc
 
     async def _send_streamed_body(self, content: AsyncIterable[bytes]) -> None:
+        h1 = self._h1
+        scope = self._scope
         iterator = aiter(content)
         try:
+            # The write timeout bounds our writes, not the caller's iterator.
+            scope.deadline = math.inf
             async for chunk in iterator:
                 if not isinstance(chunk, (bytes, bytearray, memoryview)):  # pyright: ignore[reportUnnecessaryIsInstance]
                     raise TypeError(
                         f"request content must yield bytes, not {type(chunk).__name__}"
                     )
                 if chunk:
-                    await self._write(self._send_event(h11.Data(data=bytes(chunk))))
+                    await self._write(h1.send_data(bytes(chunk)))
+                    scope.deadline = math.inf
         finally:
             # We started this iteration, so we end it: an async generator abandoned half-way
             # would otherwise run its cleanup whenever the garbage collector gets to it.
@@ -325,15 +345,22 @@ class HTTP11Connection:
             if aclose is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                     await aclose()
-        await self._write(self._send_event(h11.EndOfMessage()))
+        await self._write(h1.end_request())
 
     def _request_headers(self, request: Request) -> list[tuple[bytes, bytes]]:
-        headers = request.headers
+        items = request.headers._items  # pyright: ignore[reportPrivateUsage]
+        has_host = has_framing = False
+        for name, _ in items:
+            if len(name) in _NAME_LENGTHS:
+                lower = name.lower()
+                if lower == _HOST:
+                    has_host = True
+                elif lower in _FRAMING:
+                    has_framing = True
         extra: list[tuple[bytes, bytes]] = []
-        if "host" not in headers:
-            authority = format_authority(self._origin.host, self._origin.port, self._origin.scheme)
-            extra.append((b"Host", authority.encode("ascii")))
-        if "content-length" not in headers and "transfer-encoding" not in headers:
+        if not has_host:
+            extra.append((b"Host", self._host))
+        if not has_framing:
             content = request.content
             if isinstance(content, bytes):
                 if content or request.method not in ("GET", "HEAD"):
@@ -342,48 +369,47 @@ class HTTP11Connection:
                 extra.append((b"Transfer-Encoding", b"chunked"))
             elif request.method in _METHODS_WITH_CONTENT:
                 extra.append((b"Content-Length", b"0"))
-        return extra + headers.raw
-
-    def _send_event(self, event: h11.Data | h11.EndOfMessage) -> bytes:
-        try:
-            data = self._h11.send(event)
-        except h11.LocalProtocolError as exc:
-            raise LocalProtocolError(str(exc), key=self._origin, url=self._url) from exc
-        return data or b""
+        return extra + items
 
     async def _write(self, data: bytes) -> None:
+        """Write ``data`` under the write timeout (the current exchange's scope)."""
         if not data:
             return
-        with trio.move_on_after(_deadline(self._timeouts.write)) as scope:
-            try:
-                await self._stream.send_all(data)
-            except trio.ClosedResourceError as exc:
-                raise self._closed_locally_error() from exc
-            except (trio.BrokenResourceError, OSError) as exc:
-                raise _WriteFailed from exc
-        if scope.cancelled_caught:
-            raise WriteTimeout(
+        self._operation = _WRITING
+        self._scope.deadline = trio.current_time() + self._write_timeout
+        try:
+            await self._stream.send_all(data)
+        except trio.ClosedResourceError as exc:
+            raise self._closed_locally_error() from exc
+        except (trio.BrokenResourceError, OSError) as exc:
+            raise _WriteFailed from exc
+
+    async def _read(self) -> bytes:
+        """Read what arrived under the read timeout (the current scope's)."""
+        self._operation = _READING
+        self._scope.deadline = trio.current_time() + self._read_timeout
+        try:
+            self._reads += 1
+            data = await self._stream.receive_some(_READ_SIZE)
+        except trio.ClosedResourceError as exc:
+            raise self._closed_locally_error() from exc
+        except (trio.BrokenResourceError, OSError) as exc:
+            raise self._disconnected_error(exc) from exc
+        if not data:
+            if not self._response_started:
+                raise self._disconnected_error(self._write_error) from self._write_error
+            return b""
+        self._response_started = True
+        return data if type(data) is bytes else bytes(data)
+
+    def _timeout_error(self) -> TransportError:
+        if self._operation == _WRITING:
+            return WriteTimeout(
                 f"write did not complete within {self._timeouts.write} s",
                 key=self._origin,
                 url=self._url,
             )
-
-    async def _read(self) -> bytes:
-        with trio.move_on_after(_deadline(self._timeouts.read)) as scope:
-            try:
-                self._reads += 1
-                data = await self._stream.receive_some(_READ_SIZE)
-            except trio.ClosedResourceError as exc:
-                raise self._closed_locally_error() from exc
-            except (trio.BrokenResourceError, OSError) as exc:
-                raise self._disconnected_error(exc) from exc
-            if not data and not self._response_started:
-                raise self._disconnected_error(self._write_error) from self._write_error
-            if data:
-                self._response_started = True
-            return bytes(data)
-        assert scope.cancelled_caught
-        raise ReadTimeout(
+        return ReadTimeout(
             f"no data within the read timeout of {self._timeouts.read} s",
             key=self._origin,
             url=self._url,
@@ -407,49 +433,30 @@ class HTTP11Connection:
             "the connection was closed locally while in use", key=self._origin, url=self._url
         )
 
-    async def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
-        """The next h11 event of the response, reading as much as needed."""
-        while True:
-            try:
-                event = self._h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise RemoteProtocolError(
-                    f"invalid response: {exc}", key=self._origin, url=self._url
-                ) from exc
-            if event is h11.NEED_DATA:
-                data = await self._read()
-                try:
-                    self._h11.receive_data(data)
-                except h11.RemoteProtocolError as exc:  # pragma: no cover (defensive)
-                    raise RemoteProtocolError(str(exc), url=self._url) from exc
-                continue
-            return event
+    def _invalid_response(self, violation: RemoteViolation) -> RemoteProtocolError:
+        error = RemoteProtocolError(
+            f"invalid response: {violation}", key=self._origin, url=self._url
+        )
+        error.__cause__ = violation
+        return error
 
     async def _receive_response_head(self, request: Request) -> Response:
+        h1 = self._h1
         while True:
-            event = await self._next_event()
-            if isinstance(event, h11.InformationalResponse):
-                continue  # 100 Continue, 103 Early Hints: the final response follows
-            if isinstance(event, h11.Response):
+            try:
+                head = h1.receive_head()
+            except RemoteViolation as exc:
+                raise self._invalid_response(exc) from exc
+            if head is not None:
                 break
-            raise RemoteProtocolError(  # pragma: no cover (h11 raises first)
-                f"unexpected event before the response head: {event!r}",
-                key=self._origin,
-                url=self._url,
-            )
-        headers = Headers._from_trusted(  # pyright: ignore[reportPrivateUsage]
-            list(event.headers.raw_items())
-        )
-        if "transfer-encoding" not in headers:
-            length = headers.get("content-length")
-            if length is not None:
-                self._body_remaining = int(length)  # h11 has validated it
+            h1.receive_data(await self._read())
+        status_code, reason, version, fields = head
         return Response(
-            event.status_code,
+            status_code,
             request=request,
-            headers=headers,
-            reason_phrase=event.reason.decode("latin-1"),
-            http_version="HTTP/" + event.http_version.decode("ascii"),
+            headers=Headers._from_trusted(fields),  # pyright: ignore[reportPrivateUsage]
+            reason_phrase=reason.decode("latin-1") if reason else "",
+            http_version=_HTTP_VERSIONS.get(version) or "HTTP/" + version.decode("ascii"),
             stream=_HTTP11Body(self, self._exchanges),
         )
 
@@ -457,6 +464,19 @@ class HTTP11Connection:
 
     def _body_is_current(self, exchange: int) -> bool:
         return self._state is _State.ACTIVE and self._exchanges == exchange
+
+    def _body_step(self) -> bytes | None:
+        """The next piece of the body from what has arrived (see `H1Client.receive_body`);
+        at the body's end the exchange is done."""
+        if self._violation is not None:
+            raise self._invalid_response(self._violation)
+        try:
+            chunk = self._h1.receive_body()
+        except RemoteViolation as exc:
+            raise self._invalid_response(exc) from exc
+        if chunk == b"":
+            self._exchange_done()
+        return chunk
 
     async def _receive_body_chunk(self) -> bytes:
         """The next non-empty chunk of the body, or ``b""`` once it has ended.
@@ -471,24 +491,14 @@ class HTTP11Connection:
             await self._fail()
             return b""
         try:
-            while True:
-                event = await self._next_event()
-                if isinstance(event, h11.Data):
-                    if self._body_remaining is not None:
-                        self._body_remaining -= len(event.data)
-                    if event.data:
-                        chunk = bytes(event.data)
-                        break
-                elif isinstance(event, h11.EndOfMessage):
-                    self._exchange_done()
-                    chunk = b""
-                    break
-                else:  # pragma: no cover (h11 raises first)
-                    raise RemoteProtocolError(
-                        f"unexpected event in the response body: {event!r}",
-                        key=self._origin,
-                        url=self._url,
-                    )
+            chunk = self._body_step()
+            if chunk is None:
+                with trio.CancelScope() as self._scope:
+                    while chunk is None:
+                        self._h1.receive_data(await self._read())
+                        chunk = self._body_step()
+                if chunk is None:
+                    raise self._timeout_error()
         except BaseException:
             await self._fail()
             raise
@@ -499,54 +509,48 @@ class HTTP11Connection:
         return chunk
 
     def _receive_buffered(self) -> bytes | None:
-        """The next body chunk if h11 holds it already; ``b""`` at a clean end; else None.
+        """The next body chunk if it has arrived already; ``b""`` at a clean end; else None.
 
         Synchronous and never raises: anything unusual (more data needed, a protocol error,
         an end after which the connection must close) is left to `_receive_body_chunk`,
         which reads, raises and closes as needed.
         """
-        h11_connection = self._h11
-        for _ in range(64):  # bounded: each step consumes an event
-            if h11_connection.their_state is not h11.SEND_BODY:
-                return None
-            try:
-                event = h11_connection.next_event()
-            except h11.RemoteProtocolError:
-                return None  # h11 remembers the error; _receive_body_chunk re-raises it
-            if isinstance(event, h11.Data):
-                if self._body_remaining is not None:
-                    self._body_remaining -= len(event.data)
-                if event.data:
-                    return bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                self._exchange_done()
-                if self._state is _State.IDLE:
-                    return b""
-                # The connection must close: let the async path close the transport.
-                self._close_pending = True
-                return None
-            else:
-                return None
+        if self._violation is not None:
+            return None
+        try:
+            chunk = self._h1.receive_body()
+        except RemoteViolation as exc:
+            self._violation = exc  # _receive_body_chunk raises it
+            return None
+        if chunk != b"":
+            return chunk
+        self._exchange_done()
+        if self._state is _State.IDLE:
+            return b""
+        # The connection must close: let the async path close the transport.
+        self._close_pending = True
         return None
 
     def _exchange_done(self) -> None:
-        if self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE:
-            self._h11.start_next_cycle()
+        h1 = self._h1
+        if h1.reusable:
+            h1.start_next_cycle()
             self._state = _State.IDLE
             self._completed += 1
         else:
-            # Either side said "Connection: close" (MUST_CLOSE / CLOSED), or our request body
-            # was cut short by a write error: the connection cannot carry another exchange.
+            # Either side said "Connection: close" (or the body ran to EOF), or our request
+            # body was cut short by a write error: the connection cannot carry another
+            # exchange.
             self._state = _State.CLOSED
 
     async def _close_body_early(self) -> None:
         """`Response.aclose` before the body's end: drain a small rest, else close."""
-        remaining = self._body_remaining
+        remaining = self._h1.body_remaining
         if remaining is None or remaining > _MAX_DRAIN:
             await self._fail()
             await trio.lowlevel.checkpoint_if_cancelled()
             return
-        with trio.move_on_after(_deadline(self._timeouts.read)):
+        with trio.move_on_after(self._read_timeout):
             try:
                 for _ in range(remaining + 2):  # each step consumes >= 1 byte or ends
                     if not await self._receive_body_chunk():
@@ -558,6 +562,7 @@ class HTTP11Connection:
     async def _fail(self) -> None:
         """End the connection after an incomplete exchange: state CLOSED, transport closed."""
         self._state = _State.CLOSED
+        self._h1.fail()
         if not self._transport_closed:
             self._transport_closed = True
             await _close_forcefully(self._stream)
