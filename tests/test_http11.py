@@ -651,6 +651,38 @@ async def test_write_timeout(autojump_clock: trio.testing.MockClock) -> None:
     await server_stream.aclose()
 
 
+async def test_timeouts_bound_each_operation_not_the_exchange(
+    pair: tuple[HTTP11Connection, Server], autojump_clock: trio.testing.MockClock
+) -> None:
+    # read=2.5 and write=1.5 bound each read and write: a body iterator that takes 2 s per
+    # chunk, a head after 2 s and body pieces 2 s apart all pass, 10 s in all.
+    connection, server = pair
+
+    async def upload() -> AsyncIterator[bytes]:
+        for piece in (b"ab", b"cd"):
+            await trio.sleep(2)
+            yield piece
+
+    async def serve() -> None:
+        _, body = await server.receive_request()
+        assert body == b"abcd"
+        await trio.sleep(2)
+        await server.send(h11.Response(status_code=200, headers=[("Content-Length", "2")]))
+        for piece in (b"x", b"y"):
+            await trio.sleep(2)
+            await server.send(h11.Data(data=piece))
+        await server.send(h11.EndOfMessage())
+        server.h11.start_next_cycle()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        start = trio.current_time()
+        response = await connection.send_request(Request("POST", URL, content=upload()))
+        assert await response.aread() == b"xy"
+        assert trio.current_time() - start == pytest.approx(10, abs=1e-9)
+    assert connection.is_ready()
+
+
 async def test_no_timeouts(pair: tuple[HTTP11Connection, Server]) -> None:
     _, server = pair
     client_stream, server_stream = trio.testing.memory_stream_pair()
