@@ -42,6 +42,15 @@ __all__ = ["H1Client", "LocalViolation", "RemoteViolation", "ResponseHead"]
 _TOKEN: Final = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 _FIELD_CONTENT: Final = rb"[^\x00\s]+(?:[ \t]+[^\x00\s]+)*"
 _HEADER_RE: Final = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:" + _FIELD_CONTENT + rb")?)[ \t]*")
+# The fast path for a block of header lines each ended by CRLF (no obs-fold): one match
+# validates the block, one findall splits it. A field value holds no CR or LF, so every line
+# ends exactly at its CRLF and the two agree line for line.
+_FIELD_LINE_RE: Final = re.compile(
+    rb"(" + _TOKEN + rb"):[ \t]*((?:" + _FIELD_CONTENT + rb")?)[ \t]*\r\n"
+)
+_FIELD_BLOCK_RE: Final = re.compile(
+    rb"(?:" + _TOKEN + rb":[ \t]*(?:" + _FIELD_CONTENT + rb")?[ \t]*\r\n)*"
+)
 _STATUS_RE: Final = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ((?:[ \t]|[^\x00\s])*))?")
 _CHUNK_RE: Final = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*")
 _CONTENT_LENGTH_RE: Final = re.compile(rb"[0-9]+")
@@ -246,14 +255,20 @@ class H1Client:
     # ---- the request ---------------------------------------------------------------------
 
     def send_request(
-        self, method: bytes, target: bytes, fields: list[tuple[bytes, bytes]]
+        self,
+        method: bytes,
+        target: bytes,
+        fields: list[tuple[bytes, bytes]],
+        framing: tuple[int | None, bool] | None = None,
     ) -> bytes:
         """The bytes of a request head. The body follows with `send_data` and `end_request`.
 
         ``method``, ``target`` and every field must already be valid (`Request` and `Headers`
         check them); the framing fields are checked here: the body is sent with the
         Content-Length given, or chunked if ``Transfer-Encoding: chunked`` is given, or must
-        be empty.
+        be empty. A caller that built the framing fields itself, and knows ``fields`` holds no
+        other Content-Length, Transfer-Encoding or Connection field, may say what they are
+        as ``framing=(content_length, chunked)`` and spare the scan.
 
         Raises:
             LocalViolation: A bad framing field; nothing was produced then.
@@ -261,9 +276,12 @@ class H1Client:
         """
         if self.our_state != _IDLE or self.their_state != _IDLE:
             raise RuntimeError("a request is already in progress")
-        length, chunked, close = _framing_of(fields, LocalViolation)
-        if chunked and length is not None:
-            raise LocalViolation("Content-Length and Transfer-Encoding: chunked both given")
+        if framing is None:
+            length, chunked, close = _framing_of(fields, LocalViolation)
+            if chunked and length is not None:
+                raise LocalViolation("Content-Length and Transfer-Encoding: chunked both given")
+        else:
+            (length, chunked), close = framing, False
         self._head_method = method
         self._our_close = close
         self._our_chunked = chunked
@@ -364,13 +382,23 @@ class H1Client:
             self._violation("peer closed connection without sending a response")
 
     def _parse_head(self, block: bytes) -> ResponseHead | None:
-        lines = _split_lines(block) if block else [b""]
-        match = _STATUS_RE.fullmatch(lines[0])
+        end = block.find(b"\n")
+        if end < 0:
+            status_line, rest = block, None
+        else:
+            status_line = block[: end - 1] if block[end - 1 : end] == b"\r" else block[:end]
+            rest = block[end + 1 :]
+        match = _STATUS_RE.fullmatch(status_line)
         if match is None:
-            self._violation(f"illegal status line: {lines[0]!r}")
+            self._violation(f"illegal status line: {status_line!r}")
         version, code, reason = match.groups()
         status = int(code)
-        fields = _parse_fields(lines[1:]) if len(lines) > 1 else []
+        if rest is None:
+            fields = []
+        elif _FIELD_BLOCK_RE.fullmatch(rest + b"\r\n") is not None:
+            fields = _FIELD_LINE_RE.findall(rest + b"\r\n")
+        else:  # bare LF line ends, obs-fold, or an invalid line: line by line
+            fields = _parse_fields(_split_lines(rest))
         length, chunked, close = _framing_of(fields, RemoteViolation)
         if status < 200:
             if status == 101:

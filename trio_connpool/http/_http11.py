@@ -70,10 +70,12 @@ _CLOSE_TIMEOUT: Final = 1.0
 # "Content-Length: 0" (RFC 9110 section 8.6).
 _METHODS_WITH_CONTENT: Final = frozenset({"POST", "PUT", "PATCH"})
 # The request header names the connection looks at, lowercased, by their lengths (a name of
-# any other length is none of them, which spares lowercasing it).
+# any other length is none of them, which spares lowercasing it). With none of the framing
+# ones (Connection included) given, the connection frames the body itself and tells H1Client
+# so, which spares it a second scan.
 _HOST: Final = b"host"
-_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding"})
-_NAME_LENGTHS: Final = frozenset({4, 14, 17})
+_FRAMING: Final = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+_NAME_LENGTHS: Final = frozenset({4, 10, 14, 17})
 _HTTP_VERSIONS: Final = {b"1.1": "HTTP/1.1", b"1.0": "HTTP/1.0"}
 # Which operation a timeout interrupted.
 _READING: Final = 0
@@ -170,6 +172,7 @@ class HTTP11Connection:
         # The scope whose deadline bounds the current read or write, and which one it is.
         self._scope = trio.CancelScope()
         self._operation = _READING
+        self._armed = False  # the scope's deadline is already the next write's
 
     # ---- what the pool reads -------------------------------------------------------------
 
@@ -286,7 +289,10 @@ class HTTP11Connection:
         self._response_started = bool(self._h1.trailing_data)
         self._write_error = None
         try:
-            with trio.CancelScope() as self._scope:
+            # Opened with the first write's deadline, which spares setting it again.
+            self._armed = True
+            with trio.CancelScope(deadline=trio.current_time() + self._write_timeout) as scope:
+                self._scope = scope
                 try:
                     await self._send_request(request)
                 except _WriteFailed as exc:
@@ -304,8 +310,9 @@ class HTTP11Connection:
         h1 = self._h1
         content = request.content
         try:
+            fields, framing = self._request_headers(request)
             head = h1.send_request(
-                request.method.encode("ascii"), request.url.target, self._request_headers(request)
+                request.method.encode("ascii"), request.url.target, fields, framing
             )
             if content is None:
                 await self._write(head + h1.end_request())
@@ -347,36 +354,48 @@ class HTTP11Connection:
                     await aclose()
         await self._write(h1.end_request())
 
-    def _request_headers(self, request: Request) -> list[tuple[bytes, bytes]]:
+    def _request_headers(
+        self, request: Request
+    ) -> tuple[list[tuple[bytes, bytes]], tuple[int | None, bool] | None]:
+        """The fields to send (``Host`` and framing added when absent) and their framing, if
+        we chose it (None: the caller gave framing or Connection fields of its own)."""
         items = request.headers._items  # pyright: ignore[reportPrivateUsage]
-        has_host = has_framing = False
+        has_host = own_framing = False
         for name, _ in items:
             if len(name) in _NAME_LENGTHS:
                 lower = name.lower()
                 if lower == _HOST:
                     has_host = True
                 elif lower in _FRAMING:
-                    has_framing = True
+                    own_framing = True
         extra: list[tuple[bytes, bytes]] = []
         if not has_host:
             extra.append((b"Host", self._host))
-        if not has_framing:
+        framing: tuple[int | None, bool] | None = None
+        if not own_framing:
             content = request.content
             if isinstance(content, bytes):
+                framing = (len(content), False)
                 if content or request.method not in ("GET", "HEAD"):
                     extra.append((b"Content-Length", str(len(content)).encode("ascii")))
             elif content is not None:
+                framing = (None, True)
                 extra.append((b"Transfer-Encoding", b"chunked"))
-            elif request.method in _METHODS_WITH_CONTENT:
-                extra.append((b"Content-Length", b"0"))
-        return extra + items
+            else:
+                framing = (0, False)
+                if request.method in _METHODS_WITH_CONTENT:
+                    extra.append((b"Content-Length", b"0"))
+        return extra + items, framing
 
     async def _write(self, data: bytes) -> None:
         """Write ``data`` under the write timeout (the current exchange's scope)."""
+        self._operation = _WRITING
+        if self._armed:
+            self._armed = False  # the exchange's scope was opened with this deadline
+        else:
+            self._scope.deadline = trio.current_time() + self._write_timeout
         if not data:
             return
-        self._operation = _WRITING
-        self._scope.deadline = trio.current_time() + self._write_timeout
         try:
             await self._stream.send_all(data)
         except trio.ClosedResourceError as exc:
@@ -387,6 +406,7 @@ class HTTP11Connection:
     async def _read(self) -> bytes:
         """Read what arrived under the read timeout (the current scope's)."""
         self._operation = _READING
+        self._armed = False
         self._scope.deadline = trio.current_time() + self._read_timeout
         try:
             self._reads += 1
