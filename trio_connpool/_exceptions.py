@@ -3,7 +3,7 @@
 Every failure the library reports is a :class:`PoolError`. Each carries the pool key it
 happened on (``.key``, ``None`` where no key applies); the HTTP errors also carry the URL
 (``.url``). Errors that wrap a lower-level failure are raised ``from`` it, so the original
-(an ``OSError``, an ``ssl.SSLError``, an h11 or h2 protocol error) stays in ``__cause__``.
+(an ``OSError``, an ``ssl.SSLError``, an HTTP/1.1 or h2 protocol error) stays in ``__cause__``.
 
 ::
 
