@@ -18,7 +18,8 @@ a 2-core machine. TLS uses a trustme certificate. Throughput is requests per sec
 whole run; latencies are per request.
 
 Run: ``python benchmarks/bench_http.py`` (``--quick`` for a short run, ``--tls`` for TLS only,
-``--plain`` for plain only, ``--http2`` for the HTTP/2 table only, ``--no-http2`` without it).
+``--plain`` for plain only, ``--http2`` for the HTTP/2 table only, ``--no-http2`` without it,
+``--repeat N`` to run every cell N times, interleaved, and show the medians).
 Needs nginx on PATH (``apt-get install nginx-light``) and the
 ``bench`` extra (httpx, aiohttp, trustme).
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import shutil
 import socket
@@ -132,6 +134,25 @@ class Result:
         self.rate = total / elapsed
         self.p50 = latencies[len(latencies) // 2]
         self.p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+
+    @staticmethod
+    def median(results: list[Result]) -> Result:
+        """The median rate and the median p50 and p99 of repeated runs."""
+        middle = len(results) // 2
+        merged = min(results, key=lambda r: r.rate)
+        merged.rate = sorted(r.rate for r in results)[middle]
+        merged.p50 = sorted(r.p50 for r in results)[middle]
+        merged.p99 = sorted(r.p99 for r in results)[middle]
+        return merged
+
+
+def run_repeated(repeat: int, runs: dict[str, Callable[[], Result]]) -> dict[str, Result]:
+    """Run each client ``repeat`` times, interleaved (a, b, c, a, b, c, ...): the medians."""
+    results: dict[str, list[Result]] = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            results[name].append(run())
+    return {name: Result.median(found) for name, found in results.items()}
 
 
 async def _drive_trio(total: int, tasks: int, one: Callable[[], Awaitable[None]]) -> Result:
@@ -241,7 +262,7 @@ async def run_httpx_h2(url: str, ctx: ssl.SSLContext | None, total: int, c: int)
         return await _drive_trio(total, c, one)
 
 
-def http2_table(nginx: Nginx, total: int, peers: list[str]) -> None:
+def http2_table(nginx: Nginx, total: int, peers: list[str], repeat: int) -> None:
     modes: list[tuple[str, str, str, ssl.SSLContext | None]] = [
         (
             "tls",
@@ -256,14 +277,18 @@ def http2_table(nginx: Nginx, total: int, peers: list[str]) -> None:
         cols = ["ours-h2", *(["httpx-h2"] if "httpx" in peers else []), "ours-h1"]
         print(f"{'C':>4} " + " ".join(f"{c:>16}" for c in cols) + "  ours-h2/httpx-h2")
         for c in (1, 64, 512):
-            results: dict[str, Result] = {}
-            results["ours-h2"] = trio.run(run_ours_h2, url, ctx, total, c)
+            runs: dict[str, Callable[[], Result]] = {
+                "ours-h2": functools.partial(trio.run, run_ours_h2, url, ctx, total, c)
+            }
             if "httpx" in peers:
                 # httpx sets ALPN on the context it is given: give it one of its own.
                 own = nginx.ssl_context() if ctx is not None else None
-                results["httpx-h2"] = trio.run(run_httpx_h2, url, own, max(200, total // 5), c)
+                runs["httpx-h2"] = functools.partial(
+                    trio.run, run_httpx_h2, url, own, max(200, total // 5), c
+                )
             h1_ctx = nginx.ssl_context() if ctx is not None else None
-            results["ours-h1"] = trio.run(run_ours, h1_url, h1_ctx, total, c, 64)
+            runs["ours-h1"] = functools.partial(trio.run, run_ours, h1_url, h1_ctx, total, c, 64)
+            results = run_repeated(repeat, runs)
             cells = " ".join(
                 f"{results[k].rate:>8,.0f} ({1000 * results[k].p99:>5.1f})" for k in cols
             )
@@ -307,6 +332,9 @@ def main() -> None:
     parser.add_argument("--peers", default="httpx,aiohttp", help="comma-separated peers to run")
     parser.add_argument("--http2", action="store_true", help="the HTTP/2 table only")
     parser.add_argument("--no-http2", action="store_true", help="skip the HTTP/2 table")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per cell, interleaved; medians are shown"
+    )
     args = parser.parse_args()
     total = 2_000 if args.quick else 6_000
     peers = [p for p in args.peers.split(",") if p]
@@ -327,14 +355,16 @@ def main() -> None:
                 for m in (1, 16, 64):
                     if m > c and c > 1:
                         continue
-                    results: dict[str, Result] = {}
-                    results["floor"] = trio.run(run_floor, url, ctx, total, c, m)
-                    results["ours"] = trio.run(run_ours, url, ctx, total, c, m)
+                    runs: dict[str, Callable[[], Result]] = {
+                        "floor": functools.partial(trio.run, run_floor, url, ctx, total, c, m),
+                        "ours": functools.partial(trio.run, run_ours, url, ctx, total, c, m),
+                    }
                     if "httpx" in peers:
                         n = max(200, total // 5)
-                        results["httpx"] = trio.run(run_httpx, url, ctx, n, c, m)
+                        runs["httpx"] = functools.partial(trio.run, run_httpx, url, ctx, n, c, m)
                     if "aiohttp" in peers:
-                        results["aiohttp"] = run_aiohttp(url, ctx, total, c, m)
+                        runs["aiohttp"] = functools.partial(run_aiohttp, url, ctx, total, c, m)
+                    results = run_repeated(args.repeat, runs)
                     cells = " ".join(
                         f"{results[k].rate:>8,.0f} ({1000 * results[k].p99:>5.1f})" for k in cols
                     )
@@ -342,7 +372,7 @@ def main() -> None:
                     p99 = results["ours"].p99 / results["floor"].p99
                     print(f"{c:>4} {m:>3} {cells}  {ratio:.2f} (p99 x{p99:.2f})", flush=True)
         if not args.no_http2:
-            http2_table(nginx, total, peers)
+            http2_table(nginx, total, peers, args.repeat)
     finally:
         nginx.stop()
 
