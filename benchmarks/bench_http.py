@@ -12,10 +12,11 @@ The HTTP/2 table (over TLS with ALPN, and h2c with prior knowledge) runs C tasks
 connection: ``ours-h2`` (``open_client(http2=True)``) next to ``httpx-h2``
 (``httpx.AsyncClient(http2=True)`` on trio) and our own HTTP/1.1 at M=64 (``ours-h1``).
 
-nginx (Debian's package) is started by this script with its own config on 127.0.0.1 (one
-worker, keep-alive unlimited, a fixed 5-byte answer), so the server is not the bottleneck on
-a 2-core machine. TLS uses a trustme certificate. Throughput is requests per second over the
-whole run; latencies are per request.
+Every client first runs an untimed warm-up of C requests, so that all are measured with their
+connections open, as the floor's are. nginx (Debian's package) is started by this script with
+its own config on 127.0.0.1 (one worker, keep-alive unlimited, a fixed 5-byte answer), so the
+server is not the bottleneck on a 2-core machine. TLS uses a trustme certificate. Throughput
+is requests per second over the whole run; latencies are per request.
 
 Run: ``python benchmarks/bench_http.py`` (``--quick`` for a short run, ``--tls`` for TLS only,
 ``--plain`` for plain only, ``--http2`` for the HTTP/2 table only, ``--no-http2`` without it,
@@ -156,8 +157,10 @@ def run_repeated(repeat: int, runs: dict[str, Callable[[], Result]]) -> dict[str
 
 
 async def _drive_trio(total: int, tasks: int, one: Callable[[], Awaitable[None]]) -> Result:
+    """``total`` requests from ``tasks`` tasks, after an untimed warm-up of ``tasks`` requests
+    (so every client is measured with its connections open, as the floor's are)."""
     latencies: list[float] = []
-    remaining = total
+    remaining = 0
 
     async def worker() -> None:
         nonlocal remaining
@@ -167,10 +170,13 @@ async def _drive_trio(total: int, tasks: int, one: Callable[[], Awaitable[None]]
             await one()
             latencies.append(time.perf_counter() - began)
 
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(tasks):
-            nursery.start_soon(worker)
+    for count in (tasks, total):
+        remaining = count
+        latencies.clear()
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(tasks):
+                nursery.start_soon(worker)
     return Result(total, time.perf_counter() - start, latencies)
 
 
@@ -305,7 +311,7 @@ def run_aiohttp(url: str, ctx: ssl.SSLContext | None, total: int, c: int, m: int
         connector = aiohttp.TCPConnector(limit=m, ssl=ctx if ctx is not None else True)
         async with aiohttp.ClientSession(connector=connector) as session:
             latencies: list[float] = []
-            remaining = total
+            remaining = 0
 
             async def worker() -> None:
                 nonlocal remaining
@@ -317,8 +323,11 @@ def run_aiohttp(url: str, ctx: ssl.SSLContext | None, total: int, c: int, m: int
                         assert response.status == 200
                     latencies.append(time.perf_counter() - began)
 
-            start = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(c)))
+            for count in (c, total):  # an untimed warm-up, as in _drive_trio
+                remaining = count
+                latencies.clear()
+                start = time.perf_counter()
+                await asyncio.gather(*(worker() for _ in range(c)))
             return Result(total, time.perf_counter() - start, latencies)
 
     return asyncio.run(main())
