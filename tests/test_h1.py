@@ -206,6 +206,21 @@ def test_a_head_without_end_is_bounded() -> None:
         client.receive_head()
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"1" * 200, b"0\r\n" + b"T: x\r\n" * 40],
+    ids=["chunk-header", "trailers"],
+)
+def test_chunk_headers_and_trailers_are_bounded(body: bytes) -> None:
+    client = H1Client(max_head_size=100)
+    client.send_request(b"GET", b"/", HEAD)
+    client.end_request()
+    client.receive_data(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+    assert client.receive_head() is not None
+    with pytest.raises(RemoteViolation, match="too long"):
+        read_all(client)
+
+
 def test_tunnels_are_refused() -> None:
     client = exchange(b"CONNECT")
     client.receive_data(b"HTTP/1.1 200 Connection established\r\n\r\n")

@@ -493,6 +493,36 @@ async def test_garbage_response(pair: tuple[HTTP11Connection, Server], junk: byt
     assert connection.is_closed()
 
 
+@pytest.mark.parametrize("with_head", [True, False], ids=["with-head", "later"])
+async def test_invalid_chunk_in_the_body(
+    pair: tuple[HTTP11Connection, Server], with_head: bool
+) -> None:
+    # An invalid chunk that came with the head is met by the buffered read (which must not
+    # raise) and reported by the next read; one that comes later by the read itself.
+    connection, server = pair
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+    body = b"zz\r\nmore"
+
+    async def serve() -> None:
+        await server.receive_head()
+        if with_head:
+            await server.stream.send_all(head + body)
+        else:
+            await server.stream.send_all(head)
+            await trio.sleep(0.01)
+            await server.stream.send_all(body)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        response = await connection.send_request(Request("GET", URL))
+        with pytest.raises(RemoteProtocolError, match="illegal chunk header") as info:
+            await response.aread()
+    assert type(info.value) is RemoteProtocolError
+    assert info.value.url == "http://example.com/path?q=1"
+    assert connection.is_closed()
+    assert response.is_closed
+
+
 async def test_head_too_large(pair: tuple[HTTP11Connection, Server]) -> None:
     connection, server = pair
 

@@ -213,11 +213,6 @@ class H1Client:
     # ---- state -------------------------------------------------------------------------
 
     @property
-    def request_done(self) -> bool:
-        """Whether the request has been sent completely."""
-        return self.our_state == _DONE
-
-    @property
     def response_done(self) -> bool:
         """Whether the response has been received completely."""
         return self.their_state == _DONE
