@@ -22,6 +22,7 @@ from _servers import assert_pool_balanced
 
 from trio_connpool import PoolClosed
 from trio_connpool.http import Client, Origin, Timeouts, _client, open_client
+from trio_connpool.http._http2 import HTTP2Connection
 
 URL = "https://example.com/"
 WRITE = 3.0
@@ -221,4 +222,54 @@ async def test_stream_limit_lowered_below_streams_in_flight_holds_new_leases(
                 await server.respond(request.stream_id, body=b"again")
         assert sorted(results) == sorted([b"done"] * 5 + [b"late"] * 3 + [b"again"] * 12)
         assert network.connects == 1
+        assert_pool_balanced(pool, idle=1)
+
+
+async def test_cancelled_while_its_batched_write_is_due(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with fake_client(monkeypatch, trio.testing.memory_stream_pair) as (client, network):
+        pool = client.pool
+        assert pool is not None
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                server = H2Server(await network.servers.receive())
+                servers.append(server)
+                await server.serve()
+
+            servers: list[H2Server] = []
+            nursery.start_soon(serve)
+            first = await client.get(URL)
+            (server,) = servers
+            connection = first._stream._lease.connection  # type: ignore[attr-defined]  # pyright: ignore
+            assert isinstance(connection, HTTP2Connection)
+            assert_pool_balanced(pool, idle=1)
+            scope = trio.CancelScope()
+
+            async def cancelled() -> None:
+                with scope:
+                    await client.get(URL)
+                    raise AssertionError("not cancelled")  # pragma: no cover
+
+            nursery.start_soon(cancelled)
+            for _ in range(100):  # bounded: the request yields at least twice before writing
+                if connection._flush_due:  # pyright: ignore[reportPrivateUsage]
+                    break
+                await trio.lowlevel.checkpoint()
+            assert connection._flush_due  # pyright: ignore[reportPrivateUsage]
+            # Cancelled in the yields before its write: it still writes (other requests
+            # may be in the batch), then resets its stream; its lease comes back and the
+            # connection stays.
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert scope.cancelled_caught
+            assert_pool_balanced(pool, idle=1)
+            assert not connection._streams  # pyright: ignore[reportPrivateUsage]
+            response = await client.get(URL)
+            assert response.content == b"ok"
+            assert network.connects == 1
+            # Its HEADERS went out (the server may have answered before the reset came).
+            assert sorted(server.streams) == [1, 3, 5]
+            reset = [e for e in server.events if isinstance(e, h2.events.StreamReset)]
+            assert [e.stream_id for e in reset] in ([], [3])
+            nursery.cancel_scope.cancel()
         assert_pool_balanced(pool, idle=1)
