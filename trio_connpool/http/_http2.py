@@ -764,13 +764,26 @@ class HTTP2Connection:
         ``send_all``. The others return at once: the due writer, or the task holding the
         write lock, sends their frames. One write per batch of requests instead of one each
         saves syscalls and lets the server answer in batches too, which keeps the batches
-        large.
+        large. A request alone on the connection writes at once: no response is coming
+        that could start another request meanwhile.
 
         Not a checkpoint when another task writes; the yields cannot be cancelled (the
         others rely on this task). Raises what `_flush` raises.
         """
         if self._flush_due:
             return
+        if len(self._streams) > 1:  # else no response due can wake a request meanwhile
+            await self._wait_for_batch()
+        if self._write_lock.locked():
+            return  # its holder writes until the buffer stays empty: ours too
+        self._write_lock.acquire_nowait()
+        try:
+            await self._write_out(self._timeouts.write)
+        finally:
+            self._write_lock.release()
+
+    async def _wait_for_batch(self) -> None:
+        """Yield while the reader delivers responses (bounded): they start more requests."""
         self._flush_due = True
         try:
             # The reader runs once per scheduler pass while it has data, before or after us
@@ -785,13 +798,6 @@ class HTTP2Connection:
                     break
         finally:
             self._flush_due = False
-        if self._write_lock.locked():
-            return  # its holder writes until the buffer stays empty: ours too
-        self._write_lock.acquire_nowait()
-        try:
-            await self._write_out(self._timeouts.write)
-        finally:
-            self._write_lock.release()
 
     async def _flush_unless_busy(self, limit: float | None = None, *, now: bool = False) -> None:
         """Write what h2 has queued unless another task is writing (it writes ours too).
