@@ -20,8 +20,9 @@ import trio.testing
 from _h2server import H2Server
 from _servers import assert_pool_balanced
 
-from trio_connpool import PoolClosed
+from trio_connpool import Instrument, PoolClosed
 from trio_connpool.http import Client, Origin, Timeouts, _client, open_client
+from trio_connpool.http._http2 import HTTP2Connection
 
 URL = "https://example.com/"
 WRITE = 3.0
@@ -222,3 +223,74 @@ async def test_stream_limit_lowered_below_streams_in_flight_holds_new_leases(
         assert sorted(results) == sorted([b"done"] * 5 + [b"late"] * 3 + [b"again"] * 12)
         assert network.connects == 1
         assert_pool_balanced(pool, idle=1)
+
+
+class _Connections(Instrument):
+    def __init__(self) -> None:
+        self.made: list[object] = []
+
+    def connect_succeeded(self, key: object, connection: object) -> None:
+        self.made.append(connection)
+
+
+async def test_cancelled_while_its_batched_write_is_due(monkeypatch: pytest.MonkeyPatch) -> None:
+    connections = _Connections()
+    async with fake_client(
+        monkeypatch, trio.testing.memory_stream_pair, instruments=[connections]
+    ) as (client, network):
+        pool = client.pool
+        assert pool is not None
+        scope = trio.CancelScope()
+
+        async def cancelled() -> None:
+            with scope:
+                await client.get(URL + "due")
+                raise AssertionError("not cancelled")  # pragma: no cover
+
+        async def held() -> None:
+            response = await client.get(URL + "held")
+            assert response.content == b"held"
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(held)
+            server = H2Server(await network.servers.receive())
+            await server.start()
+            await server.wait_request()  # alone on the connection: written at once
+            (connection,) = connections.made
+            assert isinstance(connection, HTTP2Connection)
+            # Another stream is open (its response could start more requests): the next
+            # request yields a few scheduler passes before it writes, for others to join.
+            nursery.start_soon(cancelled)
+            for _ in range(100):  # bounded: it yields at least twice
+                if connection._flush_due:  # pyright: ignore[reportPrivateUsage]
+                    break
+                await trio.lowlevel.checkpoint()
+            assert connection._flush_due  # pyright: ignore[reportPrivateUsage]
+            # Cancelled there, it still writes (other requests may be in the batch), then
+            # resets its stream; its lease comes back and the connection stays.
+            scope.cancel()
+            await server.wait_until(lambda: 3 in resets(server))
+            await trio.testing.wait_all_tasks_blocked()
+            assert scope.cancelled_caught
+            assert server.streams[3].header(b":path") == b"/due"
+            stats = pool.statistics()
+            assert (stats.leases, stats.connections, stats.waiting) == (1, 1, 0)
+            await server.respond(1, body=b"held")
+        assert_pool_balanced(pool, idle=1)
+        assert not connection._streams  # pyright: ignore[reportPrivateUsage]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve)
+            response = await client.get(URL)
+            assert response.content == b"ok"
+            nursery.cancel_scope.cancel()
+        assert network.connects == 1
+        assert_pool_balanced(pool, idle=1)
+
+
+def resets(server: H2Server) -> dict[int, object]:
+    """The RST_STREAM codes the client sent, by stream."""
+    return {
+        e.stream_id: e.error_code
+        for e in server.events
+        if isinstance(e, h2.events.StreamReset) and e.remote_reset
+    }

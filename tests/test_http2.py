@@ -424,6 +424,54 @@ async def test_cancel_in_the_streamed_request_body() -> None:
         await assert_usable(harness)
 
 
+async def test_cancel_while_the_batched_write_is_due() -> None:
+    """The first request of a batch writes the batch's frames after a few scheduler passes
+    (while another stream is open, whose response could start more requests); cancelled
+    meanwhile, it still writes them (the others rely on it), then resets its own stream; the
+    request that joined the batch is served."""
+    async with connected() as harness:
+        client, server = harness.client, harness.server
+        scope = trio.CancelScope()
+        joined: list[bytes] = []
+        held: list[bytes] = []
+
+        async def open_stream() -> None:
+            response = await get(client, "https://example.com/held")
+            held.append(await response.aread())
+
+        async def due_writer() -> None:
+            with scope:
+                await get(client, "https://example.com/due")
+                raise AssertionError("not cancelled")  # pragma: no cover
+
+        async def joiner() -> None:
+            response = await get(client, "https://example.com/joined")
+            joined.append(await response.aread())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_stream)
+            await server.wait_request()  # alone on the connection, written at once
+            nursery.start_soon(due_writer)
+            for _ in range(100):  # bounded: the due writer yields at least twice
+                if client._flush_due:  # pyright: ignore[reportPrivateUsage]
+                    break
+                await trio.lowlevel.checkpoint()
+            assert client._flush_due  # pyright: ignore[reportPrivateUsage]
+            nursery.start_soon(joiner)
+            await trio.lowlevel.checkpoint()  # the joiner queues its HEADERS and parks
+            scope.cancel()
+            # The reset may come in the same read as the batch: wait for both.
+            await server.wait_until(lambda: 3 in resets(server) and 5 in server.streams)
+            paths = {i: s.header(b":path") for i, s in server.streams.items()}
+            assert paths == {1: b"/held", 3: b"/due", 5: b"/joined"}
+            await server.respond(5, body=b"joined")
+            await server.respond(1, body=b"held")
+        assert scope.cancelled_caught
+        assert (joined, held) == ([b"joined"], [b"held"])
+        assert resets(server) == {3: ErrorCodes.CANCEL}
+        await assert_usable(harness)
+
+
 async def test_cancel_reading_the_body_resets_the_stream() -> None:
     async with connected() as harness:
         client, server = harness.client, harness.server

@@ -102,6 +102,8 @@ _DEFAULT_WINDOW: Final = 65535
 _ASSUMED_MAX_STREAMS: Final = 100
 # Request body bytes queued per flush: large enough for few writes, small enough for fairness.
 _MAX_BODY_BURST: Final = 256 * 1024
+# How many scheduler passes a request write may wait for other requests to join it.
+_MAX_FLUSH_DEFERRALS: Final = 16
 # Connection-specific header fields are forbidden in HTTP/2 (RFC 9113 section 8.2.2); the Host
 # header becomes the :authority pseudo-header.
 _DROPPED_HEADERS: Final = frozenset(
@@ -267,6 +269,8 @@ class HTTP2Connection:
         self._h2 = _H2Connection()
         self._streams: dict[int, _H2Stream] = {}
         self._write_lock = trio.Lock()
+        self._flush_due = False  # a task will write h2's buffer after this scheduler pass
+        self._reads = 0  # how many reads the reader has handled
         self._window_lot = trio.lowlevel.ParkingLot()  # senders waiting for window
         self._slot_lot = trio.lowlevel.ParkingLot()  # requests waiting for a stream slot
         self._pings: dict[bytes, trio.Event] = {}
@@ -492,7 +496,7 @@ class HTTP2Connection:
         stream = self._streams[stream_id] = _H2Stream(stream_id, url)
         stream.local_closed = end_now
         try:
-            await self._flush()
+            await self._flush_batched()
             if content is not None and not end_now:
                 with contextlib.suppress(_StopSending):
                     await self._send_body(stream, content)
@@ -537,7 +541,11 @@ class HTTP2Connection:
         deadline = _deadline_after(self._timeouts.write)
         while True:
             self._raise_if_closed(url)
-            if self._h2.open_outbound_streams < self.capacity:
+            # Every stream h2 counts as open is one of ours (we forget a stream only once h2
+            # closed it, or after resetting it), so counting ours first spares h2's count,
+            # which walks all its streams, on the common path.
+            capacity = self.capacity
+            if len(self._streams) < capacity or self._h2.open_outbound_streams < capacity:
                 return
             with trio.move_on_at(deadline):
                 await self._slot_lot.park()
@@ -745,13 +753,64 @@ class HTTP2Connection:
         async with self._write_lock:
             await self._write_out(self._timeouts.write)
 
-    async def _flush_unless_busy(self, limit: float | None = None) -> None:
+    async def _flush_batched(self) -> None:
+        """See that what h2 has queued is written, together with what others are queueing.
+
+        Many requests start together: the reader wakes their tasks one read at a time (a
+        TLS stream yields one record per read, often one response). The first task to get
+        here becomes the due writer: it yields, so the others add their frames to h2's
+        buffer meanwhile, until the reader has been idle for two scheduler passes (or a
+        bounded number of passes went by), and then writes everything with one
+        ``send_all``. The others return at once: the due writer, or the task holding the
+        write lock, sends their frames. One write per batch of requests instead of one each
+        saves syscalls and lets the server answer in batches too, which keeps the batches
+        large. A request alone on the connection writes at once: no response is coming
+        that could start another request meanwhile.
+
+        Not a checkpoint when another task writes; the yields cannot be cancelled (the
+        others rely on this task). Raises what `_flush` raises.
+        """
+        if self._flush_due:
+            return
+        if len(self._streams) > 1:  # else no response due can wake a request meanwhile
+            await self._wait_for_batch()
+        if self._write_lock.locked():
+            return  # its holder writes until the buffer stays empty: ours too
+        self._write_lock.acquire_nowait()
+        try:
+            await self._write_out(self._timeouts.write)
+        finally:
+            self._write_lock.release()
+
+    async def _wait_for_batch(self) -> None:
+        """Yield while the reader delivers responses (bounded): they start more requests."""
+        self._flush_due = True
+        try:
+            # The reader runs once per scheduler pass while it has data, before or after us
+            # (trio varies the order): one pass without a read may be chance, two in a row
+            # mean that it waits for the network.
+            quiet = 0
+            for _ in range(_MAX_FLUSH_DEFERRALS):
+                reads = self._reads
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                quiet = quiet + 1 if self._reads == reads else 0
+                if quiet == 2:
+                    break
+        finally:
+            self._flush_due = False
+
+    async def _flush_unless_busy(self, limit: float | None = None, *, now: bool = False) -> None:
         """Write what h2 has queued unless another task is writing (it writes ours too).
+
+        Unless ``now``, a batched write that is due (`_flush_batched`) also takes ours: it
+        comes within a few scheduler passes, and writing first would split its batch.
 
         Not a checkpoint when there is nothing to write or someone else is writing. Never
         raises a transport error: a failure breaks the connection and thereby fails every
         stream, which is how it is reported.
         """
+        if self._flush_due and not now:
+            return
         try:
             self._write_lock.acquire_nowait()
         except trio.WouldBlock:
@@ -769,10 +828,16 @@ class HTTP2Connection:
     async def _write_out(self, limit: float | None) -> None:
         """Write h2's buffer until it stays empty; the caller holds the write lock.
 
+        What was queued while a write was in progress is left to a due batched write
+        (`_flush_batched`) if there is one, so that it goes out with the rest of its batch.
         Each write is shielded (half a frame on the wire would break every stream) and
         bounded by ``limit``. Not a checkpoint when there is nothing to write.
         """
+        first = True
         while True:
+            if not first and self._flush_due:
+                return
+            first = False
             data = self._h2.data_to_send()
             if not data or not self._can_send:
                 return
@@ -817,6 +882,7 @@ class HTTP2Connection:
                 self._connection_failed("the server closed the connection", None)
                 return
             self._last_received = trio.current_time()
+            self._reads += 1
             try:
                 events = self._h2.receive_data(data)
             except h2.exceptions.ProtocolError as exc:
@@ -824,7 +890,7 @@ class HTTP2Connection:
                 self._connection_failed(f"the server broke the HTTP/2 protocol: {exc}", exc)
                 self._can_send = True
                 try:
-                    await self._flush_unless_busy(_CLOSE_TIMEOUT)
+                    await self._flush_unless_busy(_CLOSE_TIMEOUT, now=True)
                 finally:
                     self._can_send = False
                 return
