@@ -183,6 +183,29 @@ def test_headers_mutation() -> None:
     assert "z" not in headers
 
 
+def test_headers_lookups_follow_every_change() -> None:
+    # Lookups use the lowercased names, remembered between changes: each change must show.
+    headers = Headers([("A", "1")])
+    assert "b" not in headers
+    headers.add("B", "2")
+    assert "b" in headers
+    assert headers.get("b") == "2"
+    headers["C"] = "3"
+    assert headers.get_list("c") == ["3"]
+    del headers["a"]
+    assert "a" not in headers
+    assert headers.get("A") is None
+    copied = headers.copy()
+    also_copied = Headers(headers)
+    copied.add("D", "4")
+    also_copied["E"] = "5"
+    assert "d" in copied
+    assert "e" in also_copied
+    assert "d" not in headers
+    assert "e" not in headers
+    assert headers.keys() == ["b", "c"]
+
+
 def test_headers_strip_and_latin1() -> None:
     headers = Headers({"A": " \tvalue \t", "B": "caf\u00e9", "C": "x\ty"})
     assert headers.raw == [(b"A", b"value"), (b"B", b"caf\xe9"), (b"C", b"x\ty")]

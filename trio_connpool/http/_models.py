@@ -307,15 +307,21 @@ class Headers:
         TypeError: If a name or value is neither ``str`` nor ``bytes``.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_names")
     __hash__: ClassVar[None] = None  # type: ignore[assignment]  # mutable
 
     def __init__(self, headers: HeaderTypes = None) -> None:
         self._items: list[tuple[bytes, bytes]] = []
+        # The lowercased names, built on the first lookup and dropped by every change, so
+        # that the lookups a request and its response go through (``"host" in headers``,
+        # ``get("content-length")``) do not lowercase every name each time. Immutable, so a
+        # copy shares it.
+        self._names: frozenset[bytes] | None = None
         if headers is None:
             return
         if isinstance(headers, Headers):
             self._items = list(headers._items)
+            self._names = headers._names
             return
         pairs: Iterable[object]
         if isinstance(headers, Mapping):
@@ -338,20 +344,32 @@ class Headers:
         self._items = items
         return self
 
+    def _lowered_names(self) -> frozenset[bytes]:
+        names = self._names
+        if names is None:
+            names = self._names = frozenset([n.lower() for n, _ in self._items])
+        return names
+
     def get(self, name: str | bytes, default: str | None = None) -> str | None:
         """Return the value of ``name``, several values joined by ``", "``, or ``default``."""
-        values = self.get_list(name)
-        return ", ".join(values) if values else default
+        key = _lower(name)
+        names = self._names
+        if key not in (names if names is not None else self._lowered_names()):
+            return default
+        return ", ".join([v.decode("latin-1") for n, v in self._items if n.lower() == key])
 
     def get_list(self, name: str | bytes) -> list[str]:
         """Return every value of ``name`` in order (an empty list if absent)."""
         key = _lower(name)
+        if key not in self._lowered_names():
+            return []
         return [v.decode("latin-1") for n, v in self._items if n.lower() == key]
 
     def add(self, name: str | bytes, value: str | bytes) -> None:
         """Append a value for ``name``, keeping the values it already has."""
         raw_name = _encode_name(name)
         self._items.append((raw_name, _encode_value(raw_name, value)))
+        self._names = None
 
     def __getitem__(self, name: str | bytes) -> str:
         value = self.get(name)
@@ -369,19 +387,24 @@ class Headers:
         )
         self._items = [p for p in self._items if p[0].lower() != key]
         self._items.insert(position, pair)
+        self._names = None
 
     def __delitem__(self, name: str | bytes) -> None:
         key = _lower(name)
-        kept = [p for p in self._items if p[0].lower() != key]
-        if len(kept) == len(self._items):
+        if key not in self._lowered_names():
             raise KeyError(name)
-        self._items = kept
+        self._items = [p for p in self._items if p[0].lower() != key]
+        self._names = None
 
     def __contains__(self, name: object) -> bool:
-        if not isinstance(name, (str, bytes)):
+        if isinstance(name, str):
+            key = name.encode("latin-1", errors="replace").lower()
+        elif isinstance(name, bytes):
+            key = name.lower()
+        else:
             return False
-        key = _lower(name)
-        return any(n.lower() == key for n, _ in self._items)
+        names = self._names
+        return key in (names if names is not None else self._lowered_names())
 
     def keys(self) -> list[str]:
         """Return each distinct name once, lowercased, in order of first appearance."""
@@ -404,7 +427,9 @@ class Headers:
 
     def copy(self) -> Headers:
         """Return an independent copy."""
-        return Headers._from_trusted(list(self._items))
+        copy = Headers._from_trusted(list(self._items))
+        copy._names = self._names
+        return copy
 
     def _normalized(self) -> list[tuple[bytes, bytes]]:
         # Stable sort: the relative order of one name's values matters, the order of
