@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from trio_connpool._exceptions import InvalidHeader, InvalidURL, LocalProtocolError
-from trio_connpool.http import URL, Headers, Origin, Request, Response, Timeouts
+from trio_connpool.http import URL, Headers, Origin, Request, Response, Timeouts, _models
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -313,6 +313,22 @@ async def test_request_content_kinds() -> None:
 def test_request_rejects_bad_method(method: str) -> None:
     with pytest.raises(LocalProtocolError):
         Request(method, "http://h/")
+
+
+def test_request_method_check_is_remembered_but_never_skipped() -> None:
+    url = URL("http://h/")
+    for i in range(100):  # more methods than are remembered
+        assert Request(f"X-{i}", url).method == f"X-{i}"
+        assert Request(f"X-{i}", url).method == f"X-{i}"
+    assert len(_models._VALID_METHODS) <= _models._MAX_VALID_METHODS  # pyright: ignore[reportPrivateUsage]
+    with pytest.raises(LocalProtocolError):
+        Request("GE T", url)
+
+    class Method(str):
+        __slots__ = ()
+
+    assert Request(Method("GET"), url).method == "GET"
+    assert all(type(m) is str for m in _models._VALID_METHODS)  # pyright: ignore[reportPrivateUsage]
 
 
 def test_request_rejects_bad_url_and_headers() -> None:

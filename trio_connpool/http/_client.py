@@ -592,6 +592,8 @@ class Client:
                     self._urls.clear()
                 parsed = self._urls[url] = URL(url)
             url = parsed
+        elif not isinstance(url, URL):
+            url = URL(url)  # raises InvalidURL: it is not a str
         merged = self.headers.copy()
         if headers is not None:
             given = Headers(headers).raw
@@ -602,7 +604,7 @@ class Client:
                     del merged[name]
             for name, value in given:
                 merged.add(name, value)
-        return Request(method, url, headers=merged, content=content)
+        return Request._with_own_headers(method, url, merged, content)
 
     async def request(
         self,

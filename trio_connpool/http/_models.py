@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from http import HTTPStatus
-from typing import ClassVar, Protocol, Union, cast, final
+from typing import ClassVar, Final, Protocol, Union, cast, final
 from urllib.parse import SplitResult, quote, urlsplit
 
 import attrs
@@ -427,7 +427,8 @@ class Headers:
 
     def copy(self) -> Headers:
         """Return an independent copy."""
-        copy = Headers._from_trusted(list(self._items))
+        copy = object.__new__(Headers)
+        copy._items = list(self._items)
         copy._names = self._names
         return copy
 
@@ -463,6 +464,35 @@ def _lower(name: str | bytes) -> bytes:
 
 RequestContent = Union[bytes, AsyncIterable[bytes], None]  # noqa: UP007 (runtime alias)
 """A request body: all of it as bytes, an async iterable of byte chunks, or none."""
+
+# Methods already found to be tokens, so that a request does not run the regex again. A
+# program uses a handful; the bound only stops a stream of odd methods from growing it.
+_VALID_METHODS: set[str] = set()
+_MAX_VALID_METHODS: Final = 64
+
+
+def _check_method(method: object) -> None:
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a str, not {type(method).__name__}")
+    if not method.isascii() or not _TOKEN_RE.fullmatch(method.encode("ascii")):
+        raise LocalProtocolError(f"invalid HTTP method {method!r}")
+    if type(method) is str:  # a subclass could compare equal to a token and be another
+        if len(_VALID_METHODS) >= _MAX_VALID_METHODS:
+            _VALID_METHODS.clear()
+        _VALID_METHODS.add(method)
+
+
+def _check_content(content: object) -> RequestContent:
+    if isinstance(content, str):
+        raise TypeError("content must be bytes, not str: encode it first (e.g. .encode())")
+    if isinstance(content, (bytearray, memoryview)):
+        return bytes(content)
+    if not (content is None or isinstance(content, bytes) or hasattr(content, "__aiter__")):
+        raise TypeError(
+            "content must be bytes, an async iterable of bytes or None, "
+            f"not {type(content).__name__}"
+        )
+    return cast("RequestContent", content)
 
 
 @final
@@ -501,24 +531,30 @@ class Request:
         headers: HeaderTypes = None,
         content: RequestContent = None,
     ) -> None:
-        if not isinstance(method, str):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise TypeError(f"method must be a str, not {type(method).__name__}")
-        if not method.isascii() or not _TOKEN_RE.fullmatch(method.encode("ascii")):
-            raise LocalProtocolError(f"invalid HTTP method {method!r}")
-        given: object = content
-        if isinstance(given, str):
-            raise TypeError("content must be bytes, not str: encode it first (e.g. .encode())")
-        if isinstance(given, (bytearray, memoryview)):
-            content = bytes(given)
-        elif not (given is None or isinstance(given, bytes) or hasattr(given, "__aiter__")):
-            raise TypeError(
-                "content must be bytes, an async iterable of bytes or None, "
-                f"not {type(content).__name__}"
-            )
+        if type(method) is not str or method not in _VALID_METHODS:
+            _check_method(method)
+        if not (content is None or type(content) is bytes):
+            content = _check_content(content)
         self.method: str = method
         self.url: URL = url if isinstance(url, URL) else URL(url)
         self.headers: Headers = Headers(headers)
         self.content: RequestContent = content
+
+    @classmethod
+    def _with_own_headers(
+        cls, method: str, url: URL, headers: Headers, content: RequestContent
+    ) -> Request:
+        """`Request` for a caller that made ``headers`` for this request alone: no copy."""
+        if type(method) is not str or method not in _VALID_METHODS:
+            _check_method(method)
+        if not (content is None or type(content) is bytes):
+            content = _check_content(content)
+        self = object.__new__(cls)
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.content = content
+        return self
 
     @property
     def is_replayable(self) -> bool:
