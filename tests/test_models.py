@@ -204,6 +204,12 @@ def test_headers_lookups_follow_every_change() -> None:
     assert "d" not in headers
     assert "e" not in headers
     assert headers.keys() == ["b", "c"]
+    # The lowercased forms of the names asked for are remembered, within a bound.
+    many = Headers([(f"X-{i}", "v") for i in range(0, 600, 2)])
+    for i in range(600):
+        assert (f"x-{i}" in many) is (i % 2 == 0)
+        assert (f"X-{i}" in many) is (i % 2 == 0)
+    assert len(_models._LOWERED) <= _models._MAX_LOWERED  # pyright: ignore[reportPrivateUsage]
 
 
 def test_headers_strip_and_latin1() -> None:

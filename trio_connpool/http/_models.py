@@ -81,7 +81,7 @@ def format_authority(host: str, port: int, scheme: str) -> str:
     return text
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class Origin:
     """Where a connection goes: the scheme, host and port of a URL.
 
@@ -152,7 +152,7 @@ class URL:
         InvalidURL: If ``text`` is not an acceptable URL (also a `ValueError`).
     """
 
-    __slots__ = ("_origin", "host", "port", "scheme", "target")
+    __slots__ = ("_origin", "_text", "host", "port", "scheme", "target")
 
     scheme: str
     host: str
@@ -193,6 +193,7 @@ class URL:
         self.port = port
         self.target = target.encode("ascii")
         self._origin: Origin | None = None
+        self._text: str | None = None
 
     @property
     def is_secure(self) -> bool:
@@ -219,8 +220,11 @@ class URL:
         return hash(self._key())
 
     def __str__(self) -> str:
-        authority = format_authority(self.host, self.port, self.scheme)
-        return f"{self.scheme}://{authority}{self.target.decode('ascii')}"
+        text = self._text
+        if text is None:
+            authority = format_authority(self.host, self.port, self.scheme)
+            text = self._text = f"{self.scheme}://{authority}{self.target.decode('ascii')}"
+        return text
 
     def __repr__(self) -> str:
         return f"URL({str(self)!r})"
@@ -397,12 +401,14 @@ class Headers:
         self._names = None
 
     def __contains__(self, name: object) -> bool:
-        if isinstance(name, str):
-            key = name.encode("latin-1", errors="replace").lower()
-        elif isinstance(name, bytes):
-            key = name.lower()
-        else:
-            return False
+        key = _LOWERED.get(name) if type(name) is str else None
+        if key is None:
+            if isinstance(name, str):
+                key = _lower(name)
+            elif isinstance(name, bytes):
+                key = name.lower()
+            else:
+                return False
         names = self._names
         return key in (names if names is not None else self._lowered_names())
 
@@ -429,7 +435,10 @@ class Headers:
         """Return an independent copy."""
         copy = object.__new__(Headers)
         copy._items = list(self._items)
-        copy._names = self._names
+        # Copies are made from templates (a client's default headers): the names are worked
+        # out once on the template, and every copy starts with them.
+        names = self._names
+        copy._names = names if names is not None else self._lowered_names()
         return copy
 
     def _normalized(self) -> list[tuple[bytes, bytes]]:
@@ -456,7 +465,21 @@ class Headers:
         return f"Headers({shown!r})"
 
 
+# Lowercased lookup keys of the str names asked for: a program asks for a few names, over
+# and over ("host", "content-length"). Bounded all the same.
+_LOWERED: dict[str, bytes] = {}
+_MAX_LOWERED: Final = 256
+
+
 def _lower(name: str | bytes) -> bytes:
+    if type(name) is str:
+        key = _LOWERED.get(name)
+        if key is None:
+            key = name.encode("latin-1", errors="replace").lower()
+            if len(_LOWERED) >= _MAX_LOWERED:
+                _LOWERED.clear()
+            _LOWERED[name] = key
+        return key
     if isinstance(name, str):
         return name.encode("latin-1", errors="replace").lower()
     return name.lower()
