@@ -455,9 +455,8 @@ class PoolSender:
         await trio.lowlevel.checkpoint_if_cancelled()
         retries = 0
         while True:
-            try:
-                lease = pool.acquire_nowait(key)
-            except trio.WouldBlock:
+            lease = pool._try_acquire(key)
+            if lease is None:
                 remaining = None if timeout is None else max(0.0, deadline - trio.current_time())
                 lease = await pool.acquire(key, timeout=remaining)
             connection = lease.connection
