@@ -603,8 +603,8 @@ class Client:
                     self._urls.clear()
                 parsed = self._urls[url] = URL(url)
             url = parsed
-        elif not isinstance(url, URL):
-            url = URL(url)  # raises InvalidURL: it is not a str
+        else:
+            url = url if isinstance(url, URL) else URL(url)  # not a str: URL raises InvalidURL
         merged = self.headers.copy()
         if headers is not None:
             given = Headers(headers).raw

@@ -509,7 +509,7 @@ def _check_content(content: object) -> RequestContent:
     if isinstance(content, str):
         raise TypeError("content must be bytes, not str: encode it first (e.g. .encode())")
     if isinstance(content, (bytearray, memoryview)):
-        return bytes(content)
+        return bytes(cast("bytearray | memoryview[int]", content))
     if not (content is None or isinstance(content, bytes) or hasattr(content, "__aiter__")):
         raise TypeError(
             "content must be bytes, an async iterable of bytes or None, "
