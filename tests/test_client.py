@@ -31,6 +31,7 @@ from trio_connpool import (
     open_pool,
 )
 from trio_connpool.http import (
+    URL,
     Client,
     HTTPConnector,
     HTTPKey,
@@ -358,4 +359,14 @@ async def test_default_headers_and_client_type(served: Served) -> None:
         request = client.build_request("GET", served.base + "/", headers={"x-default": "2"})
         assert request.headers.get_list("x-default") == ["2"]
         assert request.headers["user-agent"] == "trio-connpool"
+        # The request's headers are its own: changing them leaves the defaults alone.
+        request.headers["X-Default"] = "3"
+        del request.headers["user-agent"]
+        assert client.headers.get_list("x-default") == ["1"]
+        assert client.headers["user-agent"] == "trio-connpool"
+        plain = client.build_request("POST", URL(served.base + "/"), content=bytearray(b"ab"))  # type: ignore[arg-type]
+        assert plain.headers == {"x-default": "1", "user-agent": "trio-connpool"}
+        assert plain.content == b"ab"
+        with pytest.raises(InvalidURL):
+            client.build_request("GET", b"http://h/")  # type: ignore[arg-type]
         assert (await client.get(served.base + "/")).status_code == 200

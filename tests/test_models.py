@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from trio_connpool._exceptions import InvalidHeader, InvalidURL, LocalProtocolError
-from trio_connpool.http import URL, Headers, Origin, Request, Response, Timeouts
+from trio_connpool.http import URL, Headers, Origin, Request, Response, Timeouts, _models
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -183,6 +183,35 @@ def test_headers_mutation() -> None:
     assert "z" not in headers
 
 
+def test_headers_lookups_follow_every_change() -> None:
+    # Lookups use the lowercased names, remembered between changes: each change must show.
+    headers = Headers([("A", "1")])
+    assert "b" not in headers
+    headers.add("B", "2")
+    assert "b" in headers
+    assert headers.get("b") == "2"
+    headers["C"] = "3"
+    assert headers.get_list("c") == ["3"]
+    del headers["a"]
+    assert "a" not in headers
+    assert headers.get("A") is None
+    copied = headers.copy()
+    also_copied = Headers(headers)
+    copied.add("D", "4")
+    also_copied["E"] = "5"
+    assert "d" in copied
+    assert "e" in also_copied
+    assert "d" not in headers
+    assert "e" not in headers
+    assert headers.keys() == ["b", "c"]
+    # The lowercased forms of the names asked for are remembered, within a bound.
+    many = Headers([(f"X-{i}", "v") for i in range(0, 600, 2)])
+    for i in range(600):
+        assert (f"x-{i}" in many) is (i % 2 == 0)
+        assert (f"X-{i}" in many) is (i % 2 == 0)
+    assert len(_models._LOWERED) <= _models._MAX_LOWERED  # pyright: ignore[reportPrivateUsage]
+
+
 def test_headers_strip_and_latin1() -> None:
     headers = Headers({"A": " \tvalue \t", "B": "caf\u00e9", "C": "x\ty"})
     assert headers.raw == [(b"A", b"value"), (b"B", b"caf\xe9"), (b"C", b"x\ty")]
@@ -290,6 +319,22 @@ async def test_request_content_kinds() -> None:
 def test_request_rejects_bad_method(method: str) -> None:
     with pytest.raises(LocalProtocolError):
         Request(method, "http://h/")
+
+
+def test_request_method_check_is_remembered_but_never_skipped() -> None:
+    url = URL("http://h/")
+    for i in range(100):  # more methods than are remembered
+        assert Request(f"X-{i}", url).method == f"X-{i}"
+        assert Request(f"X-{i}", url).method == f"X-{i}"
+    assert len(_models._VALID_METHODS) <= _models._MAX_VALID_METHODS  # pyright: ignore[reportPrivateUsage]
+    with pytest.raises(LocalProtocolError):
+        Request("GE T", url)
+
+    class Method(str):
+        __slots__ = ()
+
+    assert Request(Method("GET"), url).method == "GET"
+    assert all(type(m) is str for m in _models._VALID_METHODS)  # pyright: ignore[reportPrivateUsage]
 
 
 def test_request_rejects_bad_url_and_headers() -> None:

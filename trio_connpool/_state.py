@@ -908,6 +908,10 @@ class PoolState(Generic[K, C]):
             self._blocked.pop(sub.key, None)
             return
         per_key = self.max_connections_per_key
+        if per_key is not None and sub.usage >= per_key:
+            # No reservation fits (each weighs at least 1): skip asking reserve() for one.
+            self._blocked.pop(sub.key, None)
+            return
         while sub.unattributed:
             reservation = self._reserve(sub.key) if self._reserve else DEFAULT_RESERVATION
             weight = reservation.weight

@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import ssl
-from collections.abc import AsyncGenerator, Hashable, Sequence
+from collections.abc import AsyncGenerator, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, runtime_checkable
 
@@ -321,12 +321,16 @@ class HTTPConnector:
 class _LeasedBody:
     """A response body that gives its lease back when it ends or is closed."""
 
-    __slots__ = ("_inner", "_lease", "_pool")
+    __slots__ = ("_inner", "_inner_buffered", "_lease", "_pool")
 
     def __init__(self, inner: Any, pool: Pool[HTTPKey, HTTPConnection], lease: Any) -> None:
         self._inner = inner
         self._pool = pool
         self._lease: Lease[HTTPKey, HTTPConnection] = lease
+        # Looked up once: reading a body asks for buffered chunks several times.
+        self._inner_buffered: Callable[[], bytes | None] | None = getattr(
+            inner, "receive_buffered", None
+        )
 
     async def receive_some(self) -> bytes:
         try:
@@ -339,8 +343,10 @@ class _LeasedBody:
         return data
 
     def receive_buffered(self) -> bytes | None:
-        receive_buffered = getattr(self._inner, "receive_buffered", None)
-        data: bytes | None = receive_buffered() if receive_buffered is not None else None
+        receive_buffered = self._inner_buffered
+        if receive_buffered is None:
+            return None
+        data = receive_buffered()
         if data == b"":
             self._release()
         return data
@@ -353,7 +359,8 @@ class _LeasedBody:
 
     def _release(self) -> None:
         # is_clean() reads the connection's own state: no syscall on the hot path.
-        self._pool.release(self._lease, discard=not self._lease.connection.is_clean())
+        lease = self._lease
+        self._pool.release(lease, discard=not lease.connection.is_clean())
 
 
 class PoolSender:
@@ -436,7 +443,10 @@ class PoolSender:
 
     async def send_request(self, request: Request) -> Response:
         """Lease a connection, send ``request``, and tie the lease to the response body."""
-        key = self.key_for(request.url.origin)
+        origin = request.url.origin
+        key = self._keys.get(origin)
+        if key is None:
+            key = self.key_for(origin)
         timeout = self.acquire_timeout
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         pool = self.pool
@@ -445,14 +455,15 @@ class PoolSender:
         await trio.lowlevel.checkpoint_if_cancelled()
         retries = 0
         while True:
-            try:
-                lease = pool.acquire_nowait(key)
-            except trio.WouldBlock:
+            lease = pool._try_acquire(key)
+            if lease is None:
                 remaining = None if timeout is None else max(0.0, deadline - trio.current_time())
                 lease = await pool.acquire(key, timeout=remaining)
             connection = lease.connection
             try:
-                if not await self._healthy(connection):
+                # (_healthy is awaited only when there is something to check: a coroutine
+                # per request costs more than the test.)
+                if self.health_check_after is not None and not await self._healthy(connection):
                     pool.release(lease, discard=True)
                     continue
                 response = await connection.send_request(request)
@@ -592,6 +603,8 @@ class Client:
                     self._urls.clear()
                 parsed = self._urls[url] = URL(url)
             url = parsed
+        else:
+            url = url if isinstance(url, URL) else URL(url)  # not a str: URL raises InvalidURL
         merged = self.headers.copy()
         if headers is not None:
             given = Headers(headers).raw
@@ -602,7 +615,7 @@ class Client:
                     del merged[name]
             for name, value in given:
                 merged.add(name, value)
-        return Request(method, url, headers=merged, content=content)
+        return Request._with_own_headers(method, url, merged, content)
 
     async def request(
         self,
@@ -632,7 +645,7 @@ class Client:
         try:
             await response._read_all()  # no extra checkpoint for what is already buffered
         finally:
-            if not response.is_closed:
+            if not response._closed:
                 with trio.CancelScope(shield=True):
                     await response.aclose()
         return response

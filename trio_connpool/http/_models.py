@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from http import HTTPStatus
-from typing import ClassVar, Protocol, Union, cast, final
+from typing import ClassVar, Final, Protocol, Union, cast, final
 from urllib.parse import SplitResult, quote, urlsplit
 
 import attrs
@@ -81,7 +81,7 @@ def format_authority(host: str, port: int, scheme: str) -> str:
     return text
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class Origin:
     """Where a connection goes: the scheme, host and port of a URL.
 
@@ -152,7 +152,7 @@ class URL:
         InvalidURL: If ``text`` is not an acceptable URL (also a `ValueError`).
     """
 
-    __slots__ = ("_origin", "host", "port", "scheme", "target")
+    __slots__ = ("_origin", "_text", "host", "port", "scheme", "target")
 
     scheme: str
     host: str
@@ -193,6 +193,7 @@ class URL:
         self.port = port
         self.target = target.encode("ascii")
         self._origin: Origin | None = None
+        self._text: str | None = None
 
     @property
     def is_secure(self) -> bool:
@@ -219,8 +220,11 @@ class URL:
         return hash(self._key())
 
     def __str__(self) -> str:
-        authority = format_authority(self.host, self.port, self.scheme)
-        return f"{self.scheme}://{authority}{self.target.decode('ascii')}"
+        text = self._text
+        if text is None:
+            authority = format_authority(self.host, self.port, self.scheme)
+            text = self._text = f"{self.scheme}://{authority}{self.target.decode('ascii')}"
+        return text
 
     def __repr__(self) -> str:
         return f"URL({str(self)!r})"
@@ -307,15 +311,21 @@ class Headers:
         TypeError: If a name or value is neither ``str`` nor ``bytes``.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_names")
     __hash__: ClassVar[None] = None  # type: ignore[assignment]  # mutable
 
     def __init__(self, headers: HeaderTypes = None) -> None:
         self._items: list[tuple[bytes, bytes]] = []
+        # The lowercased names, built on the first lookup and dropped by every change, so
+        # that the lookups a request and its response go through (``"host" in headers``,
+        # ``get("content-length")``) do not lowercase every name each time. Immutable, so a
+        # copy shares it.
+        self._names: frozenset[bytes] | None = None
         if headers is None:
             return
         if isinstance(headers, Headers):
             self._items = list(headers._items)
+            self._names = headers._names
             return
         pairs: Iterable[object]
         if isinstance(headers, Mapping):
@@ -338,20 +348,32 @@ class Headers:
         self._items = items
         return self
 
+    def _lowered_names(self) -> frozenset[bytes]:
+        names = self._names
+        if names is None:
+            names = self._names = frozenset([n.lower() for n, _ in self._items])
+        return names
+
     def get(self, name: str | bytes, default: str | None = None) -> str | None:
         """Return the value of ``name``, several values joined by ``", "``, or ``default``."""
-        values = self.get_list(name)
-        return ", ".join(values) if values else default
+        key = _lower(name)
+        names = self._names
+        if key not in (names if names is not None else self._lowered_names()):
+            return default
+        return ", ".join([v.decode("latin-1") for n, v in self._items if n.lower() == key])
 
     def get_list(self, name: str | bytes) -> list[str]:
         """Return every value of ``name`` in order (an empty list if absent)."""
         key = _lower(name)
+        if key not in self._lowered_names():
+            return []
         return [v.decode("latin-1") for n, v in self._items if n.lower() == key]
 
     def add(self, name: str | bytes, value: str | bytes) -> None:
         """Append a value for ``name``, keeping the values it already has."""
         raw_name = _encode_name(name)
         self._items.append((raw_name, _encode_value(raw_name, value)))
+        self._names = None
 
     def __getitem__(self, name: str | bytes) -> str:
         value = self.get(name)
@@ -369,19 +391,26 @@ class Headers:
         )
         self._items = [p for p in self._items if p[0].lower() != key]
         self._items.insert(position, pair)
+        self._names = None
 
     def __delitem__(self, name: str | bytes) -> None:
         key = _lower(name)
-        kept = [p for p in self._items if p[0].lower() != key]
-        if len(kept) == len(self._items):
+        if key not in self._lowered_names():
             raise KeyError(name)
-        self._items = kept
+        self._items = [p for p in self._items if p[0].lower() != key]
+        self._names = None
 
     def __contains__(self, name: object) -> bool:
-        if not isinstance(name, (str, bytes)):
-            return False
-        key = _lower(name)
-        return any(n.lower() == key for n, _ in self._items)
+        key = _LOWERED.get(name) if type(name) is str else None
+        if key is None:
+            if isinstance(name, str):
+                key = _lower(name)
+            elif isinstance(name, bytes):
+                key = name.lower()
+            else:
+                return False
+        names = self._names
+        return key in (names if names is not None else self._lowered_names())
 
     def keys(self) -> list[str]:
         """Return each distinct name once, lowercased, in order of first appearance."""
@@ -404,7 +433,13 @@ class Headers:
 
     def copy(self) -> Headers:
         """Return an independent copy."""
-        return Headers._from_trusted(list(self._items))
+        copy = object.__new__(Headers)
+        copy._items = list(self._items)
+        # Copies are made from templates (a client's default headers): the names are worked
+        # out once on the template, and every copy starts with them.
+        names = self._names
+        copy._names = names if names is not None else self._lowered_names()
+        return copy
 
     def _normalized(self) -> list[tuple[bytes, bytes]]:
         # Stable sort: the relative order of one name's values matters, the order of
@@ -430,7 +465,21 @@ class Headers:
         return f"Headers({shown!r})"
 
 
+# Lowercased lookup keys of the str names asked for: a program asks for a few names, over
+# and over ("host", "content-length"). Bounded all the same.
+_LOWERED: dict[str, bytes] = {}
+_MAX_LOWERED: Final = 256
+
+
 def _lower(name: str | bytes) -> bytes:
+    if type(name) is str:
+        key = _LOWERED.get(name)
+        if key is None:
+            key = name.encode("latin-1", errors="replace").lower()
+            if len(_LOWERED) >= _MAX_LOWERED:
+                _LOWERED.clear()
+            _LOWERED[name] = key
+        return key
     if isinstance(name, str):
         return name.encode("latin-1", errors="replace").lower()
     return name.lower()
@@ -438,6 +487,35 @@ def _lower(name: str | bytes) -> bytes:
 
 RequestContent = Union[bytes, AsyncIterable[bytes], None]  # noqa: UP007 (runtime alias)
 """A request body: all of it as bytes, an async iterable of byte chunks, or none."""
+
+# Methods already found to be tokens, so that a request does not run the regex again. A
+# program uses a handful; the bound only stops a stream of odd methods from growing it.
+_VALID_METHODS: set[str] = set()
+_MAX_VALID_METHODS: Final = 64
+
+
+def _check_method(method: object) -> None:
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a str, not {type(method).__name__}")
+    if not method.isascii() or not _TOKEN_RE.fullmatch(method.encode("ascii")):
+        raise LocalProtocolError(f"invalid HTTP method {method!r}")
+    if type(method) is str:  # a subclass could compare equal to a token and be another
+        if len(_VALID_METHODS) >= _MAX_VALID_METHODS:
+            _VALID_METHODS.clear()
+        _VALID_METHODS.add(method)
+
+
+def _check_content(content: object) -> RequestContent:
+    if isinstance(content, str):
+        raise TypeError("content must be bytes, not str: encode it first (e.g. .encode())")
+    if isinstance(content, (bytearray, memoryview)):
+        return bytes(cast("bytearray | memoryview[int]", content))
+    if not (content is None or isinstance(content, bytes) or hasattr(content, "__aiter__")):
+        raise TypeError(
+            "content must be bytes, an async iterable of bytes or None, "
+            f"not {type(content).__name__}"
+        )
+    return cast("RequestContent", content)
 
 
 @final
@@ -476,24 +554,30 @@ class Request:
         headers: HeaderTypes = None,
         content: RequestContent = None,
     ) -> None:
-        if not isinstance(method, str):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise TypeError(f"method must be a str, not {type(method).__name__}")
-        if not method.isascii() or not _TOKEN_RE.fullmatch(method.encode("ascii")):
-            raise LocalProtocolError(f"invalid HTTP method {method!r}")
-        given: object = content
-        if isinstance(given, str):
-            raise TypeError("content must be bytes, not str: encode it first (e.g. .encode())")
-        if isinstance(given, (bytearray, memoryview)):
-            content = bytes(given)
-        elif not (given is None or isinstance(given, bytes) or hasattr(given, "__aiter__")):
-            raise TypeError(
-                "content must be bytes, an async iterable of bytes or None, "
-                f"not {type(content).__name__}"
-            )
+        if type(method) is not str or method not in _VALID_METHODS:
+            _check_method(method)
+        if not (content is None or type(content) is bytes):
+            content = _check_content(content)
         self.method: str = method
         self.url: URL = url if isinstance(url, URL) else URL(url)
         self.headers: Headers = Headers(headers)
         self.content: RequestContent = content
+
+    @classmethod
+    def _with_own_headers(
+        cls, method: str, url: URL, headers: Headers, content: RequestContent
+    ) -> Request:
+        """`Request` for a caller that made ``headers`` for this request alone: no copy."""
+        if type(method) is not str or method not in _VALID_METHODS:
+            _check_method(method)
+        if not (content is None or type(content) is bytes):
+            content = _check_content(content)
+        self = object.__new__(cls)
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.content = content
+        return self
 
     @property
     def is_replayable(self) -> bool:
