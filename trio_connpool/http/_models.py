@@ -343,7 +343,7 @@ class Headers:
 
     @classmethod
     def _from_trusted(cls, items: list[tuple[bytes, bytes]]) -> Headers:
-        """Wrap pairs that a protocol parser (h11, h2) has already validated."""
+        """Wrap pairs that a protocol parser (ours for HTTP/1.1, h2) has already validated."""
         self = cls()
         self._items = items
         return self
