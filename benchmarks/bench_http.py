@@ -16,7 +16,9 @@ Every client first runs an untimed warm-up of C requests, so that all are measur
 connections open, as the floor's are. nginx (Debian's package) is started by this script with
 its own config on 127.0.0.1 (one worker, keep-alive unlimited, a fixed 5-byte answer), so the
 server is not the bottleneck on a 2-core machine. TLS uses a trustme certificate. Throughput
-is requests per second over the whole run; latencies are per request.
+is requests per second over the whole run; latencies are per request. The HTTP/1.1 table also
+compares the CPU time this process spends per request (user and system: less noisy than the
+wall clock on a shared machine, and what bounds throughput once the server keeps up).
 
 Run: ``python benchmarks/bench_http.py`` (``--quick`` for a short run, ``--tls`` for TLS only,
 ``--plain`` for plain only, ``--http2`` for the HTTP/2 table only, ``--no-http2`` without it,
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import math
 import os
 import shutil
 import socket
@@ -130,9 +133,12 @@ class Nginx:
 
 
 class Result:
-    def __init__(self, total: int, elapsed: float, latencies: list[float]) -> None:
+    def __init__(
+        self, total: int, elapsed: float, latencies: list[float], cpu: float = math.nan
+    ) -> None:
         latencies.sort()
         self.rate = total / elapsed
+        self.cpu = cpu / total  # this process's CPU seconds per request (user + system)
         self.p50 = latencies[len(latencies) // 2]
         self.p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
 
@@ -144,6 +150,7 @@ class Result:
         merged.rate = sorted(r.rate for r in results)[middle]
         merged.p50 = sorted(r.p50 for r in results)[middle]
         merged.p99 = sorted(r.p99 for r in results)[middle]
+        merged.cpu = sorted(r.cpu for r in results)[middle]
         return merged
 
 
@@ -173,11 +180,12 @@ async def _drive_trio(total: int, tasks: int, one: Callable[[], Awaitable[None]]
     for count in (tasks, total):
         remaining = count
         latencies.clear()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         async with trio.open_nursery() as nursery:
             for _ in range(tasks):
                 nursery.start_soon(worker)
-    return Result(total, time.perf_counter() - start, latencies)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return Result(total, elapsed, latencies, cpu)
 
 
 async def run_floor(url: str, ctx: ssl.SSLContext | None, total: int, c: int, m: int) -> Result:
@@ -326,9 +334,10 @@ def run_aiohttp(url: str, ctx: ssl.SSLContext | None, total: int, c: int, m: int
             for count in (c, total):  # an untimed warm-up, as in _drive_trio
                 remaining = count
                 latencies.clear()
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 await asyncio.gather(*(worker() for _ in range(c)))
-            return Result(total, time.perf_counter() - start, latencies)
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+            return Result(total, elapsed, latencies, cpu)
 
     return asyncio.run(main())
 
@@ -359,7 +368,11 @@ def main() -> None:
         for name, url, ctx in modes:
             print(f"\n== HTTP/1.1 {name}, {total} requests per run; req/s (p99 ms)")
             cols = ["floor", "ours", *peers]
-            print(f"{'C':>4} {'M':>3} " + " ".join(f"{c:>16}" for c in cols) + "  ours/floor")
+            print(
+                f"{'C':>4} {'M':>3} "
+                + " ".join(f"{c:>16}" for c in cols)
+                + "  ours/floor: req/s (p99, CPU per request)"
+            )
             for c in (1, 64, 512):
                 for m in (1, 16, 64):
                     if m > c and c > 1:
@@ -379,7 +392,11 @@ def main() -> None:
                     )
                     ratio = results["ours"].rate / results["floor"].rate
                     p99 = results["ours"].p99 / results["floor"].p99
-                    print(f"{c:>4} {m:>3} {cells}  {ratio:.2f} (p99 x{p99:.2f})", flush=True)
+                    cpu = results["ours"].cpu / results["floor"].cpu
+                    print(
+                        f"{c:>4} {m:>3} {cells}  {ratio:.2f} (p99 x{p99:.2f}, CPU x{cpu:.2f})",
+                        flush=True,
+                    )
         if not args.no_http2:
             http2_table(nginx, total, peers, args.repeat)
     finally:

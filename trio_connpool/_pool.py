@@ -469,19 +469,17 @@ class Pool(Generic[K, C]):
                 self._apply()
             return trio.lowlevel.Abort.SUCCEEDED
 
+        # wait_task_rescheduled unwraps what _wake passed: a lease, or the error raised here.
         if timeout is None:
-            return self._unwrap(
-                outcome.Value(await trio.lowlevel.wait_task_rescheduled(abort)), key
-            )
+            return self._acquired(key, await trio.lowlevel.wait_task_rescheduled(abort))
         with trio.CancelScope(deadline=trio.current_time() + timeout):
-            result: outcome.Outcome[Lease[K, C]] = outcome.Value(
-                await trio.lowlevel.wait_task_rescheduled(abort)
-            )
-            return self._unwrap(result, key)
+            return self._acquired(key, await trio.lowlevel.wait_task_rescheduled(abort))
         raise PoolTimeout(f"no connection within {timeout} s", key=key)
 
     def _unwrap(self, result: outcome.Outcome[Lease[K, C]], key: K) -> Lease[K, C]:
-        lease = result.unwrap()
+        return self._acquired(key, result.unwrap())
+
+    def _acquired(self, key: K, lease: Lease[K, C]) -> Lease[K, C]:
         if self._instruments:
             self._hook("lease_acquired", key, lease.connection)
         return lease

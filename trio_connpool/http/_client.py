@@ -457,8 +457,9 @@ class PoolSender:
         while True:
             lease = pool._try_acquire(key)
             if lease is None:
+                # Straight to the line: acquire() would only try the same miss again.
                 remaining = None if timeout is None else max(0.0, deadline - trio.current_time())
-                lease = await pool.acquire(key, timeout=remaining)
+                lease = await pool._wait(key, remaining)
             connection = lease.connection
             try:
                 # (_healthy is awaited only when there is something to check: a coroutine

@@ -139,7 +139,10 @@ def _framing_of(
             continue
         lower = name.lower()
         if lower == b"content-length":
-            values = {v.strip() for v in value.split(b",")}
+            if value.isdigit() and len(value) <= _CONTENT_LENGTH_MAX_DIGITS:
+                values = {value}  # the common case: one plain number
+            else:
+                values = {v.strip() for v in value.split(b",")}
             if len(values) != 1:
                 raise error("conflicting Content-Length headers")
             (single,) = values
@@ -159,7 +162,9 @@ def _framing_of(
                 raise error("Only Transfer-Encoding: chunked is supported")
             chunked = True
         elif lower == b"connection":
-            close = close or b"close" in [v.strip() for v in value.lower().split(b",")]
+            value = value.lower()
+            if b"close" in value:  # else no token of it can be "close"
+                close = close or b"close" in [v.strip() for v in value.split(b",")]
     return (None if length is None else int(length)), chunked, close
 
 
