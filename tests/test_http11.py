@@ -32,7 +32,7 @@ from trio_connpool.http import (
     create_ssl_context,
     open_stream,
 )
-from trio_connpool.http._h1 import LocalViolation
+from trio_connpool.http._h1 import LocalViolation, RemoteViolation
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -518,6 +518,7 @@ async def test_invalid_chunk_in_the_body(
         with pytest.raises(RemoteProtocolError, match="illegal chunk header") as info:
             await response.aread()
     assert type(info.value) is RemoteProtocolError
+    assert isinstance(info.value.__cause__, RemoteViolation)
     assert info.value.url == "http://example.com/path?q=1"
     assert connection.is_closed()
     assert response.is_closed

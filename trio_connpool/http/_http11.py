@@ -166,7 +166,7 @@ class HTTP11Connection:
         self._request: Request | None = None
         self._response_started = False  # any byte of the current response received
         self._write_error: BaseException | None = None
-        self._violation: RemoteViolation | None = None  # met by _receive_buffered
+        self._body_error: RemoteProtocolError | None = None  # met by _receive_buffered
         self._reads = 0  # reads from the transport, to know whether we checkpointed
         self._close_pending = False  # body ended in _receive_buffered; transport to close
         # The scope whose deadline bounds the current read or write, and which one it is.
@@ -454,11 +454,9 @@ class HTTP11Connection:
         )
 
     def _invalid_response(self, violation: RemoteViolation) -> RemoteProtocolError:
-        error = RemoteProtocolError(
+        return RemoteProtocolError(
             f"invalid response: {violation}", key=self._origin, url=self._url
         )
-        error.__cause__ = violation
-        return error
 
     async def _receive_response_head(self, request: Request) -> Response:
         h1 = self._h1
@@ -488,8 +486,8 @@ class HTTP11Connection:
     def _body_step(self) -> bytes | None:
         """The next piece of the body from what has arrived (see `H1Client.receive_body`);
         at the body's end the exchange is done."""
-        if self._violation is not None:
-            raise self._invalid_response(self._violation)
+        if self._body_error is not None:
+            raise self._body_error
         try:
             chunk = self._h1.receive_body()
         except RemoteViolation as exc:
@@ -535,16 +533,15 @@ class HTTP11Connection:
         an end after which the connection must close) is left to `_receive_body_chunk`,
         which reads, raises and closes as needed.
         """
-        if self._violation is not None:
+        if self._body_error is not None:
             return None
         try:
-            chunk = self._h1.receive_body()
-        except RemoteViolation as exc:
-            self._violation = exc  # _receive_body_chunk raises it
+            chunk = self._body_step()
+        except RemoteProtocolError as exc:
+            self._body_error = exc  # _receive_body_chunk raises it
             return None
         if chunk != b"":
             return chunk
-        self._exchange_done()
         if self._state is _State.IDLE:
             return b""
         # The connection must close: let the async path close the transport.
