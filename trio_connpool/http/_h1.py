@@ -34,7 +34,7 @@ Rules:
 from __future__ import annotations
 
 import re
-from typing import Final, NamedTuple, NoReturn, final
+from typing import Final, NamedTuple, final
 
 __all__ = ["H1Client", "LocalViolation", "RemoteViolation", "ResponseHead"]
 
@@ -98,6 +98,16 @@ def _split_lines(block: bytes) -> list[bytes]:
     if b"\r\n" in block and block.count(b"\n") == block.count(b"\r\n"):
         return block.split(b"\r\n")
     return [line[:-1] if line.endswith(b"\r") else line for line in block.split(b"\n")]
+
+
+def _cut_block(buffer: bytes) -> tuple[bytes, int] | None:
+    """The lines before the first blank line (CRLF or bare LF ends, last line end removed)
+    and where what follows it starts; None if no blank line has arrived yet."""
+    match = _BLANK_LINE_RE.search(buffer)
+    if match is None:
+        return None
+    block = buffer[: match.start()]
+    return (block[:-1] if block.endswith(b"\r") else block), match.end()
 
 
 def _parse_fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
@@ -356,15 +366,13 @@ class H1Client:
                 buffer = self._buffer
                 if buffer[:1] == b"\n" or buffer[:2] == b"\r\n":
                     raise RemoteViolation("no response line received")
-                match = _BLANK_LINE_RE.search(buffer)
-                if match is None:
+                cut = _cut_block(buffer)
+                if cut is None:
                     self._need_head_data(buffer)
                     return None
-                block = buffer[: match.start()]
-                if block.endswith(b"\r"):
-                    block = block[:-1]
+                block, end = cut
                 head = self._parse_head(block)
-                self._buffer = buffer[match.end() :]
+                self._buffer = buffer[end:]
                 if head is not None:
                     return head
         except RemoteViolation:
@@ -373,13 +381,13 @@ class H1Client:
 
     def _need_head_data(self, buffer: bytes) -> None:
         if buffer and buffer[0] < 0x21:
-            self._violation("illegal status line")
+            raise RemoteViolation("illegal status line")
         if len(buffer) > self._max_head_size:
-            self._violation("response head too long")
+            raise RemoteViolation("response head too long")
         if self._eof:
             if buffer:
-                self._violation("peer closed connection in the middle of the response head")
-            self._violation("peer closed connection without sending a response")
+                raise RemoteViolation("peer closed connection in the middle of the response head")
+            raise RemoteViolation("peer closed connection without sending a response")
 
     def _parse_head(self, block: bytes) -> ResponseHead | None:
         end = block.find(b"\n")
@@ -390,7 +398,7 @@ class H1Client:
             rest = block[end + 1 :]
         match = _STATUS_RE.fullmatch(status_line)
         if match is None:
-            self._violation(f"illegal status line: {status_line!r}")
+            raise RemoteViolation(f"illegal status line: {status_line!r}")
         version, code, reason = match.groups()
         status = int(code)
         if rest is None:
@@ -402,11 +410,13 @@ class H1Client:
         length, chunked, close = _framing_of(fields, RemoteViolation)
         if status < 200:
             if status == 101:
-                self._violation("the server switched protocols (101), which is not supported")
+                raise RemoteViolation(
+                    "the server switched protocols (101), which is not supported"
+                )
             return None  # 100 Continue, 103 Early Hints: the final response follows
         method = self._head_method
         if method == b"CONNECT" and status < 300:
-            self._violation("a tunnel (2xx to CONNECT) is not supported")
+            raise RemoteViolation("a tunnel (2xx to CONNECT) is not supported")
         self._their_close = close or version < b"1.1"
         if method == b"HEAD" or status in (204, 304):
             self._set_length(0)
@@ -434,6 +444,13 @@ class H1Client:
         Raises:
             RemoteViolation: An invalid chunk, or the peer closed before the body's end.
         """
+        try:
+            return self._receive_body()
+        except RemoteViolation:
+            self.their_state = _ERROR
+            raise
+
+    def _receive_body(self) -> bytes | None:
         if self.their_state != _BODY:
             if self.their_state == _DONE:
                 return b""
@@ -448,7 +465,7 @@ class H1Client:
             buffer = self._buffer
             if not buffer:
                 if self._eof:
-                    self._violation(
+                    raise RemoteViolation(
                         "peer closed connection without sending complete message body "
                         f"(received {self._body_length - remaining} bytes, "
                         f"expected {self._body_length})"
@@ -470,11 +487,7 @@ class H1Client:
                 self.their_state = _DONE
                 return b""
             return None
-        try:
-            return self._receive_chunked()
-        except RemoteViolation:
-            self.their_state = _ERROR
-            raise
+        return self._receive_chunked()
 
     def _receive_chunked(self) -> bytes | None:
         for _ in range(4):  # header, data, CRLF, trailers: each step consumes or returns
@@ -496,24 +509,24 @@ class H1Client:
             if state == _CHUNK_CRLF:
                 if len(buffer) < 2:
                     if buffer not in (b"", b"\r"):
-                        self._violation(f"malformed chunk footer: {buffer!r}")
+                        raise RemoteViolation(f"malformed chunk footer: {buffer!r}")
                     self._check_eof_in_chunked()
                     return None
                 if buffer[:2] != b"\r\n":
-                    self._violation(f"malformed chunk footer: {buffer[:2]!r}")
+                    raise RemoteViolation(f"malformed chunk footer: {buffer[:2]!r}")
                 self._buffer = buffer[2:]
                 self._chunk_state = _CHUNK_HEADER
             elif state == _CHUNK_HEADER:
                 end = buffer.find(b"\r\n")
                 if end < 0:
                     if len(buffer) > self._max_head_size:
-                        self._violation("chunk header too long")
+                        raise RemoteViolation("chunk header too long")
                     self._check_eof_in_chunked()
                     return None
                 line = buffer[:end]
                 match = _CHUNK_RE.fullmatch(line)
                 if match is None:
-                    self._violation(f"illegal chunk header: {line!r}")
+                    raise RemoteViolation(f"illegal chunk header: {line!r}")
                 self._buffer = buffer[end + 2 :]
                 size = int(match.group(1), 16)
                 if size == 0:
@@ -526,29 +539,23 @@ class H1Client:
                     self._buffer = buffer[2:] if buffer[:1] == b"\r" else buffer[1:]
                     self.their_state = _DONE
                     return b""
-                match = _BLANK_LINE_RE.search(buffer)
-                if match is None:
+                cut = _cut_block(buffer)
+                if cut is None:
                     if len(buffer) > self._max_head_size:
-                        self._violation("trailers too long")
+                        raise RemoteViolation("trailers too long")
                     self._check_eof_in_chunked()
                     return None
-                block = buffer[: match.start()]
-                if block.endswith(b"\r"):
-                    block = block[:-1]
+                block, end = cut
                 # Trailer fields are validated like a head's, then dropped.
                 _framing_of(_parse_fields(_split_lines(block)), RemoteViolation)
-                self._buffer = buffer[match.end() :]
+                self._buffer = buffer[end:]
                 self.their_state = _DONE
                 return b""
         raise AssertionError("unreachable: the chunked reader makes progress every step")
 
     def _check_eof_in_chunked(self) -> None:
         if self._eof:
-            self._violation(
+            raise RemoteViolation(
                 "peer closed connection without sending complete message body "
                 "(incomplete chunked read)"
             )
-
-    def _violation(self, message: str) -> NoReturn:
-        self.their_state = _ERROR
-        raise RemoteViolation(message)
