@@ -15,10 +15,13 @@ connection: ``ours-h2`` (``open_client(http2=True)``) next to ``httpx-h2``
 Every client first runs an untimed warm-up of C requests, so that all are measured with their
 connections open, as the floor's are. nginx (Debian's package) is started by this script with
 its own config on 127.0.0.1 (one worker, keep-alive unlimited, a fixed 5-byte answer), so the
-server is not the bottleneck on a 2-core machine. TLS uses a trustme certificate. Throughput
-is requests per second over the whole run; latencies are per request. The HTTP/1.1 table also
-compares the CPU time this process spends per request (user and system: less noisy than the
-wall clock on a shared machine, and what bounds throughput once the server keeps up).
+server is not the bottleneck on a 2-core machine. With two CPUs or more, nginx is pinned to one
+CPU and the clients to the others (``--no-pin`` to let the scheduler place both), so that the
+client and the server do not take turns on the same core, which made single runs swing. TLS
+uses a trustme certificate. Throughput is requests per second over the whole run; latencies
+are per request. The HTTP/1.1 table also compares the CPU time this process spends per request
+(user and system: less noisy than the wall clock on a shared machine, and what bounds
+throughput once the server keeps up).
 
 Run: ``python benchmarks/bench_http.py`` (``--quick`` for a short run, ``--tls`` for TLS only,
 ``--plain`` for plain only, ``--http2`` for the HTTP/2 table only, ``--no-http2`` without it,
@@ -86,7 +89,7 @@ def _free_port() -> int:
 class Nginx:
     """nginx on two loopback ports (plain and TLS), in a temporary directory."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpu: int | None = None) -> None:
         import trustme
 
         self.dir = tempfile.mkdtemp(prefix="bench-nginx-")
@@ -107,8 +110,9 @@ class Nginx:
                 )
             )
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        pin = None if cpu is None else functools.partial(os.sched_setaffinity, 0, {cpu})
         self.process = subprocess.Popen(
-            [nginx, "-c", os.path.join(self.dir, "nginx.conf"), "-p", self.dir]
+            [nginx, "-c", os.path.join(self.dir, "nginx.conf"), "-p", self.dir], preexec_fn=pin
         )
         for _ in range(100):
             try:
@@ -353,10 +357,18 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs per cell, interleaved; medians are shown"
     )
+    parser.add_argument(
+        "--no-pin", action="store_true", help="let the OS place nginx and the clients"
+    )
     args = parser.parse_args()
     total = 2_000 if args.quick else 6_000
     peers = [p for p in args.peers.split(",") if p]
-    nginx = Nginx()
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    server_cpu = cpus[-1] if len(cpus) >= 2 and not args.no_pin else None
+    nginx = Nginx(server_cpu)
+    if server_cpu is not None:
+        os.sched_setaffinity(0, set(cpus) - {server_cpu})
+        print(f"nginx on CPU {server_cpu}, the clients on CPUs {sorted(set(cpus) - {server_cpu})}")
     try:
         modes: list[tuple[str, str, ssl.SSLContext | None]] = []
         if not args.tls:
