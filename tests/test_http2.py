@@ -1041,3 +1041,103 @@ async def test_frames_queued_before_goaway_still_go_out_1181() -> None:
         await server.receive_until_gone()
         assert server.pings_acked == [b"pre-away"]
         assert server.goaway is not None
+
+
+# ---- the header-block memories and the cheap stream count -----------------------------------
+
+
+# Hand-made HPACK (RFC 7541): a literal field with incremental indexing and a new name, and
+# an indexed field naming the newest dynamic table entry (index 62).
+def _literal_indexed(name: bytes, value: bytes) -> bytes:
+    return bytes([0x40, len(name)]) + name + bytes([len(value)]) + value
+
+
+_NEWEST = b"\xbe"
+
+
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    calls: list[bytes] = []
+    original = hpack.Decoder.decode
+
+    def decode(self: hpack.Decoder, data: bytes, raw: bool = False) -> object:
+        calls.append(bytes(data))
+        return original(self, data, raw)
+
+    monkeypatch.setattr(hpack.Decoder, "decode", decode)
+    return calls
+
+
+def test_decoder_reuses_a_repeated_block_that_leaves_the_table_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _count_decodes(monkeypatch)
+    decoder = _http2._RepeatingBlockDecoder(65536)  # pyright: ignore[reportPrivateUsage]
+    # nginx's way: literals (Huffman-coded) that it never indexes, and a static reference.
+    encoder = hpack.Encoder()
+    encoder.header_table_size = 0
+    head = [(b":status", b"200"), (b"server", b"nginx"), (b"date", b"Thu, 01 Jan 2026")]
+    block = encoder.encode(head)
+    assert decoder.decode(block, raw=True) == head  # the size update to 0: decoded
+    block = encoder.encode(head)
+    first = decoder.decode(block, raw=True)
+    second = decoder.decode(block, raw=True)
+    assert first == second == head
+    assert first is not second  # h2 may keep or change the list it gets
+    assert len(calls) == 2
+    # Another block, then the first one again: decoded again (one block is remembered).
+    other = encoder.encode([(b":status", b"404")])
+    assert decoder.decode(other, raw=True) == [(b":status", b"404")]
+    assert decoder.decode(block, raw=True) == head
+    assert len(calls) == 4
+    # raw=False decodes to str: not the remembered result.
+    as_text: list[object] = list(decoder.decode(block))
+    assert as_text == [(k.decode(), v.decode()) for k, v in head]
+    assert len(calls) == 5
+
+
+def test_decoder_decodes_again_once_the_table_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_decodes(monkeypatch)
+    decoder = _http2._RepeatingBlockDecoder(65536)  # pyright: ignore[reportPrivateUsage]
+    # A block that inserts is decoded every time (and inserts every time).
+    insert_a = _literal_indexed(b"x-a", b"1")
+    assert decoder.decode(insert_a, raw=True) == [(b"x-a", b"1")]
+    assert decoder.decode(insert_a, raw=True) == [(b"x-a", b"1")]
+    assert len(decoder.header_table.dynamic_entries) == 2
+    assert decoder.decode(_NEWEST, raw=True) == [(b"x-a", b"1")]
+    assert decoder.decode(_NEWEST, raw=True) == [(b"x-a", b"1")]
+    assert len(calls) == 3  # the second reference was remembered
+    # A new entry (more entries): the same reference now names it.
+    decoder.decode(_literal_indexed(b"x-b", b"2"), raw=True)
+    assert decoder.decode(_NEWEST, raw=True) == [(b"x-b", b"2")]
+    # A table of room for one entry: each insertion evicts the last one, so the number of
+    # entries stays 1 while the newest entry changes. Identity tells them apart, even when
+    # the table is changed behind the decoder's back (decoding forgets the remembered block
+    # anyway whenever it decodes another one).
+    decoder.decode(b"\x3f\x09", raw=True)  # a size update to 40 octets (RFC 7541 6.3)
+    decoder.decode(_literal_indexed(b"x-c", b"3"), raw=True)
+    assert decoder.decode(_NEWEST, raw=True) == [(b"x-c", b"3")]
+    assert decoder.decode(_NEWEST, raw=True) == [(b"x-c", b"3")]
+    decoder.header_table.add(b"x-c", b"4")
+    assert len(decoder.header_table.dynamic_entries) == 1
+    assert decoder.decode(_NEWEST, raw=True) == [(b"x-c", b"4")]
+    assert decoder.decode(_NEWEST, raw=True) == [(b"x-c", b"4")]
+    # Same contents, new entry: still decoded again (the entries may have moved).
+    decoder.header_table.add(b"x-c", b"4")
+    calls.clear()
+    assert decoder.decode(_NEWEST, raw=True) == [(b"x-c", b"4")]
+    assert len(calls) == 1
+
+
+def test_decoder_checks_the_limits_of_the_moment() -> None:
+    decoder = _http2._RepeatingBlockDecoder(65536)  # pyright: ignore[reportPrivateUsage]
+    decoder.decode(_literal_indexed(b"x-a", b"1"), raw=True)
+    assert decoder.decode(_NEWEST, raw=True) == [(b"x-a", b"1")]
+    assert decoder.decode(_NEWEST, raw=True) == [(b"x-a", b"1")]
+    decoder.max_header_list_size = 10
+    with pytest.raises(hpack.OversizedHeaderListError):
+        decoder.decode(_NEWEST, raw=True)
+    decoder.max_header_list_size = 65536
+    assert decoder.decode(_NEWEST, raw=True) == [(b"x-a", b"1")]
+    decoder.max_allowed_table_size = 100  # below the table's 4096: the encoder must shrink it
+    with pytest.raises(hpack.InvalidTableSizeError):
+        decoder.decode(_NEWEST, raw=True)

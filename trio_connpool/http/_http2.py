@@ -139,6 +139,66 @@ class _GracefulStateMachine(H2ConnectionStateMachine):
     }
 
 
+@final
+class _RepeatingBlockDecoder(hpack.Decoder):
+    """hpack's decoder, remembering the last header block whose decoding left it unchanged.
+
+    A server answers with the same response head again and again (nginx changes only its
+    Date, once a second, and keeps our dynamic table empty), and decoding that head (Huffman
+    strings and all) was the largest single cost of a small response. Decoding is a function
+    of the block, the dynamic table, the table's size limit and the two limits checked on
+    the way. A block that left the table as it found it therefore decodes to the same headers
+    again as long as those are unchanged, and its headers are reused instead of decoded anew.
+
+    The table is compared by its size limit, its length and the *identity* of its newest
+    entry: every insertion puts a new tuple in front and nothing else puts an entry there,
+    while evictions remove entries from the back, so a table whose front entry is still the
+    same object and whose length is the same holds the same entries. Blocks that insert or
+    resize are decoded every time, and decoding any other block forgets the remembered one,
+    so that comparison only guards against changes made from outside.
+    """
+
+    # Long blocks are rare and seldom repeat; do not keep them alive.
+    _MAX_REMEMBERED: Final = 4096
+
+    def __init__(self, max_header_list_size: int) -> None:
+        super().__init__(max_header_list_size=max_header_list_size)
+        self._block = b""
+        self._state: tuple[int, int, int, int, bool] | None = None
+        self._front: tuple[bytes, bytes] | None = None
+        self._headers: list[hpack.HeaderTuple] = []
+
+    def _table_state(self, raw: bool) -> tuple[int, int, int, int, bool]:
+        table = self.header_table
+        return (
+            len(table.dynamic_entries),
+            table.maxsize,
+            self.max_header_list_size,
+            self.max_allowed_table_size,
+            raw,
+        )
+
+    def _table_front(self) -> tuple[bytes, bytes] | None:
+        entries = self.header_table.dynamic_entries
+        return entries[0] if entries else None
+
+    def decode(self, data: bytes, raw: bool = False) -> list[hpack.HeaderTuple]:
+        state = self._table_state(raw)
+        front = self._table_front()
+        if data == self._block and state == self._state and front is self._front:
+            return list(self._headers)
+        self._state = None  # forget the block unless it repeats under the new state
+        headers = list(super().decode(data, raw))
+        if (
+            len(data) <= self._MAX_REMEMBERED
+            and self._table_state(raw) == state
+            and self._table_front() is front
+        ):
+            self._block, self._state, self._front = bytes(data), state, front
+            self._headers = list(headers)
+        return headers
+
+
 class _H2Connection(h2.connection.H2Connection):
     """The h2 connection we use: our settings, and graceful GOAWAY (h2 issue 1181)."""
 
@@ -156,6 +216,7 @@ class _H2Connection(h2.connection.H2Connection):
             )
         )
         self.state_machine = _GracefulStateMachine()
+        self.decoder = _RepeatingBlockDecoder(self.DEFAULT_MAX_HEADER_LIST_SIZE)
         self.local_settings = h2.settings.Settings(
             client=True,
             initial_values={
