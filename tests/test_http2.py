@@ -33,7 +33,7 @@ from trio_connpool.http import Origin, Request, Response, Timeouts, _http2
 from trio_connpool.http._http2 import HTTP2Connection
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
 ORIGIN = Origin("https", "example.com", 443)
 URL = "https://example.com/path?q=1"
@@ -1141,3 +1141,172 @@ def test_decoder_checks_the_limits_of_the_moment() -> None:
     decoder.max_allowed_table_size = 100  # below the table's 4096: the encoder must shrink it
     with pytest.raises(hpack.InvalidTableSizeError):
         decoder.decode(_NEWEST, raw=True)
+
+
+def _open_streams_in(client: HTTP2Connection) -> tuple[int, int, int]:
+    """(streams h2 holds, what send_headers reads, h2's exact count of the open ones)."""
+    h2_conn = client._h2  # pyright: ignore[reportPrivateUsage]
+    return (
+        len(h2_conn.streams),
+        h2_conn.open_outbound_streams,
+        h2_conn.count_open_outbound_streams(),
+    )
+
+
+def _received(request: ServerStream, size: int) -> Callable[[], bool]:
+    return lambda: len(request.body) >= size
+
+
+def _all_reset(requests: list[ServerStream]) -> Callable[[], bool]:
+    return lambda: all(request.reset is not None for request in requests)
+
+
+@pytest.mark.parametrize("way", ["end", "server_reset", "cancel", "aclose", "stop_sending"])
+async def test_stream_count_is_right_however_streams_close(way: str) -> None:
+    """At the server's limit of 2, streams closed each way free their slot in h2's count.
+
+    If h2's count kept a closed stream, the next pair of requests would exceed the limit.
+    """
+    settings = {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2}
+    async with connected(settings=settings) as harness:
+        client, server = harness.client, harness.server
+        closed_by = {
+            "end": h2.stream.StreamClosedBy.RECV_END_STREAM,
+            "server_reset": h2.stream.StreamClosedBy.RECV_RST_STREAM,
+            "cancel": h2.stream.StreamClosedBy.SEND_RST_STREAM,
+            "aclose": h2.stream.StreamClosedBy.SEND_RST_STREAM,
+            "stop_sending": h2.stream.StreamClosedBy.RECV_RST_STREAM,
+        }[way]
+        for round_ in range(3):
+
+            async def one(i: int) -> None:
+                url = f"https://example.com/{i}"
+                if way == "stop_sending":
+                    request = Request("POST", url, content=b"q" * (4 * MiB))
+                    response = await client.send_request(request)
+                    assert await response.aread() == b"too big"
+                elif way == "server_reset":
+                    with pytest.raises(RemoteProtocolError):
+                        await get(client, url)
+                elif way == "aclose":
+                    response = await get(client, url)
+                    await response.aclose()
+                else:
+                    response = await get(client, url)
+                    assert await response.aread() == b"done"
+
+            async with trio.open_nursery() as nursery:
+                for i in range(2):
+                    nursery.start_soon(one, i)
+                requests = await server.wait_requests(2, complete=way != "stop_sending")
+                assert _open_streams_in(client) == (2, 2, 2)  # both slots taken
+                for request in requests:
+                    if way == "end":
+                        await server.respond(request.stream_id, body=b"done")
+                    elif way == "server_reset":
+                        await server.reset(request.stream_id)
+                    elif way == "cancel":
+                        pass
+                    elif way == "aclose":
+                        await server.send_headers(request.stream_id)
+                        await server.send_data(request.stream_id, b"partial")
+                    else:
+                        await server.wait_until(_received(request, 32_768))
+                        await server.respond(request.stream_id, status=413, body=b"too big")
+                        await server.reset(request.stream_id, ErrorCodes.NO_ERROR)
+                if way == "cancel":
+                    await trio.testing.wait_all_tasks_blocked()
+                    nursery.cancel_scope.cancel()
+            if way in ("cancel", "aclose"):
+                await server.wait_until(_all_reset(requests))
+            # Forgotten at once, as h2's own count would have done, how each closed kept.
+            assert _open_streams_in(client) == (0, 0, 0)
+            h2_conn = client._h2  # pyright: ignore[reportPrivateUsage]
+            for request in requests:
+                assert h2_conn._stream_closed_by(request.stream_id) == closed_by  # pyright: ignore[reportPrivateUsage]
+            assert len(server.streams) == 2 * (round_ + 1)
+        assert client.is_clean()
+        await assert_usable(harness)
+
+
+async def test_goaway_streams_leave_no_count_behind() -> None:
+    async with connected() as harness:
+        client, server = harness.client, harness.server
+        outcomes: list[str] = []
+
+        async def one(i: int) -> None:
+            try:
+                response = await get(client, f"https://example.com/{i}")
+                outcomes.append((await response.aread()).decode())
+            except RemoteProtocolError as exc:
+                assert getattr(exc, "retryable", False)
+                outcomes.append("retry")
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(one, i)
+            requests = await server.wait_requests(3)
+            await server.send_goaway(last_stream_id=requests[0].stream_id)
+            await server.respond(requests[0].stream_id, body=b"done")
+        assert sorted(outcomes) == ["done", "retry", "retry"]
+        assert _open_streams_in(client) == (0, 0, 0)
+        await harness.reader_done.wait()
+        assert client.is_closed()
+
+
+def _h2_pair(limit: int) -> tuple[_http2._H2Connection, h2.connection.H2Connection]:  # pyright: ignore[reportPrivateUsage]
+    """Our h2 connection and an h2 server allowing ``limit`` streams, settings exchanged."""
+    client = _http2._H2Connection()  # pyright: ignore[reportPrivateUsage]
+    server = h2.connection.H2Connection(
+        config=h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    server.local_settings = h2.settings.Settings(
+        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limit}
+    )
+    client.initiate_connection()
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    return client, server
+
+
+def _request(client: h2.connection.H2Connection, server: h2.connection.H2Connection) -> int:
+    stream_id = client.get_next_available_stream_id()
+    client.send_headers(
+        stream_id,
+        [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a"), (b":path", b"/")],
+        end_stream=True,
+    )
+    server.receive_data(client.data_to_send())
+    return stream_id
+
+
+def test_open_outbound_streams_counts_exactly_at_the_limit() -> None:
+    client, server = _h2_pair(limit=3)
+    first, second = _request(client, server), _request(client, server)
+    # Below the limit: the number of streams held, which are both open.
+    assert client.open_outbound_streams == 2
+    server.send_headers(first, [(b":status", b"200")], end_stream=True)
+    client.receive_data(server.data_to_send())
+    # Still below the limit: an upper bound (one of the two is closed), h2 keeps both.
+    assert client.open_outbound_streams == 2
+    assert client.count_open_outbound_streams() == 1
+    assert set(client.streams) == {second}  # h2's own count forgot the closed one
+    third = _request(client, server)
+    server.send_headers(third, [(b":status", b"200")], end_stream=True)
+    client.receive_data(server.data_to_send())
+    fourth = _request(client, server)
+    assert set(client.streams) == {second, third, fourth}
+    # At the limit h2 walks: exact, and the closed stream is forgotten as h2 does it.
+    assert client.open_outbound_streams == 2
+    assert set(client.streams) == {second, fourth}
+    assert client._stream_closed_by(third) == h2.stream.StreamClosedBy.RECV_END_STREAM  # pyright: ignore[reportPrivateUsage]
+    fifth = _request(client, server)  # fits: two open plus this one
+    with pytest.raises(h2.exceptions.TooManyStreamsError):
+        _request(client, server)
+    assert set(client.streams) == {second, fourth, fifth}
+    # forget_closed_stream leaves open and unknown streams alone.
+    client.forget_closed_stream(second)
+    client.forget_closed_stream(999)
+    assert set(client.streams) == {second, fourth, fifth}

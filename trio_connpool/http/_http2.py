@@ -230,6 +230,39 @@ class _H2Connection(h2.connection.H2Connection):
     def clear_outbound_data_buffer(self) -> None:
         """Keep the queued frames: h2 drops them on GOAWAY, but we still send (issue 1181)."""
 
+    @property
+    def open_outbound_streams(self) -> int:
+        """What h2's `send_headers` compares with the server's limit before opening a stream.
+
+        h2 counts the open streams by walking all of its streams (and forgets the closed ones
+        on the way), once per new stream: a cost that grows with the streams in flight, paid
+        by every request. Every open stream is among the streams h2 holds, so while
+        their number leaves room under the server's limit it is returned as it is: an upper
+        bound of the open streams that passes h2's check, as the exact count would. Only at
+        the limit does h2 walk and count. Our own slot accounting reads
+        `count_open_outbound_streams`, which is always exact.
+        """
+        held = len(self.streams)
+        if held < self.remote_settings.max_concurrent_streams:
+            return held
+        return self.count_open_outbound_streams()
+
+    def count_open_outbound_streams(self) -> int:
+        """h2's exact count of our open streams (it walks them all)."""
+        return super().open_outbound_streams
+
+    def forget_closed_stream(self, stream_id: int) -> None:
+        """Drop a closed stream from h2's table at once, as h2's own count would later.
+
+        h2 forgets closed streams only while it counts them; the stream's way of closing is
+        kept (h2 reads it to answer frames that arrive late for it), exactly as h2 does.
+        Keeps the table at the streams in flight, so that `open_outbound_streams` stays cheap.
+        """
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.closed:
+            del self.streams[stream_id]
+            self._closed_streams[stream_id] = stream.closed_by
+
 
 @final
 class _StopSending(Exception):
@@ -606,7 +639,7 @@ class HTTP2Connection:
             # closed it, or after resetting it), so counting ours first spares h2's count,
             # which walks all its streams, on the common path.
             capacity = self.capacity
-            if len(self._streams) < capacity or self._h2.open_outbound_streams < capacity:
+            if len(self._streams) < capacity or self._h2.count_open_outbound_streams() < capacity:
                 return
             with trio.move_on_at(deadline):
                 await self._slot_lot.park()
@@ -774,6 +807,7 @@ class HTTP2Connection:
         """Forget a finished stream (synchronous); may complete a GOAWAY drain."""
         if self._streams.pop(stream.stream_id, None) is not None and stream.error is None:
             self._completed += 1
+        self._h2.forget_closed_stream(stream.stream_id)
         self._slot_lot.unpark_all()
         self._check_drained()
 
@@ -798,6 +832,7 @@ class HTTP2Connection:
                 "the stream was reset locally", key=self._origin, url=stream.url
             )
         self._streams.pop(stream.stream_id, None)
+        self._h2.forget_closed_stream(stream.stream_id)
         self._slot_lot.unpark_all()
         await self._flush_unless_busy(_CLOSE_TIMEOUT)
         self._check_drained()
