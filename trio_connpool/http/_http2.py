@@ -808,7 +808,8 @@ class HTTP2Connection:
         if self._streams.pop(stream.stream_id, None) is not None and stream.error is None:
             self._completed += 1
         self._h2.forget_closed_stream(stream.stream_id)
-        self._slot_lot.unpark_all()
+        if self._slot_lot:
+            self._slot_lot.unpark_all()
         self._check_drained()
 
     async def _abandon(self, stream: _H2Stream) -> None:
@@ -1023,7 +1024,8 @@ class HTTP2Connection:
             stream = self._streams.get(event.stream_id)
             if stream is not None:
                 stream.response = self._parse_head(event.headers)
-                stream.lot.unpark_all()
+                if stream.lot:  # (a ParkingLot is true when a task is parked in it)
+                    stream.lot.unpark_all()
         elif isinstance(event, h2.events.DataReceived):
             stream = self._streams.get(event.stream_id)
             data = event.data
@@ -1034,13 +1036,16 @@ class HTTP2Connection:
             self._acknowledge(stream, event.flow_controlled_length - len(data))  # padding
             if data:
                 stream.chunks.append(bytes(data))
-                stream.lot.unpark_all()
+                if stream.lot:
+                    stream.lot.unpark_all()
         elif isinstance(event, h2.events.StreamEnded):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
                 stream.ended = True
-                stream.lot.unpark_all()
-            self._slot_lot.unpark_all()
+                if stream.lot:
+                    stream.lot.unpark_all()
+            if self._slot_lot:
+                self._slot_lot.unpark_all()
         elif isinstance(event, h2.events.StreamReset):
             self._on_stream_reset(event)
         elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
