@@ -1310,3 +1310,75 @@ def test_open_outbound_streams_counts_exactly_at_the_limit() -> None:
     client.forget_closed_stream(second)
     client.forget_closed_stream(999)
     assert set(client.streams) == {second, fourth, fifth}
+
+
+def _count_encodes(monkeypatch: pytest.MonkeyPatch, watched: hpack.Encoder) -> list[object]:
+    """Record the lists ``watched`` really encodes (hpack's encode, not a remembered block)."""
+    calls: list[object] = []
+    original = hpack.Encoder.encode
+
+    def encode(self: hpack.Encoder, headers: object, huffman: bool = True) -> bytes:
+        if self is watched:
+            calls.append(headers)
+        return original(self, headers, huffman)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hpack.Encoder, "encode", encode)
+    return calls
+
+
+def test_encoder_reuses_a_repeated_block_that_leaves_the_table_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    encoder = _http2._RepeatingBlockEncoder()  # pyright: ignore[reportPrivateUsage]
+    calls = _count_encodes(monkeypatch, encoder)
+    reference = hpack.Encoder()  # what every block must be
+    fields = [(b":method", b"GET"), (b":authority", b"example.com"), (b"x-a", b"1")]
+    for _ in range(4):
+        assert encoder.encode(list(fields)) == reference.encode(list(fields))
+    # The first one inserted, the second left the table alone, the others were reused.
+    assert len(calls) == 2
+    # Another list in between inserts: the references move, so the block is encoded again.
+    other = [(b"x-b", b"2")]
+    assert encoder.encode(list(other)) == reference.encode(list(other))
+    assert encoder.encode(list(fields)) == reference.encode(list(fields))
+    assert len(calls) == 4
+    # The table changed behind the encoder's back: the same number of entries (the table
+    # has room for one), another newest entry. Encoded again.
+    small = [(b":method", b"GET"), (b"x-a", b"1")]
+    encoder.header_table_size = reference.header_table_size = 50
+    for _ in range(3):
+        assert encoder.encode(list(small)) == reference.encode(list(small))
+    assert len(encoder.header_table.dynamic_entries) == 1
+    calls.clear()
+    for table in (encoder.header_table, reference.header_table):
+        table.add(b"x-b", b"2")
+    assert encoder.encode(list(small)) == reference.encode(list(small))
+    assert len(calls) == 1
+    calls.clear()
+    # No Huffman coding: another block.
+    assert encoder.encode(list(small), huffman=False) == reference.encode(small, False)
+    assert len(calls) == 1
+
+
+def test_encoder_encodes_what_is_not_plain_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    encoder = _http2._RepeatingBlockEncoder()  # pyright: ignore[reportPrivateUsage]
+    calls = _count_encodes(monkeypatch, encoder)
+    reference = hpack.Encoder()
+    secret = [(b":method", b"GET"), hpack.NeverIndexedHeaderTuple(b"authorization", b"x")]
+    text = [(":method", "GET"), ("x-a", "1")]
+    three = [(b"x-a", b"1", True)]
+    for fields in (secret, secret, text, text, three, three, {b"x-a": b"1"}):
+        assert encoder.encode(fields) == reference.encode(fields)  # type: ignore[arg-type]
+    assert len(calls) == 7
+    plain = [(b"x-c", b"3")]
+    assert encoder.encode(list(plain)) == reference.encode(list(plain))
+    assert encoder.encode(list(plain)) == reference.encode(list(plain))
+    # A never-indexed field equal to a remembered plain one is not served from memory.
+    marked = [hpack.NeverIndexedHeaderTuple(b"x-c", b"3")]
+    assert encoder.encode(marked) == reference.encode(marked)
+    # A table size change still to announce goes out first: not the remembered block.
+    encoder.header_table_size = reference.header_table_size = 2048
+    assert encoder.encode(list(plain)) == reference.encode(list(plain))
+    assert encoder.encode(list(plain)) == reference.encode(list(plain))
+    assert encoder.encode(list(plain)) == reference.encode(list(plain))
+    assert len(calls) == 7 + 2 + 1 + 2

@@ -199,6 +199,71 @@ class _RepeatingBlockDecoder(hpack.Decoder):
         return headers
 
 
+@final
+class _RepeatingBlockEncoder(hpack.Encoder):
+    """hpack's encoder, remembering the last header list whose encoding left it unchanged.
+
+    The counterpart of `_RepeatingBlockDecoder` for requests: repeated requests (the same
+    method, authority, path and headers) encode, once their fields are in the dynamic table,
+    to the same block of table references without changing the table, and that block is
+    reused instead of encoded anew. The same rules decide when the table is unchanged; a
+    table size change still to be announced, `hpack.HeaderTuple` instances (never-indexed
+    fields among them) and anything but plain ``bytes`` pairs are always encoded.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._state: tuple[int, int, bool] | None = None
+        self._front: tuple[bytes, bytes] | None = None
+        self._block = b""
+
+    def _table_state(self, huffman: bool) -> tuple[int, int, bool] | None:
+        table = self.header_table
+        if table.resized:
+            return None
+        return (len(table.dynamic_entries), table.maxsize, huffman)
+
+    def _table_front(self) -> tuple[bytes, bytes] | None:
+        entries = self.header_table.dynamic_entries
+        return entries[0] if entries else None
+
+    def encode(self, headers: object, huffman: bool = True) -> bytes:
+        if type(headers) is not list or not _plain_fields(headers):  # pyright: ignore[reportUnknownArgumentType]
+            return super().encode(headers, huffman)  # type: ignore[arg-type]
+        fields: list[tuple[bytes, bytes]] = headers  # pyright: ignore[reportUnknownVariableType]
+        state = self._table_state(huffman)
+        front = self._table_front()
+        if (
+            state is not None
+            and state == self._state
+            and front is self._front
+            and fields == self._headers
+        ):
+            return self._block
+        self._state = None
+        block = super().encode(fields, huffman)
+        if (
+            state is not None
+            and self._table_state(huffman) == state
+            and self._table_front() is front
+        ):
+            self._headers, self._state, self._front = list(fields), state, front
+            self._block = block
+        return block
+
+
+def _plain_fields(headers: list[object]) -> bool:
+    """Whether every field is a plain ``(bytes, bytes)`` tuple (no never-indexed marker)."""
+    for field in headers:
+        if type(field) is not tuple or len(field) != 2:  # pyright: ignore[reportUnknownArgumentType]
+            return False
+        name, value = field  # pyright: ignore[reportUnknownVariableType]
+        if type(name) is not bytes or type(value) is not bytes:  # pyright: ignore[reportUnknownArgumentType]
+            return False
+    return True
+
+
 class _H2Connection(h2.connection.H2Connection):
     """The h2 connection we use: our settings, and graceful GOAWAY (h2 issue 1181)."""
 
@@ -217,6 +282,7 @@ class _H2Connection(h2.connection.H2Connection):
         )
         self.state_machine = _GracefulStateMachine()
         self.decoder = _RepeatingBlockDecoder(self.DEFAULT_MAX_HEADER_LIST_SIZE)
+        self.encoder = _RepeatingBlockEncoder()
         self.local_settings = h2.settings.Settings(
             client=True,
             initial_values={
