@@ -1028,19 +1028,21 @@ class HTTP2Connection:
         while not self._closed and self._failure is None:
             if self._check_drained():
                 return
-            data: bytes | bytearray = b""
-            with trio.move_on_at(self._keepalive_deadline()) as scope:
-                try:
-                    data = await self._stream.receive_some(_READ_SIZE)
-                except trio.ClosedResourceError:
-                    return  # closed by aclose()
-                except (trio.BrokenResourceError, OSError) as exc:
-                    self._connection_failed(f"the connection broke: {exc!r}", exc)
-                    return
-            if scope.cancelled_caught:
-                if not await self._keepalive_due():
-                    return
-                continue
+            deadline = self._keepalive_deadline()
+            data: bytes | bytearray | None
+            if deadline == math.inf:
+                # No keep-alive timer: a cancel scope per read would only cost time.
+                data = await self._receive()
+            else:
+                data = b""
+                with trio.move_on_at(deadline) as scope:
+                    data = await self._receive()
+                if scope.cancelled_caught:
+                    if not await self._keepalive_due():
+                        return
+                    continue
+            if data is None:
+                return
             if not data:
                 self._connection_failed("the server closed the connection", None)
                 return
@@ -1061,6 +1063,16 @@ class HTTP2Connection:
                 self._dispatch(event)
             self._notify()
             await self._flush_unless_busy()
+
+    async def _receive(self) -> bytes | bytearray | None:
+        """One read from the transport; None if it is closed or broke (the connection failed)."""
+        try:
+            return await self._stream.receive_some(_READ_SIZE)
+        except trio.ClosedResourceError:
+            return None  # closed by aclose()
+        except (trio.BrokenResourceError, OSError) as exc:
+            self._connection_failed(f"the connection broke: {exc!r}", exc)
+            return None
 
     def _keepalive_deadline(self) -> float:
         if self._ping_interval is None:
