@@ -49,7 +49,7 @@ from typing import Any
 import h11
 import trio
 
-from trio_connpool.http import open_client
+from trio_connpool.http import Timeouts, open_client
 
 NGINX_CONF = """
 worker_processes 1;
@@ -223,9 +223,19 @@ async def run_floor(url: str, ctx: ssl.SSLContext | None, total: int, c: int, m:
             await trio.aclose_forcefully(stream)
 
 
-async def run_ours(url: str, ctx: ssl.SSLContext | None, total: int, c: int, m: int) -> Result:
+async def run_ours(
+    url: str,
+    ctx: ssl.SSLContext | None,
+    total: int,
+    c: int,
+    m: int,
+    timeouts: Timeouts = Timeouts(),  # noqa: B008
+) -> Result:
     async with open_client(
-        verify=ctx if ctx is not None else True, max_connections=m, max_connections_per_key=m
+        verify=ctx if ctx is not None else True,
+        max_connections=m,
+        max_connections_per_key=m,
+        timeouts=timeouts,
     ) as client:
 
         async def one() -> None:
@@ -249,9 +259,17 @@ async def run_httpx(url: str, ctx: ssl.SSLContext | None, total: int, c: int, m:
         return await _drive_trio(total, c, one)
 
 
-async def run_ours_h2(url: str, ctx: ssl.SSLContext | None, total: int, c: int) -> Result:
+async def run_ours_h2(
+    url: str,
+    ctx: ssl.SSLContext | None,
+    total: int,
+    c: int,
+    timeouts: Timeouts = Timeouts(),  # noqa: B008
+) -> Result:
     verify = ctx if ctx is not None else True
-    async with open_client(verify=verify, http2=True, http1=ctx is not None) as client:
+    async with open_client(
+        verify=verify, http2=True, http1=ctx is not None, timeouts=timeouts
+    ) as client:
 
         async def one() -> None:
             response = await client.request("GET", url)
