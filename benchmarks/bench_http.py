@@ -25,7 +25,8 @@ throughput once the server keeps up).
 
 Run: ``python benchmarks/bench_http.py`` (``--quick`` for a short run, ``--tls`` for TLS only,
 ``--plain`` for plain only, ``--http2`` for the HTTP/2 table only, ``--no-http2`` without it,
-``--repeat N`` to run every cell N times, interleaved, and show the medians).
+``--repeat N`` to run every cell N times, interleaved in alternating order, and show the
+medians).
 Needs nginx on PATH (``apt-get install nginx-light``) and the
 ``bench`` extra (httpx, aiohttp, trustme).
 """
@@ -159,11 +160,14 @@ class Result:
 
 
 def run_repeated(repeat: int, runs: dict[str, Callable[[], Result]]) -> dict[str, Result]:
-    """Run each client ``repeat`` times, interleaved (a, b, c, a, b, c, ...): the medians."""
+    """Run each client ``repeat`` times, interleaved in alternating order (a, b, c, c, b, a,
+    a, ...), so that a machine speeding up or slowing down favours none: the medians."""
     results: dict[str, list[Result]] = {name: [] for name in runs}
+    order = list(runs.items())
     for _ in range(repeat):
-        for name, run in runs.items():
+        for name, run in order:
             results[name].append(run())
+        order.reverse()
     return {name: Result.median(found) for name, found in results.items()}
 
 
