@@ -90,6 +90,8 @@ from ._models import Headers, Origin, Request, Response, Timeouts, format_author
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable, Callable
 
+    from hpack.table import HeaderTable
+
 __all__ = ["HTTP2Connection"]
 
 _READ_SIZE: Final = 64 * 1024
@@ -178,13 +180,9 @@ class _RepeatingBlockDecoder(hpack.Decoder):
             raw,
         )
 
-    def _table_front(self) -> tuple[bytes, bytes] | None:
-        entries = self.header_table.dynamic_entries
-        return entries[0] if entries else None
-
     def decode(self, data: bytes, raw: bool = False) -> list[hpack.HeaderTuple]:
         state = self._table_state(raw)
-        front = self._table_front()
+        front = _newest_entry(self.header_table)
         if data == self._block and state == self._state and front is self._front:
             return list(self._headers)
         self._state = None  # forget the block unless it repeats under the new state
@@ -192,7 +190,7 @@ class _RepeatingBlockDecoder(hpack.Decoder):
         if (
             len(data) <= self._MAX_REMEMBERED
             and self._table_state(raw) == state
-            and self._table_front() is front
+            and _newest_entry(self.header_table) is front
         ):
             self._block, self._state, self._front = bytes(data), state, front
             self._headers = list(headers)
@@ -224,16 +222,12 @@ class _RepeatingBlockEncoder(hpack.Encoder):
             return None
         return (len(table.dynamic_entries), table.maxsize, huffman)
 
-    def _table_front(self) -> tuple[bytes, bytes] | None:
-        entries = self.header_table.dynamic_entries
-        return entries[0] if entries else None
-
     def encode(self, headers: object, huffman: bool = True) -> bytes:
         if type(headers) is not list or not _plain_fields(headers):  # pyright: ignore[reportUnknownArgumentType]
             return super().encode(headers, huffman)  # type: ignore[arg-type]
         fields: list[tuple[bytes, bytes]] = headers  # pyright: ignore[reportUnknownVariableType]
         state = self._table_state(huffman)
-        front = self._table_front()
+        front = _newest_entry(self.header_table)
         if (
             state is not None
             and state == self._state
@@ -246,11 +240,17 @@ class _RepeatingBlockEncoder(hpack.Encoder):
         if (
             state is not None
             and self._table_state(huffman) == state
-            and self._table_front() is front
+            and _newest_entry(self.header_table) is front
         ):
             self._headers, self._state, self._front = list(fields), state, front
             self._block = block
         return block
+
+
+def _newest_entry(table: HeaderTable) -> tuple[bytes, bytes] | None:
+    """The dynamic table's newest entry (the object itself, compared by identity), or None."""
+    entries = table.dynamic_entries
+    return entries[0] if entries else None
 
 
 def _plain_fields(headers: list[object]) -> bool:
