@@ -443,10 +443,7 @@ class PoolSender:
 
     async def send_request(self, request: Request) -> Response:
         """Lease a connection, send ``request``, and tie the lease to the response body."""
-        origin = request.url.origin
-        key = self._keys.get(origin)
-        if key is None:
-            key = self.key_for(origin)
+        key = self.key_for(request.url.origin)
         timeout = self.acquire_timeout
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         pool = self.pool

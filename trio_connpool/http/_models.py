@@ -357,8 +357,7 @@ class Headers:
     def get(self, name: str | bytes, default: str | None = None) -> str | None:
         """Return the value of ``name``, several values joined by ``", "``, or ``default``."""
         key = _lower(name)
-        names = self._names
-        if key not in (names if names is not None else self._lowered_names()):
+        if key not in self._lowered_names():
             return default
         return ", ".join([v.decode("latin-1") for n, v in self._items if n.lower() == key])
 
@@ -401,16 +400,9 @@ class Headers:
         self._names = None
 
     def __contains__(self, name: object) -> bool:
-        key = _LOWERED.get(name) if type(name) is str else None
-        if key is None:
-            if isinstance(name, str):
-                key = _lower(name)
-            elif isinstance(name, bytes):
-                key = name.lower()
-            else:
-                return False
-        names = self._names
-        return key in (names if names is not None else self._lowered_names())
+        if not isinstance(name, (str, bytes)):
+            return False
+        return _lower(name) in self._lowered_names()
 
     def keys(self) -> list[str]:
         """Return each distinct name once, lowercased, in order of first appearance."""
@@ -433,12 +425,10 @@ class Headers:
 
     def copy(self) -> Headers:
         """Return an independent copy."""
-        copy = object.__new__(Headers)
-        copy._items = list(self._items)
+        copy = Headers._from_trusted(list(self._items))
         # Copies are made from templates (a client's default headers): the names are worked
         # out once on the template, and every copy starts with them.
-        names = self._names
-        copy._names = names if names is not None else self._lowered_names()
+        copy._names = self._lowered_names()
         return copy
 
     def _normalized(self) -> list[tuple[bytes, bytes]]:
@@ -505,6 +495,15 @@ def _check_method(method: object) -> None:
         _VALID_METHODS.add(method)
 
 
+def _checked_content(method: object, content: object) -> RequestContent:
+    """Check a request's method and body; the body as it will be sent (bytes-likes copied)."""
+    if type(method) is not str or method not in _VALID_METHODS:
+        _check_method(method)
+    if content is None or type(content) is bytes:
+        return content
+    return _check_content(content)
+
+
 def _check_content(content: object) -> RequestContent:
     if isinstance(content, str):
         raise TypeError("content must be bytes, not str: encode it first (e.g. .encode())")
@@ -554,10 +553,7 @@ class Request:
         headers: HeaderTypes = None,
         content: RequestContent = None,
     ) -> None:
-        if type(method) is not str or method not in _VALID_METHODS:
-            _check_method(method)
-        if not (content is None or type(content) is bytes):
-            content = _check_content(content)
+        content = _checked_content(method, content)
         self.method: str = method
         self.url: URL = url if isinstance(url, URL) else URL(url)
         self.headers: Headers = Headers(headers)
@@ -568,10 +564,7 @@ class Request:
         cls, method: str, url: URL, headers: Headers, content: RequestContent
     ) -> Request:
         """`Request` for a caller that made ``headers`` for this request alone: no copy."""
-        if type(method) is not str or method not in _VALID_METHODS:
-            _check_method(method)
-        if not (content is None or type(content) is bytes):
-            content = _check_content(content)
+        content = _checked_content(method, content)
         self = object.__new__(cls)
         self.method = method
         self.url = url
