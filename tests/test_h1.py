@@ -8,13 +8,14 @@ requests it writes are read back by an h11 server.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import h11
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from trio_connpool.http._h1 import H1Client, LocalViolation, RemoteViolation
+from trio_connpool.http._h1 import MAX_INFORMATIONAL, H1Client, LocalViolation, RemoteViolation
 
 HEAD = [(b"Host", b"example.com")]
 
@@ -92,8 +93,9 @@ def test_responses_without_a_body(method: bytes, status: int, body_expected: byt
     client.receive_data(b"HTTP/1.1 %d X\r\nContent-Length: 3\r\n\r\nabc" % status)
     assert client.receive_head() is not None
     assert read_all(client) == body_expected
-    assert client.reusable
     assert client.trailing_data == b"abc"[len(body_expected) :]
+    # Bytes after a complete response are junk or an answer in advance: never reused.
+    assert client.reusable == (client.trailing_data == b"")
 
 
 def test_chunked_body_with_extensions_and_trailers() -> None:
@@ -267,14 +269,32 @@ def test_one_request_at_a_time() -> None:
 
 # Each name with its plausible values, and values that are invalid for it.
 FIELDS: dict[bytes, tuple[list[bytes], list[bytes]]] = {
-    b"Content-Type": ([b"text/plain", b"", b" padded\t", b"in ner", b"obs\xfftext"], [b"a\x00b"]),
-    b"X-A": ([b"ctl\x01", b"close", b"0"], [b"a\rb"]),
+    b"Content-Type": (
+        [b"text/plain", b"", b" padded\t", b"in ner", b"obs\xfftext", b"    ", b"a  \t b "],
+        [b"a\x00b", b"a\x0bb", b"a\x0c"],
+    ),
+    b"X-A": ([b"ctl\x01", b"close", b"0", b"\t"], [b"a\rb", b"a\r", b"\rb"]),
     b"Connection": ([b"close", b"keep-alive", b"Keep-Alive, Close", b"upgrade"], []),
-    b"Content-Length": ([b"0", b"3", b"5", b"3, 3", b"16"], [b"03", b"-1", b"3, 4", b"x"]),
+    b"Content-Length": (
+        [b"0", b"3", b"5", b"3, 3", b"16", b" 3 "],
+        [b"03", b"-1", b"3, 4", b"x", b"3\r"],
+    ),
     b"Transfer-Encoding": ([b"chunked", b"Chunked"], [b"gzip, chunked", b"gzip"]),
 }
 NAMES = list(FIELDS)
-BAD_LINES = [b"no colon", b"Bad Name: x", b": empty", b"X:y", b" folded", b"\tfolded", b"X :y"]
+BAD_LINES = [
+    b"no colon",
+    b"Bad Name: x",
+    b": empty",
+    b"X:y",
+    b" folded",
+    b"\tfolded",
+    b"X :y",
+    b"X: a\rY: b",
+    b"\r",
+]
+# Continuation lines (obs-fold), valid after a field line.
+FOLDS = [b" more", b"\t more\t", b"   ", b" \x01"]
 
 
 def pick(draw: st.DrawFn, good: list[bytes], bad: list[bytes]) -> bytes:
@@ -284,30 +304,44 @@ def pick(draw: st.DrawFn, good: list[bytes], bad: list[bytes]) -> bytes:
 
 
 @st.composite
-def head_lines(draw: st.DrawFn) -> list[bytes]:
-    version = pick(draw, [b"1.1", b"1.0"], [b"2.0", b"1.x", b"11"])
-    status = pick(draw, [b"200", b"204", b"304", b"404", b"100"], [b"101", b"20", b"2000"])
-    reason = pick(draw, [b" OK", b" ", b"", b" Not Found", b" we\tird"], [b" bad\x00", b"x"])
-    lines = [b"HTTP/" + version + b" " + status + reason]
-    for _ in range(draw(st.integers(0, 5))):
+def field_lines(draw: st.DrawFn, most: int) -> list[bytes]:
+    lines = []
+    for _ in range(draw(st.integers(0, most))):
         name = draw(st.sampled_from(NAMES))
-        line = name + b": " + pick(draw, *FIELDS[name])
+        line = name + b":" + draw(st.sampled_from([b" ", b"", b"\t", b"  "]))
+        line += pick(draw, *FIELDS[name])
         lines.append(pick(draw, [line], BAD_LINES))
+        if draw(st.integers(0, 7)) == 0:
+            lines.append(draw(st.sampled_from(FOLDS)))
     return lines
 
 
 @st.composite
-def chunked_body(draw: st.DrawFn) -> bytes:
+def head_lines(draw: st.DrawFn) -> list[bytes]:
+    version = pick(draw, [b"1.1", b"1.0"], [b"2.0", b"1.x", b"11"])
+    status = pick(
+        draw,
+        [b"200", b"204", b"304", b"404", b"100", b"103", b"999"],
+        [b"101", b"20", b"2000", b"000", b"099", b"050"],
+    )
+    reason = pick(draw, [b" OK", b" ", b"", b" Not Found", b" we\tird"], [b" bad\x00", b"x"])
+    reason += pick(draw, [b""], [b"\r", b" \rX"])
+    return [b"HTTP/" + version + b" " + status + reason, *draw(field_lines(5))]
+
+
+@st.composite
+def chunked_body(draw: st.DrawFn, eol: bytes) -> bytes:
     parts = []
     for _ in range(draw(st.integers(0, 3))):
         data = draw(st.binary(min_size=1, max_size=8))
         size = b"%x" % len(data)
         size = pick(draw, [size, size.upper(), b"0" + size], [b"z", b"%x" % (len(data) + 1)])
-        ext = pick(draw, [b"", b";a=b", b" "], [b";\x00", b"\t;"])
+        ext = pick(draw, [b"", b";a=b", b" ", b";a b  ", b"\t "], [b";\x00", b"\t;", b";\n"])
         end = pick(draw, [b"\r\n"], [b"\n", b"xx", b"\r"])
         parts.append(size + ext + b"\r\n" + data + end)
     parts.append(b"0\r\n")
-    parts.append(pick(draw, [b"", b"T: 1\r\n", b"T: 1\n"], [b"bad trailer\r\n"]))
+    trailers = draw(field_lines(2))
+    parts.append(b"".join(line + draw(st.sampled_from([eol, b"\n"])) for line in trailers))
     parts.append(pick(draw, [b"\r\n", b"\n"], [b""]))
     return b"".join(parts)
 
@@ -318,20 +352,48 @@ def responses(draw: st.DrawFn) -> tuple[bytes, bytes, list[bytes], bool]:
     eol = draw(st.sampled_from([b"\r\n", b"\r\n", b"\n"]))
     data = b""
     if draw(st.integers(0, 5)) == 0:
-        data += b"HTTP/1.1 100 Continue" + eol + eol
-    data += eol.join(draw(head_lines())) + eol + eol
+        for _ in range(draw(st.integers(1, MAX_INFORMATIONAL + 2))):
+            data += b"HTTP/1.1 1%02d Continue" % draw(st.sampled_from([0, 2, 3])) + eol + eol
+    lines = draw(head_lines())
+    # Now and then one line ends with a bare LF among CRLFs, or the other way round.
+    ends = [eol] * len(lines)
+    if len(lines) > 1 and draw(st.integers(0, 4)) == 0:
+        ends[draw(st.integers(0, len(lines) - 1))] = b"\n" if eol == b"\r\n" else b"\r\n"
+    data += b"".join(line + end for line, end in zip(lines, ends, strict=True)) + eol
     kind = draw(st.sampled_from(["bytes", "chunked", "none"]))
     if kind == "bytes":
         data += draw(st.binary(max_size=12))
     elif kind == "chunked":
-        data += draw(chunked_body())
+        data += draw(chunked_body(eol))
     data += pick(draw, [b"", b"HTTP/1.1 200 OK\r\n\r\n"], [b"junk"])
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=4)))
     pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
     return method, data, [p for p in pieces if p], draw(st.booleans())
 
 
+def normalized(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``fields`` as h11 hands them out: one Content-Length field with a single number
+    (a repeated one dropped), and Transfer-Encoding's value lowercased."""
+    out: list[tuple[bytes, bytes]] = []
+    seen_length = False
+    for name, value in fields:
+        lower = name.lower()
+        if lower == b"content-length":
+            if seen_length:
+                continue
+            seen_length = True
+            value = value.split(b",")[0].strip()
+        elif lower == b"transfer-encoding":
+            value = value.lower()
+        out.append((name, value))
+    return out
+
+
 def outcome_of_h11(method: bytes, pieces: list[bytes], eof: bool) -> tuple[Any, ...]:
+    """What h11's client makes of ``pieces``: ("done", head, body, trailers, reusable,
+    trailing data), ("incomplete", head, body), ("error", where), or ("too many
+    informational",) once it has read more informational responses than `H1Client` takes."""
+    informational = 0
     connection = h11.Connection(h11.CLIENT)
     connection.send(h11.Request(method=method, target="/", headers=HEAD))
     connection.send(h11.EndOfMessage())
@@ -344,23 +406,30 @@ def outcome_of_h11(method: bytes, pieces: list[bytes], eof: bool) -> tuple[Any, 
                 event = connection.next_event()
                 if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
                     break
-                if event is h11.PAUSED:
-                    return ("error",)
-                if isinstance(event, h11.Response):
-                    head = (event.status_code, event.reason, event.http_version)
+                if event is h11.PAUSED:  # a protocol switch: refused with the head
+                    return ("error", "head")
+                if isinstance(event, h11.InformationalResponse):
+                    informational += 1
+                    if informational > MAX_INFORMATIONAL:
+                        return ("too many informational",)
+                elif isinstance(event, h11.Response):
+                    fields = [(n, v) for n, v in event.headers.raw_items()]
+                    head = (event.status_code, event.reason, event.http_version, fields)
                 elif isinstance(event, h11.Data):
                     body += event.data
                 elif isinstance(event, h11.EndOfMessage):
                     trailing, closed = connection.trailing_data
+                    trailers = [(n, v) for n, v in event.headers.raw_items()]
                     # h11 says DONE for a body that ran to EOF too; no one can reuse that.
                     reusable = connection.their_state is h11.DONE and not closed
-                    return ("done", head, body, reusable, trailing)
+                    return ("done", head, body, trailers, reusable, trailing)
     except h11.RemoteProtocolError:
-        return ("error",)
+        return ("error", "body" if head else "head")
     return ("incomplete", head, body)
 
 
 def outcome_of_h1(method: bytes, pieces: list[bytes], eof: bool) -> tuple[Any, ...]:
+    """What `H1Client` makes of ``pieces``, in the shape of `outcome_of_h11`."""
     client = H1Client()
     client.send_request(method, b"/", HEAD)
     client.end_request()
@@ -373,24 +442,68 @@ def outcome_of_h1(method: bytes, pieces: list[bytes], eof: bool) -> tuple[Any, .
                 parsed = client.receive_head()
                 if parsed is None:
                     continue
-                head = (parsed.status_code, parsed.reason, parsed.http_version)
+                fields = normalized(parsed.headers)
+                head = (parsed.status_code, parsed.reason, parsed.http_version, fields)
             while True:
                 chunk = client.receive_body()
                 if chunk is None:
                     break
                 if chunk == b"":
-                    return ("done", head, body, client.reusable, client.trailing_data)
+                    trailers = normalized(list(client.trailers))
+                    return ("done", head, body, trailers, client.reusable, client.trailing_data)
                 body += chunk
     except RemoteViolation:
-        return ("error",)
+        return ("error", "body" if head else "head")
     return ("incomplete", head, body)
+
+
+def expected_of_h1(method: bytes, data: bytes, pieces: list[bytes], eof: bool) -> tuple[Any, ...]:
+    """h11's outcome, amended where `H1Client` is stricter on purpose (its rules 1, 2, 5)."""
+    outcome = outcome_of_h11(method, pieces, eof)
+    if outcome == ("too many informational",):
+        # More informational responses than the bound: refused where h11 reads on.
+        return ("error", "head")
+    if outcome[0] == "done" and outcome[-2]:
+        _, head, body, trailers, _, trailing = outcome
+        fields = {name.lower() for name, _ in head[3]}
+        framed = method != b"HEAD" and head[0] not in (204, 304)
+        both = framed and {b"content-length", b"transfer-encoding"} <= fields
+        # Bytes after the response, or a body framed both ways at once: never reused.
+        reusable = not trailing and not both
+        return ("done", head, body, trailers, reusable, trailing)
+    return outcome
+
+
+def bare_cr_in_a_chunk_line(data: bytes) -> bool:
+    return any(b"\r" in line for line in (x.split(b"\r\n")[0] for x in data.split(b";")[1:]))
+
+
+def check_against_h11(case: tuple[bytes, bytes, list[bytes], bool]) -> None:
+    method, data, pieces, eof = case
+    ours = outcome_of_h1(method, pieces, eof)
+    expected = expected_of_h1(method, data, pieces, eof)
+    if ours != expected and ours[0] == "error" and bare_cr_in_a_chunk_line(data):
+        return  # a bare CR in a chunk extension: refused where h11 ignores it
+    assert ours == expected
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(responses())
 def test_responses_read_as_h11_reads_them(case: tuple[bytes, bytes, list[bytes], bool]) -> None:
-    method, _, pieces, eof = case
-    assert outcome_of_h1(method, pieces, eof) == outcome_of_h11(method, pieces, eof)
+    check_against_h11(case)
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=int(os.environ.get("TRIO_CONNPOOL_DIFFERENTIAL_EXAMPLES", "6000")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(responses())
+def test_responses_read_as_h11_reads_them_long(
+    case: tuple[bytes, bytes, list[bytes], bool],
+) -> None:
+    check_against_h11(case)
 
 
 @st.composite
