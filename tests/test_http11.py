@@ -433,7 +433,7 @@ async def test_server_connection_close(pair: tuple[HTTP11Connection, Server]) ->
         assert connection.is_closed()
         assert not connection.is_ready()
     assert rest == b""  # the server saw EOF: the transport was closed
-    with pytest.raises(RuntimeError):
+    with pytest.raises(TransportError, match="connection is closed"):
         await connection.send_request(Request("GET", URL))
 
 
@@ -867,7 +867,7 @@ async def test_busy_and_closed_refuse(pair: tuple[HTTP11Connection, Server]) -> 
     with trio.testing.assert_checkpoints():
         await connection.aclose()  # idempotent
     assert connection.is_closed()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(TransportError, match="connection is closed"):
         await connection.send_request(Request("GET", URL))
 
 
