@@ -6,6 +6,9 @@ waiting for the head, reading or streaming the body), it must end with a `PoolEr
 says what happened, never with an internal error. The loop tests leave the client at many
 points against hypercorn; the targeted ones park a request at one stage on a scripted server.
 
+Leaving a ``client.stream()`` block before the body's end drains a small rest only if it
+arrives quickly; the block never holds a cancellation (or the caller) for the read timeout.
+
 House rules: loopback only, port 0, every loop bounded, no sleeps to wait for events.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import ssl
 from typing import TYPE_CHECKING
 
+import h11
 import pytest
 import trio
 import trio.testing
@@ -21,12 +25,13 @@ from _servers import (
     CountingApp,
     ServerConnection,
     TLSFiles,
+    assert_pool_balanced,
     run_fault_server,
     serve_hypercorn,
 )
 
 from trio_connpool import PoolClosed, PoolError, TransportError
-from trio_connpool.http import Client, open_client
+from trio_connpool.http import Client, Timeouts, open_client
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -297,3 +302,97 @@ async def test_close_while_waiting_for_a_connection() -> None:
     assert len(caught) == 1, caught
     _check_errors(caught)
     assert isinstance(caught[0], PoolClosed)
+
+
+# ---- a stream left early ------------------------------------------------------------------
+
+
+async def _part_then_stall(conn: ServerConnection) -> None:
+    await conn.receive_request()
+    await conn.send_head(1000)
+    await conn.send_raw(b"x" * 100)  # then stall: the small rest never comes
+    await conn.wait_peer_closed()
+
+
+async def test_stream_left_early_does_not_wait_for_a_stalled_rest(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A small rest that does not come: the block ends after the drain's short bound
+    (0.1 s), not after the read timeout, and the connection is closed, not returned."""
+    timeouts = Timeouts(read=3.0)
+    async with (
+        run_fault_server(_part_then_stall) as server,
+        open_client(timeouts=timeouts) as client,
+    ):
+        with trio.move_on_after(0.3) as scope:
+            start = trio.current_time()
+            async with client.stream("GET", server.url("/x")) as response:
+                async for chunk in response.aiter_bytes():
+                    assert chunk == b"x" * 100
+                    break
+            left = trio.current_time()
+        assert not scope.cancelled_caught
+        assert left - start == pytest.approx(0.1, abs=1e-6)
+        assert response.is_closed
+        await server.wait_for(lambda: server.peer_closed == 1)
+        assert_pool_balanced(client.pool, idle=0)
+        assert client.pool is not None
+        assert client.pool.statistics().connections == 0
+
+
+async def test_stream_left_early_just_before_a_deadline_holds_it_at_most_the_bound(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Left 0.05 s before the deadline: the deadline is held for at most the drain's bound,
+    never for the read timeout."""
+    timeouts = Timeouts(read=3.0)
+    async with (
+        run_fault_server(_part_then_stall) as server,
+        open_client(timeouts=timeouts) as client,
+    ):
+        start = trio.current_time()
+        with trio.move_on_after(0.3):
+            async with client.stream("GET", server.url("/x")) as response:
+                async for _chunk in response.aiter_bytes():
+                    with trio.CancelScope(shield=True):
+                        await trio.sleep(0.25)  # the caller's own work
+                    break
+        assert trio.current_time() - start <= 0.35 + 1e-6
+        await server.wait_for(lambda: server.peer_closed == 1)
+        assert_pool_balanced(client.pool, idle=0)
+
+
+async def test_stream_left_early_with_the_rest_arrived_keeps_the_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rest_go = trio.Event()
+    rest_sent = False
+
+    async def script(conn: ServerConnection) -> None:
+        nonlocal rest_sent
+        await conn.receive_request()
+        await conn.send_head(1000)
+        await conn.send_raw(conn.h11.send(h11.Data(data=b"x" * 100)) or b"")
+        await rest_go.wait()
+        rest = (conn.h11.send(h11.Data(data=b"y" * 900)) or b"") + (
+            conn.h11.send(h11.EndOfMessage()) or b""
+        )
+        await conn.send_raw(rest)
+        rest_sent = True
+        conn.server.changed()
+        await conn.serve()
+
+    async with run_fault_server(script) as server, open_client() as client:
+        start = trio.current_time()
+        async with client.stream("GET", server.url("/first")) as response:
+            async for chunk in response.aiter_bytes():
+                assert chunk == b"x" * 100
+                rest_go.set()
+                await server.wait_for(lambda: rest_sent)
+                break
+        assert trio.current_time() - start == 0  # nothing was waited for
+        assert_pool_balanced(client.pool, idle=1)
+        assert (await client.get(server.url("/second"))).content == b"ok"
+        assert server.accepted == 1  # one connection for both requests
+        assert [t for _, _, t in server.requests] == ["/first", "/second"]
+        assert_pool_balanced(client.pool, idle=1)

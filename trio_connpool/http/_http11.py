@@ -63,8 +63,13 @@ __all__ = ["HTTP11Connection"]
 _READ_SIZE: Final = 64 * 1024
 # Coalesce a bytes body with the request head into one write up to this size.
 _COALESCE_LIMIT: Final = 64 * 1024
-# Response.aclose() drains at most this much of an unread body to keep the connection.
+# Response.aclose() before the body's end drains a rest of at most _MAX_DRAIN bytes to keep
+# the connection, waiting at most _DRAIN_TIMEOUT seconds for it (less if the read timeout is
+# shorter); a larger, unknown-length or slower rest closes the connection instead. The wait
+# is short because aclose() often runs shielded (leaving a stream block): it is as long as
+# a caller's cancellation can be held up.
 _MAX_DRAIN: Final = 64 * 1024
+_DRAIN_TIMEOUT: Final = 0.1
 _CLOSE_TIMEOUT: Final = 1.0
 # Methods whose requests carry content by definition: with no body we still say
 # "Content-Length: 0" (RFC 9110 section 8.6).
@@ -585,13 +590,14 @@ class HTTP11Connection:
             self._state = _State.CLOSED
 
     async def _close_body_early(self) -> None:
-        """`Response.aclose` before the body's end: drain a small rest, else close."""
+        """`Response.aclose` before the body's end: drain a small rest that has arrived or
+        arrives within `_DRAIN_TIMEOUT`, else close."""
         remaining = self._h1.body_remaining
         if remaining is None or remaining > _MAX_DRAIN:
             await self._fail()
             await trio.lowlevel.checkpoint_if_cancelled()
             return
-        with trio.move_on_after(self._read_timeout):
+        with trio.move_on_after(min(_DRAIN_TIMEOUT, self._read_timeout)):
             try:
                 for _ in range(remaining + 2):  # each step consumes >= 1 byte or ends
                     if not await self._receive_body_chunk():
