@@ -666,7 +666,9 @@ class Client:
                     ...
 
         Leaving the block closes the response: its connection goes back to the pool if the
-        body was read to the end (or a small remainder could be drained), else it is closed.
+        body was read to the end, or (HTTP/1.1) if a rest of at most 64 KiB has arrived or
+        arrives within 0.1 s and is drained; else it is closed. The drain never holds the
+        block's exit (or a cancellation) longer than those 0.1 s.
         """
         request = self.build_request(method, url, headers=headers, content=content)
         response = await self.sender.send_request(request)

@@ -63,8 +63,13 @@ __all__ = ["HTTP11Connection"]
 _READ_SIZE: Final = 64 * 1024
 # Coalesce a bytes body with the request head into one write up to this size.
 _COALESCE_LIMIT: Final = 64 * 1024
-# Response.aclose() drains at most this much of an unread body to keep the connection.
+# Response.aclose() before the body's end drains a rest of at most _MAX_DRAIN bytes to keep
+# the connection, waiting at most _DRAIN_TIMEOUT seconds for it (less if the read timeout is
+# shorter); a larger, unknown-length or slower rest closes the connection instead. The wait
+# is short because aclose() often runs shielded (leaving a stream block): it is as long as
+# a caller's cancellation can be held up.
 _MAX_DRAIN: Final = 64 * 1024
+_DRAIN_TIMEOUT: Final = 0.1
 _CLOSE_TIMEOUT: Final = 1.0
 # Methods whose requests carry content by definition: with no body we still say
 # "Content-Length: 0" (RFC 9110 section 8.6).
@@ -273,7 +278,9 @@ class HTTP11Connection:
             The `Response`, with its body still to be read.
 
         Raises:
-            RuntimeError: If the connection is not idle (busy or closed).
+            TransportError: If the connection is closed, or was closed locally (by its pool
+                or owner) during the exchange.
+            RuntimeError: If another exchange is in progress on this connection.
             ServerDisconnected: If the server closed the connection before sending any byte
                 of a response (typically a keep-alive connection it had timed out).
             RemoteProtocolError: If the server sent something invalid or broke off.
@@ -282,6 +289,13 @@ class HTTP11Connection:
             WriteTimeout: If a write did not complete within ``timeouts.write``.
         """
         if self._state is not _State.IDLE:
+            if self._state is _State.CLOSED:
+                await trio.lowlevel.checkpoint()
+                raise TransportError(
+                    "the connection is closed and cannot send a request",
+                    key=self._origin,
+                    url=str(request.url),
+                )
             raise RuntimeError(f"connection is not ready for a request: {self!r}")
         self._state = _State.ACTIVE
         self._exchanges += 1
@@ -343,6 +357,7 @@ class HTTP11Connection:
                         f"request content must yield bytes, not {type(chunk).__name__}"
                     )
                 if chunk:
+                    self._check_open()
                     await self._write(h1.send_data(bytes(chunk)))
                     scope.deadline = math.inf
         finally:
@@ -352,6 +367,7 @@ class HTTP11Connection:
             if aclose is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                     await aclose()
+        self._check_open()
         await self._write(h1.end_request())
 
     def _request_headers(
@@ -414,7 +430,12 @@ class HTTP11Connection:
         except trio.ClosedResourceError as exc:
             raise self._closed_locally_error() from exc
         except (trio.BrokenResourceError, OSError) as exc:
+            # (A TLS stream reports its transport closed under it as broken.)
+            if self._state is _State.CLOSED:
+                raise self._closed_locally_error() from exc
             raise self._disconnected_error(exc) from exc
+        if self._state is _State.CLOSED:
+            raise self._closed_locally_error()  # while we waited: the data is nobody's now
         if not data:
             if not self._response_started:
                 raise self._disconnected_error(self._write_error) from self._write_error
@@ -453,6 +474,12 @@ class HTTP11Connection:
             "the connection was closed locally while in use", key=self._origin, url=self._url
         )
 
+    def _check_open(self) -> None:
+        """Raise if the connection was closed under the exchange (by `aclose`, from the pool
+        closing) while it awaited: `H1Client` is failed then, and must not be called."""
+        if self._state is _State.CLOSED:
+            raise self._closed_locally_error()
+
     def _invalid_response(self, violation: RemoteViolation) -> RemoteProtocolError:
         return RemoteProtocolError(
             f"invalid response: {violation}", key=self._origin, url=self._url
@@ -460,6 +487,8 @@ class HTTP11Connection:
 
     async def _receive_response_head(self, request: Request) -> Response:
         h1 = self._h1
+        if self._state is _State.CLOSED:  # closed while the request was written
+            raise self._closed_locally_error()
         while True:
             try:
                 head = h1.receive_head()
@@ -561,17 +590,19 @@ class HTTP11Connection:
             self._state = _State.CLOSED
 
     async def _close_body_early(self) -> None:
-        """`Response.aclose` before the body's end: drain a small rest, else close."""
+        """`Response.aclose` before the body's end: drain a small rest that has arrived or
+        arrives within `_DRAIN_TIMEOUT`, else close."""
         remaining = self._h1.body_remaining
         if remaining is None or remaining > _MAX_DRAIN:
             await self._fail()
             await trio.lowlevel.checkpoint_if_cancelled()
             return
-        with trio.move_on_after(self._read_timeout):
+        with trio.move_on_after(min(_DRAIN_TIMEOUT, self._read_timeout)):
             try:
                 for _ in range(remaining + 2):  # each step consumes >= 1 byte or ends
                     if not await self._receive_body_chunk():
                         return
+                    self._check_open()  # that may have yielded
             except TransportError:
                 pass  # _receive_body_chunk has closed the connection already
         await self._fail()
