@@ -86,23 +86,38 @@ def timed(step: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def in_budget(make_step: Callable[[], Callable[[], object]], budget: float = BUDGET) -> bool:
+    """Whether one of three runs of a fresh ``make_step()`` finishes within ``budget``: a run
+    that the machine's other work slowed down gets two more chances, an input that is slow
+    by its complexity gets none."""
+    return any(timed(make_step()) < budget for _ in range(3))
+
+
 @pytest.mark.parametrize(("name", "head"), list(worst_heads()), ids=[n for n, _ in worst_heads()])
 def test_worst_case_heads_parse_in_linear_time(name: str, head: bytes) -> None:
     assert len(head) <= LIMIT + 16
-    client = client_for()
-    client.receive_data(head)
-    assert timed(lambda: client.receive_head() and drain(client)) < BUDGET, name
+
+    def make_step() -> Callable[[], object]:
+        client = client_for()
+        client.receive_data(head)
+        return lambda: client.receive_head() and drain(client)
+
+    assert in_budget(make_step), name
 
 
 @pytest.mark.parametrize(
     ("name", "body"), list(worst_bodies()), ids=[n for n, _ in worst_bodies()]
 )
 def test_worst_case_chunked_bodies_parse_in_linear_time(name: str, body: bytes) -> None:
-    client = client_for()
-    client.receive_data(STATUS + b"Transfer-Encoding: chunked\r\n\r\n")
-    assert client.receive_head() is not None
-    client.receive_data(body)
-    assert timed(lambda: drain(client)) < BUDGET, name
+
+    def make_step() -> Callable[[], object]:
+        client = client_for()
+        client.receive_data(STATUS + b"Transfer-Encoding: chunked\r\n\r\n")
+        assert client.receive_head() is not None
+        client.receive_data(body)
+        return lambda: drain(client)
+
+    assert in_budget(make_step), name
 
 
 def feed_in_pieces(client: H1Client, data: bytes, size: int, step: Callable[[], object]) -> None:
@@ -115,10 +130,16 @@ def feed_in_pieces(client: H1Client, data: bytes, size: int, step: Callable[[], 
 @pytest.mark.parametrize("size", [1, 6])
 def test_a_head_fed_a_few_bytes_per_read_is_linear(size: int) -> None:
     head = STATUS + b"X-Fill: abcdefgh\r\n" * ((LIMIT - 100) // 18) + b"\r\n"
-    client = client_for()
-    elapsed = timed(lambda: feed_in_pieces(client, head, size, client.receive_head))
-    assert client.their_state == 1  # the body is next: the whole head was read
-    assert elapsed < BUDGET * (8 if size == 1 else 1)  # 64k calls cost time of their own
+    clients: list[H1Client] = []
+
+    def make_step() -> Callable[[], object]:
+        client = client_for()
+        clients.append(client)
+        return lambda: feed_in_pieces(client, head, size, client.receive_head)
+
+    # 64k calls of one byte cost time of their own, whatever the parser does with them.
+    assert in_budget(make_step, BUDGET * (4 if size == 1 else 1))
+    assert clients[-1].their_state == 1  # the body is next: the whole head was read
 
 
 @pytest.mark.parametrize(
@@ -127,27 +148,35 @@ def test_a_head_fed_a_few_bytes_per_read_is_linear(size: int) -> None:
     ids=["chunk-line", "trailers"],
 )
 def test_chunk_lines_and_trailers_fed_a_few_bytes_per_read_are_linear(body: bytes) -> None:
-    client = client_for()
-    client.receive_data(STATUS + b"Transfer-Encoding: chunked\r\n\r\n")
-    assert client.receive_head() is not None
-    elapsed = timed(lambda: feed_in_pieces(client, body, 6, client.receive_body))
-    assert elapsed < BUDGET
+
+    def make_step() -> Callable[[], object]:
+        client = client_for()
+        client.receive_data(STATUS + b"Transfer-Encoding: chunked\r\n\r\n")
+        assert client.receive_head() is not None
+        return lambda: feed_in_pieces(client, body, 6, client.receive_body)
+
+    assert in_budget(make_step)
 
 
 def test_a_body_fed_a_few_bytes_per_read_is_linear() -> None:
-    client = client_for()
-    client.receive_data(STATUS + b"Content-Length: %d\r\n\r\n" % LIMIT)
-    assert client.receive_head() is not None
     got: list[bytes] = []
 
-    def step() -> None:
-        for _ in range(8):
-            chunk = client.receive_body()
-            if not chunk:
-                return
-            got.append(chunk)
+    def make_step() -> Callable[[], object]:
+        client = client_for()
+        client.receive_data(STATUS + b"Content-Length: %d\r\n\r\n" % LIMIT)
+        assert client.receive_head() is not None
+        got.clear()
 
-    assert timed(lambda: feed_in_pieces(client, b"x" * LIMIT, 6, step)) < BUDGET
+        def step() -> None:
+            for _ in range(8):
+                chunk = client.receive_body()
+                if not chunk:
+                    return
+                got.append(chunk)
+
+        return lambda: feed_in_pieces(client, b"x" * LIMIT, 6, step)
+
+    assert in_budget(make_step)
     assert b"".join(got) == b"x" * LIMIT
 
 

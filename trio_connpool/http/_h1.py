@@ -72,7 +72,8 @@ _FIELD_BLOCK_RE: Final = re.compile(
 _TOKEN_RE: Final = re.compile(_TOKEN)
 # What a field value (its blanks at both ends stripped) may not contain.
 _BAD_VALUE_BYTE_RE: Final = re.compile(rb"[\x00\n\r\x0b\x0c]")
-_STATUS_RE: Final = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ((?:[ \t]|[^\x00\s])*))?")
+# A reason phrase is blanks and visible bytes: anything but NUL, CR, LF, VT and FF.
+_STATUS_RE: Final = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([^\x00\n\r\x0b\x0c]*))?")
 _CHUNK_SIZE_RE: Final = re.compile(rb"[0-9A-Fa-f]{1,20}")
 _CONTENT_LENGTH_MAX_DIGITS: Final = 20
 _BLANK_LINE_RE: Final = re.compile(rb"\n\r?\n")
