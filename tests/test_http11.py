@@ -222,6 +222,28 @@ async def test_host_header(
     await connection.aclose()
 
 
+async def test_stray_bytes_refuse_the_next_request_unsent(
+    pair: tuple[HTTP11Connection, Server],
+) -> None:
+    """Bytes after a complete response are never read as the next request's response."""
+    connection, server = pair
+
+    async def serve() -> None:
+        await server.receive_request()
+        await server.stream.send_all(b"HTTP/1.1 204 No Content\r\n\r\n" + b"HTTP/1.1 200 OK\r\n")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        response = await connection.send_request(Request("GET", URL))
+        assert response.status_code == 204
+        assert await response.aread() == b""
+    with pytest.raises(ServerDisconnected, match="request was not sent") as info:
+        await connection.send_request(Request("POST", URL, content=b"once"))
+    assert getattr(info.value, "retryable", False)
+    assert connection.is_closed()
+    assert await server.receive_until_eof() == b""
+
+
 @pytest.mark.parametrize("size", [0, 10, 200_000])
 async def test_post_bytes(pair: tuple[HTTP11Connection, Server], size: int) -> None:
     connection, server = pair
