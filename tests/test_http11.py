@@ -17,6 +17,7 @@ import trio.testing
 import trustme
 
 from trio_connpool._exceptions import (
+    InvalidHeader,
     LocalProtocolError,
     ReadTimeout,
     RemoteProtocolError,
@@ -220,6 +221,22 @@ async def test_host_header(
         await response.aread()
     assert header(server.requests[0][0], b"host") == [expected]
     await connection.aclose()
+
+
+@pytest.mark.parametrize(
+    "headers", [[("Host", "a.example"), ("host", "b.example")], [("HOST", "a"), ("Host", "a")]]
+)
+async def test_two_host_headers_are_refused(
+    pair: tuple[HTTP11Connection, Server], headers: list[tuple[str, str]]
+) -> None:
+    """Two Host fields could be read one way by a proxy and another by the server."""
+    connection, server = pair
+    with pytest.raises(InvalidHeader, match="more than one Host") as info:
+        await connection.send_request(Request("GET", URL, headers=headers))
+    assert info.value.url == URL
+    assert connection.is_ready()  # nothing was sent: the connection is still usable
+    await connection.aclose()
+    assert await server.receive_until_eof() == b""
 
 
 async def test_stray_bytes_refuse_the_next_request_unsent(

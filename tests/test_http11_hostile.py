@@ -28,6 +28,7 @@ from _servers import WAIT, TLSFiles
 
 from trio_connpool import Instrument
 from trio_connpool._exceptions import (
+    InvalidHeader,
     ServerDisconnected,
 )
 from trio_connpool.http import (
@@ -548,3 +549,21 @@ async def test_many_requests_never_see_stray_bytes(tls: TLSFiles | None) -> None
             assert injector.injected >= 10
             # Nothing was answered twice: each request reached the server exactly once.
             assert sorted(path for _, path in server.requests) == sorted(responses)
+
+
+# ---- what we send -------------------------------------------------------------------------
+
+
+async def test_two_host_headers_are_refused_before_sending() -> None:
+    with trio.fail_after(WAIT):
+        async with stray_server() as server, open_client() as client:
+            with pytest.raises(InvalidHeader, match="Host"):
+                await client.get(
+                    server.url("/a"), headers=[("Host", "a.example"), ("host", "b.example")]
+                )
+            # Still fine with one.
+            ok = await client.get(server.url("/b"), headers={"Host": "a.example"})
+            assert ok.content == b"/b"
+        # The refused request sent nothing at all, and left its connection usable.
+        assert server.requests == [(0, "/b")]
+        assert server.peers[0].raw.startswith(b"GET /b ")

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Final, cast, final
 import trio
 
 from .._exceptions import (
+    InvalidHeader,
     LocalProtocolError,
     ReadTimeout,
     RemoteProtocolError,
@@ -330,7 +331,8 @@ class HTTP11Connection:
                 anything unread (EOF, or bytes nobody asked for): the connection is closed,
                 and the exception's ``retryable`` attribute says the request never left.
             RemoteProtocolError: If the server sent something invalid or broke off.
-            LocalProtocolError: If the request cannot be sent as given.
+            LocalProtocolError: If the request cannot be sent as given (`InvalidHeader`
+                for two Host headers).
             ReadTimeout: If the server sent nothing within ``timeouts.read``.
             WriteTimeout: If a write did not complete within ``timeouts.write``.
         """
@@ -345,7 +347,11 @@ class HTTP11Connection:
                 key=self._origin,
                 url=str(request.url),
             )
-        fields, framing = self._request_headers(request)
+        try:
+            fields, framing = self._request_headers(request)
+        except InvalidHeader:
+            await trio.lowlevel.checkpoint()
+            raise
         self._state = _State.ACTIVE
         self._exchanges += 1
         self._request = request
@@ -432,6 +438,13 @@ class HTTP11Connection:
             if len(name) in _NAME_LENGTHS:
                 lower = name.lower()
                 if lower == _HOST:
+                    if has_host:
+                        # Two Hosts: a proxy and the server could each pick another one.
+                        raise InvalidHeader(
+                            "more than one Host header: send one",
+                            key=self._origin,
+                            url=str(request.url),
+                        )
                     has_host = True
                 elif lower in _FRAMING:
                     own_framing = True
