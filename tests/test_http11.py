@@ -261,6 +261,40 @@ async def test_stray_bytes_refuse_the_next_request_unsent(
     assert await server.receive_until_eof() == b""
 
 
+async def test_streamed_body_reaching_its_length_is_held_until_the_end(
+    pair: tuple[HTTP11Connection, Server],
+) -> None:
+    """The bytes that complete a Content-Length go out only once the body has ended, so a
+    body that then goes on is refused before the server has a complete request."""
+    connection, server = pair
+    sent_first = trio.Event()
+    go_on = trio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"ab"
+        yield b"cde"
+        sent_first.set()
+        await go_on.wait()
+        yield b"f"
+
+    async with trio.open_nursery() as nursery:
+
+        async def send() -> None:
+            with pytest.raises(LocalProtocolError, match="Too much data"):
+                await connection.send_request(
+                    Request("POST", URL, headers={"Content-Length": "5"}, content=body())
+                )
+
+        nursery.start_soon(send)
+        await sent_first.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        received = await server.stream.receive_some()
+        assert received.endswith(b"\r\n\r\nab")  # the head and "ab"; "cde" waits
+        go_on.set()
+    assert connection.is_closed()
+    assert await server.receive_until_eof() == b""
+
+
 @pytest.mark.parametrize("size", [0, 10, 200_000])
 async def test_post_bytes(pair: tuple[HTTP11Connection, Server], size: int) -> None:
     connection, server = pair

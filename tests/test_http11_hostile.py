@@ -29,6 +29,7 @@ from _servers import WAIT, TLSFiles
 from trio_connpool import Instrument
 from trio_connpool._exceptions import (
     InvalidHeader,
+    LocalProtocolError,
     ServerDisconnected,
 )
 from trio_connpool.http import (
@@ -567,3 +568,48 @@ async def test_two_host_headers_are_refused_before_sending() -> None:
         # The refused request sent nothing at all, and left its connection usable.
         assert server.requests == [(0, "/b")]
         assert server.peers[0].raw.startswith(b"GET /b ")
+
+
+async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+@pytest.mark.parametrize(
+    ("length", "parts"),
+    [
+        (5, (b"abcde", b"f")),  # the declared length is reached, then more comes
+        (5, (b"ab", b"cde", b"fg")),
+        (5, (b"ab", b"cdefg")),  # too much within one chunk
+        (5, (b"abc",)),  # too little
+        (5, (b"ab", b"", b"c")),
+    ],
+)
+async def test_streamed_body_not_matching_content_length(
+    length: int, parts: tuple[bytes, ...]
+) -> None:
+    """The error is the typed one, the connection is closed, and the server never sees a
+    complete request (it may have seen the head and part of the body)."""
+    with trio.fail_after(WAIT):
+        async with stray_server() as server, open_client() as client:
+            with pytest.raises(LocalProtocolError, match="Content-Length") as info:
+                await client.request(
+                    "POST",
+                    server.url("/upload"),
+                    headers={"Content-Length": str(length)},
+                    content=_chunks(*parts),
+                )
+            assert type(info.value) is LocalProtocolError
+            await server.wait_for(lambda: server.closed == 1)
+            assert server.requests == []
+            assert client.pool is not None
+            assert client.pool.statistics().idle == 0
+            # A good upload still works, on a new connection.
+            ok = await client.request(
+                "POST",
+                server.url("/ok"),
+                headers={"Content-Length": "3"},
+                content=_chunks(b"a", b"bc"),
+            )
+            assert ok.content == b"/ok"
+        assert server.requests == [(1, "/ok")]

@@ -137,6 +137,23 @@ class _ReadableProbe:
         return bool(readable)
 
 
+def _declared_length(request: Request, framing: tuple[int | None, bool] | None) -> int | None:
+    """The Content-Length a streamed body must match; None if it is sent chunked.
+
+    Called once H1Client has accepted the framing fields, so they are consistent here.
+    """
+    if framing is not None:
+        return framing[0]
+    headers = request.headers
+    if "transfer-encoding" in headers:
+        return None
+    values = {v.strip() for value in headers.get_list("content-length") for v in value.split(",")}
+    if not values:
+        return 0
+    value = values.pop()
+    return int(value) if not values and value.isascii() and value.isdigit() else None
+
+
 async def _close_forcefully(stream: trio.abc.AsyncResource) -> None:
     """Close ``stream`` at once, never blocking and never raising (even if cancelled)."""
     with trio.CancelScope(shield=True):
@@ -332,7 +349,11 @@ class HTTP11Connection:
                 and the exception's ``retryable`` attribute says the request never left.
             RemoteProtocolError: If the server sent something invalid or broke off.
             LocalProtocolError: If the request cannot be sent as given (`InvalidHeader`
-                for two Host headers).
+                for two Host headers). Nothing was sent then, with one exception: a
+                streamed body found to be longer or shorter than its Content-Length while
+                it is being sent. The head and the body up to that point have gone out
+                then (never the whole declared body, so the server never has a complete
+                request), and the connection is closed.
             ReadTimeout: If the server sent nothing within ``timeouts.read``.
             WriteTimeout: If a write did not complete within ``timeouts.write``.
         """
@@ -399,14 +420,21 @@ class HTTP11Connection:
                     await self._write(body + end)
             else:
                 await self._write(head)
-                await self._send_streamed_body(content)
+                await self._send_streamed_body(content, _declared_length(request, framing))
         except LocalViolation as exc:
             raise LocalProtocolError(str(exc), key=self._origin, url=self._url) from exc
 
-    async def _send_streamed_body(self, content: AsyncIterable[bytes]) -> None:
+    async def _send_streamed_body(self, content: AsyncIterable[bytes], left: int | None) -> None:
+        """Send a streamed body; ``left``: its Content-Length (None: chunked, or unknown).
+
+        With a Content-Length, the bytes that complete it are what make the request complete
+        for the server, so they are held back until the iteration has ended: a body longer
+        than declared is refused (`LocalViolation`) before the server has a whole request.
+        """
         h1 = self._h1
         scope = self._scope
         iterator = aiter(content)
+        held = b""
         try:
             # The write timeout bounds our writes, not the caller's iterator.
             scope.deadline = math.inf
@@ -416,7 +444,13 @@ class HTTP11Connection:
                         f"request content must yield bytes, not {type(chunk).__name__}"
                     )
                 if chunk:
-                    await self._write(h1.send_data(bytes(chunk)))
+                    data = h1.send_data(bytes(chunk))  # raises before a byte too many
+                    if left is not None:
+                        left -= len(data)
+                        if left <= 0:
+                            held = data  # the end of the body: sent after the iteration
+                            continue
+                    await self._write(data)
                     scope.deadline = math.inf
         finally:
             # We started this iteration, so we end it: an async generator abandoned half-way
@@ -425,7 +459,8 @@ class HTTP11Connection:
             if aclose is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                     await aclose()
-        await self._write(h1.end_request())
+        end = h1.end_request()  # raises if the body fell short: then held is never sent
+        await self._write(held + end)
 
     def _request_headers(
         self, request: Request
