@@ -29,6 +29,7 @@ from _servers import WAIT, TLSFiles
 from trio_connpool import Instrument
 from trio_connpool._exceptions import (
     InvalidHeader,
+    InvalidURL,
     LocalProtocolError,
     ServerDisconnected,
 )
@@ -568,6 +569,17 @@ async def test_two_host_headers_are_refused_before_sending() -> None:
         # The refused request sent nothing at all, and left its connection usable.
         assert server.requests == [(0, "/b")]
         assert server.peers[0].raw.startswith(b"GET /b ")
+
+
+@pytest.mark.parametrize(
+    "path", ["/\udc80", "/?q=\udc80", "/#\udc80", "/p\ud800ath?q=1", "/?\udfff"]
+)
+async def test_lone_surrogate_in_url_is_invalid_url(path: str) -> None:
+    with trio.fail_after(WAIT):
+        async with stray_server() as server, open_client() as client:
+            with pytest.raises(InvalidURL, match="surrogate"):
+                await client.get(server.url(path))
+        assert server.accepted == 0
 
 
 async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
