@@ -122,9 +122,10 @@ class _ReadableProbe:
         # poll() has no FD_SETSIZE limit; select() is the fallback where poll() is missing
         # (Windows, whose select() has no limit on descriptor values either).
         self._poll: Callable[[int], list[tuple[int, int]]] | None = None
-        if hasattr(select, "poll"):
+        fd = sock.fileno()
+        if hasattr(select, "poll") and fd >= 0:
             poller = select.poll()
-            poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+            poller.register(fd, select.POLLIN | select.POLLPRI)
             self._poll = poller.poll
 
     def __call__(self) -> bool:
