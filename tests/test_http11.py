@@ -7,6 +7,7 @@ checks what the server received and the state the connection ends in.
 
 from __future__ import annotations
 
+import select
 import ssl
 from typing import TYPE_CHECKING
 
@@ -377,6 +378,51 @@ async def test_post_streamed_with_content_length(pair: tuple[HTTP11Connection, S
     assert body == b"abcdef"
     assert header(received, b"transfer-encoding") == []
     assert header(received, b"content-length") == [b"6"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "te", "length"),
+    [
+        ({"Transfer-Encoding": "chunked"}, [b"chunked"], []),
+        ({"Content-Length": "6, 6"}, [], [b"6"]),  # h11 reads the list as one value
+        ({"content-length": "6", "Connection": "keep-alive"}, [], [b"6"]),
+    ],
+)
+async def test_post_streamed_with_framing_of_its_own(
+    pair: tuple[HTTP11Connection, Server],
+    headers: dict[str, str],
+    te: list[bytes],
+    length: list[bytes],
+) -> None:
+    connection, server = pair
+
+    async def serve() -> None:
+        await server.receive_request()
+        await server.respond()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        request = Request("PUT", URL, headers=headers, content=chunks(b"abc", b"def"))
+        await (await connection.send_request(request)).aread()
+    received, body = server.requests[0]
+    assert body == b"abcdef"
+    assert header(received, b"transfer-encoding") == te
+    assert header(received, b"content-length") == length
+    assert connection.is_ready()
+
+
+async def test_streamed_body_with_connection_header_only_declares_none(
+    pair: tuple[HTTP11Connection, Server],
+) -> None:
+    """Framing headers of the caller's own (Connection) and no length: the body must be
+    empty, and a first chunk is refused before any of it is sent."""
+    connection, server = pair
+    request = Request("PUT", URL, headers={"Connection": "keep-alive"}, content=chunks(b"abc"))
+    with pytest.raises(LocalProtocolError, match="Too much data"):
+        await connection.send_request(request)
+    assert connection.is_closed()
+    received = await server.receive_until_eof()
+    assert received.endswith(b"\r\n\r\n")  # the head alone
 
 
 @pytest.mark.parametrize(
@@ -1161,6 +1207,35 @@ async def _cancel_when_blocked(scope: trio.CancelScope) -> None:
 
 
 # ---- is_closed() on a real socket ------------------------------------------------------
+
+
+async def test_is_closed_when_the_socket_was_closed_under_it() -> None:
+    listener, client, server = await _loopback()
+    try:
+        connection = HTTP11Connection(client, Origin("http", "127.0.0.1", 80))
+        assert not connection.is_closed()
+        client.socket.close()
+        assert connection.is_closed()
+        # Built on a socket that is closed already.
+        assert HTTP11Connection(client, Origin("http", "127.0.0.1", 80)).is_closed()
+    finally:
+        await server.aclose()
+        await listener.aclose()
+
+
+async def test_is_closed_without_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where select.poll is missing (Windows), select.select does the same check."""
+    monkeypatch.delattr(select, "poll")
+    listener, client, server = await _loopback()
+    connection = HTTP11Connection(client, Origin("http", "127.0.0.1", 80))
+    try:
+        assert not connection.is_closed()
+        await server.send_all(b"junk")
+        assert await _wait_closed(connection)
+    finally:
+        await connection.aclose()
+        await server.aclose()
+        await listener.aclose()
 
 
 async def _loopback() -> tuple[trio.SocketListener, trio.SocketStream, trio.SocketStream]:

@@ -437,6 +437,11 @@ async def test_tls_buffers_of_trio_ssl_stream(tmp_path: Path) -> None:
                 await trio.aclose_forcefully(stream)
 
 
+def test_tls_buffers_of_something_else() -> None:
+    """A trio that keeps other attributes (here: none) gets None, not an exception."""
+    assert tls_buffers(cast("trio.SSLStream[trio.abc.Stream]", object())) is None
+
+
 async def test_tls_connection_is_not_reused_when_its_buffers_are_hidden(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
