@@ -7,6 +7,7 @@ checks what the server received and the state the connection ends in.
 
 from __future__ import annotations
 
+import select
 import ssl
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ import trio.testing
 import trustme
 
 from trio_connpool._exceptions import (
+    InvalidHeader,
     LocalProtocolError,
     ReadTimeout,
     RemoteProtocolError,
@@ -222,6 +224,78 @@ async def test_host_header(
     await connection.aclose()
 
 
+@pytest.mark.parametrize(
+    "headers", [[("Host", "a.example"), ("host", "b.example")], [("HOST", "a"), ("Host", "a")]]
+)
+async def test_two_host_headers_are_refused(
+    pair: tuple[HTTP11Connection, Server], headers: list[tuple[str, str]]
+) -> None:
+    """Two Host fields could be read one way by a proxy and another by the server."""
+    connection, server = pair
+    with pytest.raises(InvalidHeader, match="more than one Host") as info:
+        await connection.send_request(Request("GET", URL, headers=headers))
+    assert info.value.url == URL
+    assert connection.is_ready()  # nothing was sent: the connection is still usable
+    await connection.aclose()
+    assert await server.receive_until_eof() == b""
+
+
+async def test_stray_bytes_refuse_the_next_request_unsent(
+    pair: tuple[HTTP11Connection, Server],
+) -> None:
+    """Bytes after a complete response are never read as the next request's response."""
+    connection, server = pair
+
+    async def serve() -> None:
+        await server.receive_request()
+        await server.stream.send_all(b"HTTP/1.1 204 No Content\r\n\r\n" + b"HTTP/1.1 200 OK\r\n")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        response = await connection.send_request(Request("GET", URL))
+        assert response.status_code == 204
+        assert await response.aread() == b""
+    with pytest.raises(ServerDisconnected, match="request was not sent") as info:
+        await connection.send_request(Request("POST", URL, content=b"once"))
+    assert getattr(info.value, "retryable", False)
+    assert connection.is_closed()
+    assert await server.receive_until_eof() == b""
+
+
+async def test_streamed_body_reaching_its_length_is_held_until_the_end(
+    pair: tuple[HTTP11Connection, Server],
+) -> None:
+    """The bytes that complete a Content-Length go out only once the body has ended, so a
+    body that then goes on is refused before the server has a complete request."""
+    connection, server = pair
+    sent_first = trio.Event()
+    go_on = trio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"ab"
+        yield b"cde"
+        sent_first.set()
+        await go_on.wait()
+        yield b"f"
+
+    async with trio.open_nursery() as nursery:
+
+        async def send() -> None:
+            with pytest.raises(LocalProtocolError, match="Too much data"):
+                await connection.send_request(
+                    Request("POST", URL, headers={"Content-Length": "5"}, content=body())
+                )
+
+        nursery.start_soon(send)
+        await sent_first.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        received = await server.stream.receive_some()
+        assert received.endswith(b"\r\n\r\nab")  # the head and "ab"; "cde" waits
+        go_on.set()
+    assert connection.is_closed()
+    assert await server.receive_until_eof() == b""
+
+
 @pytest.mark.parametrize("size", [0, 10, 200_000])
 async def test_post_bytes(pair: tuple[HTTP11Connection, Server], size: int) -> None:
     connection, server = pair
@@ -304,6 +378,51 @@ async def test_post_streamed_with_content_length(pair: tuple[HTTP11Connection, S
     assert body == b"abcdef"
     assert header(received, b"transfer-encoding") == []
     assert header(received, b"content-length") == [b"6"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "te", "length"),
+    [
+        ({"Transfer-Encoding": "chunked"}, [b"chunked"], []),
+        ({"Content-Length": "6, 6"}, [], [b"6"]),  # h11 reads the list as one value
+        ({"content-length": "6", "Connection": "keep-alive"}, [], [b"6"]),
+    ],
+)
+async def test_post_streamed_with_framing_of_its_own(
+    pair: tuple[HTTP11Connection, Server],
+    headers: dict[str, str],
+    te: list[bytes],
+    length: list[bytes],
+) -> None:
+    connection, server = pair
+
+    async def serve() -> None:
+        await server.receive_request()
+        await server.respond()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        request = Request("PUT", URL, headers=headers, content=chunks(b"abc", b"def"))
+        await (await connection.send_request(request)).aread()
+    received, body = server.requests[0]
+    assert body == b"abcdef"
+    assert header(received, b"transfer-encoding") == te
+    assert header(received, b"content-length") == length
+    assert connection.is_ready()
+
+
+async def test_streamed_body_with_connection_header_only_declares_none(
+    pair: tuple[HTTP11Connection, Server],
+) -> None:
+    """Framing headers of the caller's own (Connection) and no length: the body must be
+    empty, and a first chunk is refused before any of it is sent."""
+    connection, server = pair
+    request = Request("PUT", URL, headers={"Connection": "keep-alive"}, content=chunks(b"abc"))
+    with pytest.raises(LocalProtocolError, match="Too much data"):
+        await connection.send_request(request)
+    assert connection.is_closed()
+    received = await server.receive_until_eof()
+    assert received.endswith(b"\r\n\r\n")  # the head alone
 
 
 @pytest.mark.parametrize(
@@ -1089,6 +1208,35 @@ async def _cancel_when_blocked(scope: trio.CancelScope) -> None:
 
 
 # ---- is_closed() on a real socket ------------------------------------------------------
+
+
+async def test_is_closed_when_the_socket_was_closed_under_it() -> None:
+    listener, client, server = await _loopback()
+    try:
+        connection = HTTP11Connection(client, Origin("http", "127.0.0.1", 80))
+        assert not connection.is_closed()
+        client.socket.close()
+        assert connection.is_closed()
+        # Built on a socket that is closed already.
+        assert HTTP11Connection(client, Origin("http", "127.0.0.1", 80)).is_closed()
+    finally:
+        await server.aclose()
+        await listener.aclose()
+
+
+async def test_is_closed_without_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where select.poll is missing (Windows), select.select does the same check."""
+    monkeypatch.delattr(select, "poll")
+    listener, client, server = await _loopback()
+    connection = HTTP11Connection(client, Origin("http", "127.0.0.1", 80))
+    try:
+        assert not connection.is_closed()
+        await server.send_all(b"junk")
+        assert await _wait_closed(connection)
+    finally:
+        await connection.aclose()
+        await server.aclose()
+        await listener.aclose()
 
 
 async def _loopback() -> tuple[trio.SocketListener, trio.SocketStream, trio.SocketStream]:

@@ -92,6 +92,25 @@ def test_url_rejects(text: str) -> None:
         URL(text)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "http://127.0.0.1/\udc80",
+        "http://127.0.0.1/a\ud800b",
+        "http://127.0.0.1/?q=\udc80",
+        "http://127.0.0.1/?\udfff=1",
+        "http://127.0.0.1/#\udc80",
+        "http://\udc80@127.0.0.1/",
+        "http://ex\udc80ample.com/",
+        "http://127.0.0.1/caf\u00e9/\udc80",
+    ],
+)
+def test_url_rejects_lone_surrogates(text: str) -> None:
+    """A lone surrogate is not text: refused as InvalidURL, never a UnicodeEncodeError."""
+    with pytest.raises(InvalidURL, match="surrogate"):
+        URL(text)
+
+
 def test_url_rejects_non_str() -> None:
     with pytest.raises(InvalidURL):
         URL(b"http://example.com/")  # type: ignore[arg-type]

@@ -118,7 +118,13 @@ class ServerDisconnected(RemoteProtocolError):
 
 
 class LocalProtocolError(TransportError):
-    """We were asked to send something the protocol does not allow. Nothing was sent."""
+    """We were asked to send something the protocol does not allow.
+
+    Nothing was sent, except in one case that shows only while sending: a streamed request
+    body (an async iterable) that turns out longer or shorter than the Content-Length given
+    for it. The request head and the body up to that point may have gone out then, never the
+    complete request, and the connection is closed.
+    """
 
 
 class InvalidURL(LocalProtocolError, ValueError):

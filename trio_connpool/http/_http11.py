@@ -27,6 +27,16 @@ Rules:
 4. One cancel scope per exchange carries the read and write timeouts: its deadline is moved
    before every read and write (cheaper than a scope per operation), and lifted while the
    caller's own request body iterator runs. A body read that has to wait opens its own.
+5. A response is made only of bytes that arrived after its request was sent. An idle
+   connection holds nothing unread unless the server sent what nobody asked for (junk, a
+   stray response) or closed it; so before a connection is reused, both when the pool
+   checks it (`is_closed`) and again when the request is about to go out (`send_request`,
+   which covers a connection handed to a task that runs later, and a connection used
+   directly as a sender), every place bytes can wait is looked at: the parser's buffer, the
+   TLS object's buffers, and the socket (over TLS, once an exchange has completed: see
+   `is_closed`). Anything there and the connection is closed, never
+   read from again; `send_request` then raises `ServerDisconnected` without having sent
+   anything, as for a keep-alive connection the server closed (rule 2).
 
 Known limit: the request body is written completely before the response is read. A server
 that answers early (say 413) and stops reading while still keeping the connection open stalls
@@ -45,6 +55,7 @@ from typing import TYPE_CHECKING, Final, cast, final
 import trio
 
 from .._exceptions import (
+    InvalidHeader,
     LocalProtocolError,
     ReadTimeout,
     RemoteProtocolError,
@@ -54,9 +65,11 @@ from .._exceptions import (
 )
 from ._h1 import H1Client, LocalViolation, RemoteViolation
 from ._models import Headers, Origin, Request, Response, Timeouts, format_authority
+from ._trio_ssl import tls_buffers
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterable
+    import ssl
+    from collections.abc import AsyncIterable, Callable
 
 __all__ = ["HTTP11Connection"]
 
@@ -102,19 +115,49 @@ def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     return None
 
 
-def _is_readable(sock: trio.socket.SocketType) -> bool:
-    """Whether ``sock`` has something to read (data, EOF or an error), without blocking."""
-    fd = sock.fileno()
-    if fd < 0:
-        return True  # closed under us
-    # poll() has no FD_SETSIZE limit; select() is the fallback where poll() is missing
-    # (Windows, whose select() has no limit on descriptor values either).
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(fd, select.POLLIN | select.POLLPRI)
-        return bool(poller.poll(0))
-    readable, _, _ = select.select([sock], [], [], 0)
-    return bool(readable)
+@final
+class _ReadableProbe:
+    """Tells whether a socket has something to read (data, EOF or an error), without
+    blocking: one poll() syscall, with the poll object made once per connection."""
+
+    __slots__ = ("_poll", "_sock")
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self._sock = sock
+        # poll() has no FD_SETSIZE limit; select() is the fallback where poll() is missing
+        # (Windows, whose select() has no limit on descriptor values either).
+        self._poll: Callable[[int], list[tuple[int, int]]] | None = None
+        fd = sock.fileno()
+        if hasattr(select, "poll") and fd >= 0:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN | select.POLLPRI)
+            self._poll = poller.poll
+
+    def __call__(self) -> bool:
+        if self._sock.fileno() < 0:
+            return True  # closed under us (and its descriptor number may be reused)
+        poll = self._poll
+        if poll is not None:
+            return bool(poll(0))
+        readable, _, _ = select.select([self._sock], [], [], 0)
+        return bool(readable)
+
+
+def _declared_length(request: Request, framing: tuple[int | None, bool] | None) -> int | None:
+    """The Content-Length a streamed body must match; None if it is sent chunked.
+
+    Called once H1Client has accepted the framing fields, so they are consistent here.
+    """
+    if framing is not None:
+        return framing[0]
+    headers = request.headers
+    if "transfer-encoding" in headers:
+        return None
+    values = {v.strip() for value in headers.get_list("content-length") for v in value.split(",")}
+    if not values:
+        return 0
+    value = values.pop()
+    return int(value) if not values and value.isascii() and value.isdigit() else None
 
 
 async def _close_forcefully(stream: trio.abc.AsyncResource) -> None:
@@ -126,6 +169,15 @@ async def _close_forcefully(stream: trio.abc.AsyncResource) -> None:
 @final
 class _WriteFailed(Exception):
     """The transport broke while we sent the request; the server may have answered first."""
+
+
+@final
+class _NotSent(ServerDisconnected):
+    """The server closed the idle connection, or sent bytes nobody asked for on it, before
+    the request went out: the connection is closed and the request was not sent (hence
+    ``retryable``). A `ServerDisconnected`, as for any keep-alive connection found closed."""
+
+    retryable = True
 
 
 @final
@@ -164,6 +216,14 @@ class HTTP11Connection:
         self._host = format_authority(origin.host, origin.port, origin.scheme).encode("ascii")
         self._h1 = H1Client(max_head_size=max_incomplete_event_size)
         self._state = _State.IDLE
+        # Where unread bytes can wait besides the parser (see rule 5): the socket, and over
+        # TLS the TLS object's buffers (None where this trio hides them: see _trio_ssl).
+        sock = _socket_of(stream)
+        self._readable = None if sock is None else _ReadableProbe(sock)
+        self._tls = isinstance(stream, trio.SSLStream)
+        self._tls_buffers: tuple[ssl.MemoryBIO, ssl.SSLObject] | None = None
+        if self._tls:
+            self._tls_buffers = tls_buffers(cast("trio.SSLStream[trio.abc.Stream]", stream))
         self._transport_closed = False
         # Per exchange:
         self._exchanges = 0  # started exchanges; also identifies the current one
@@ -211,27 +271,36 @@ class HTTP11Connection:
     def is_closed(self) -> bool:
         """Whether the connection is closed or unusable. Synchronous, never blocks.
 
-        Besides our own state, an idle connection over a real socket is checked for
-        readability: an idle HTTP/1.1 connection has nothing to read unless the server closed
-        it (EOF) or sent junk, so a readable one is marked closed. Only this connection's own
-        socket is looked at. Over TLS the check is skipped until one exchange has completed,
-        since TLS 1.3 servers send session tickets right after the handshake.
+        Besides our own state, an idle connection is checked for anything unread: an idle
+        HTTP/1.1 connection has nothing to read unless the server closed it (EOF) or sent
+        bytes nobody asked for, so one with bytes left in the parser, in the TLS object or on
+        its socket is marked closed. Only this connection is looked at (one poll() syscall
+        on a real socket). Over TLS the TLS layer and the socket are looked at only once an
+        exchange has completed, since TLS 1.3 servers send session tickets right after the
+        handshake.
         """
         if self._state is _State.CLOSED:
             return True
-        if self._state is _State.IDLE:
-            if self._h1.trailing_data:
-                self._state = _State.CLOSED  # the server sent bytes nobody asked for
-                return True
-            sock = _socket_of(self._stream)
-            if (
-                sock is not None
-                and (self._completed > 0 or not isinstance(self._stream, trio.SSLStream))
-                and _is_readable(sock)
-            ):
-                self._state = _State.CLOSED
-                return True
+        if self._state is _State.IDLE and self._has_unread():
+            self._state = _State.CLOSED
+            return True
         return False
+
+    def _has_unread(self) -> bool:
+        """Whether anything arrived on the idle connection: see `is_closed`."""
+        if self._h1.has_unread_data:
+            return True
+        if self._tls:
+            if self._completed == 0:
+                return False  # session tickets may still be arriving
+            buffers = self._tls_buffers
+            if buffers is None:
+                return True  # the TLS layer cannot be seen into: never reuse blind
+            incoming, ssl_object = buffers
+            if incoming.pending or ssl_object.pending():
+                return True
+        readable = self._readable
+        return readable is not None and readable()
 
     async def aclose(self) -> None:
         """Close the connection. Idempotent; never raises for a broken transport.
@@ -282,9 +351,17 @@ class HTTP11Connection:
                 or owner) during the exchange.
             RuntimeError: If another exchange is in progress on this connection.
             ServerDisconnected: If the server closed the connection before sending any byte
-                of a response (typically a keep-alive connection it had timed out).
+                of a response (typically a keep-alive connection it had timed out). Also
+                raised before anything is sent when the idle connection turns out to hold
+                anything unread (EOF, or bytes nobody asked for): the connection is closed,
+                and the exception's ``retryable`` attribute says the request never left.
             RemoteProtocolError: If the server sent something invalid or broke off.
-            LocalProtocolError: If the request cannot be sent as given.
+            LocalProtocolError: If the request cannot be sent as given (`InvalidHeader`
+                for two Host headers). Nothing was sent then, with one exception: a
+                streamed body found to be longer or shorter than its Content-Length while
+                it is being sent. The head and the body up to that point have gone out
+                then (never the whole declared body, so the server never has a complete
+                request), and the connection is closed.
             ReadTimeout: If the server sent nothing within ``timeouts.read``.
             WriteTimeout: If a write did not complete within ``timeouts.write``.
         """
@@ -297,10 +374,24 @@ class HTTP11Connection:
                     url=str(request.url),
                 )
             raise RuntimeError(f"connection is not ready for a request: {self!r}")
+        if self._has_unread():
+            # Whatever waits there arrived before this request was sent: it answers nothing.
+            await self._fail()
+            raise _NotSent(
+                "the server closed the idle connection or sent data nobody asked for on it "
+                "before the request was sent; the request was not sent",
+                key=self._origin,
+                url=str(request.url),
+            )
+        try:
+            fields, framing = self._request_headers(request)
+        except InvalidHeader:
+            await trio.lowlevel.checkpoint()
+            raise
         self._state = _State.ACTIVE
         self._exchanges += 1
         self._request = request
-        self._response_started = bool(self._h1.trailing_data)
+        self._response_started = False
         self._write_error = None
         try:
             # Opened with the first write's deadline, which spares setting it again.
@@ -308,7 +399,7 @@ class HTTP11Connection:
             with trio.CancelScope(deadline=trio.current_time() + self._write_timeout) as scope:
                 self._scope = scope
                 try:
-                    await self._send_request(request)
+                    await self._send_request(request, fields, framing)
                 except _WriteFailed as exc:
                     # The server may have answered before closing (e.g. 413 for a large
                     # upload): look for that answer; if there is none we report the
@@ -320,11 +411,15 @@ class HTTP11Connection:
             await self._fail()
             raise
 
-    async def _send_request(self, request: Request) -> None:
+    async def _send_request(
+        self,
+        request: Request,
+        fields: list[tuple[bytes, bytes]],
+        framing: tuple[int | None, bool] | None,
+    ) -> None:
         h1 = self._h1
         content = request.content
         try:
-            fields, framing = self._request_headers(request)
             head = h1.send_request(
                 request.method.encode("ascii"), request.url.target, fields, framing
             )
@@ -340,14 +435,21 @@ class HTTP11Connection:
                     await self._write(body + end)
             else:
                 await self._write(head)
-                await self._send_streamed_body(content)
+                await self._send_streamed_body(content, _declared_length(request, framing))
         except LocalViolation as exc:
             raise LocalProtocolError(str(exc), key=self._origin, url=self._url) from exc
 
-    async def _send_streamed_body(self, content: AsyncIterable[bytes]) -> None:
+    async def _send_streamed_body(self, content: AsyncIterable[bytes], left: int | None) -> None:
+        """Send a streamed body; ``left``: its Content-Length (None: chunked, or unknown).
+
+        With a Content-Length, the bytes that complete it are what make the request complete
+        for the server, so they are held back until the iteration has ended: a body longer
+        than declared is refused (`LocalViolation`) before the server has a whole request.
+        """
         h1 = self._h1
         scope = self._scope
         iterator = aiter(content)
+        held = b""
         try:
             # The write timeout bounds our writes, not the caller's iterator.
             scope.deadline = math.inf
@@ -358,7 +460,13 @@ class HTTP11Connection:
                     )
                 if chunk:
                     self._check_open()
-                    await self._write(h1.send_data(bytes(chunk)))
+                    data = h1.send_data(bytes(chunk))  # raises before a byte too many
+                    if left is not None:
+                        left -= len(data)
+                        if left <= 0:
+                            held = data  # the end of the body: sent after the iteration
+                            continue
+                    await self._write(data)
                     scope.deadline = math.inf
         finally:
             # We started this iteration, so we end it: an async generator abandoned half-way
@@ -368,7 +476,8 @@ class HTTP11Connection:
                 with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                     await aclose()
         self._check_open()
-        await self._write(h1.end_request())
+        end = h1.end_request()  # raises if the body fell short: then held is never sent
+        await self._write(held + end)
 
     def _request_headers(
         self, request: Request
@@ -381,6 +490,13 @@ class HTTP11Connection:
             if len(name) in _NAME_LENGTHS:
                 lower = name.lower()
                 if lower == _HOST:
+                    if has_host:
+                        # Two Hosts: a proxy and the server could each pick another one.
+                        raise InvalidHeader(
+                            "more than one Host header: send one",
+                            key=self._origin,
+                            url=str(request.url),
+                        )
                     has_host = True
                 elif lower in _FRAMING:
                     own_framing = True

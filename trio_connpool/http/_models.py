@@ -54,6 +54,9 @@ _SECRET_HEADERS = frozenset({b"authorization", b"proxy-authorization"})
 
 # The ASCII characters a URL may never contain: controls, space and DEL.
 _UNSAFE_ASCII = re.compile(r"[\x00-\x20\x7f]")
+# A lone surrogate (what a failed decode with errors="surrogateescape" leaves in a str) is no
+# character at all: it has no UTF-8 form to percent-encode or IDNA-encode.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _is_control_or_space(char: str) -> bool:
@@ -136,7 +139,8 @@ class URL:
     send safely: whitespace or control characters anywhere, userinfo (credentials belong in
     headers, not in a URL that ends up in logs), schemes other than http/https, and ports
     outside 1..65535. Non-ASCII host names are IDNA-encoded; non-ASCII characters in the path
-    or query are percent-encoded (as UTF-8). The fragment is dropped: it is never sent.
+    or query are percent-encoded (as UTF-8); a lone surrogate, which has no UTF-8 form, is
+    refused anywhere in the URL. The fragment is dropped: it is never sent.
 
     Args:
         text: The URL, e.g. ``"https://example.com/search?q=trio"``.
@@ -170,6 +174,8 @@ class URL:
             bad = False
         if bad:
             raise InvalidURL(f"URL contains whitespace or a control character: {text!r}")
+        if not text.isascii() and _SURROGATE.search(text):
+            raise InvalidURL(f"URL contains a lone surrogate, which is not text: {text!r}")
         try:
             parts = urlsplit(text)
             port = parts.port
