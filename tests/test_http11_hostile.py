@@ -32,6 +32,7 @@ from trio_connpool._exceptions import (
     InvalidURL,
     LocalProtocolError,
     ServerDisconnected,
+    TransportError,
 )
 from trio_connpool.http import (
     HTTP11Connection,
@@ -390,13 +391,19 @@ async def test_single_connection_sender_refuses_after_stray_bytes(
                     if later:
                         await stray_sent.wait()
                         await trio.lowlevel.wait_readable(client_socket(connection))
-                    with pytest.raises(ServerDisconnected, match="before the request") as info:
+                    # Found when the next request was about to go out, or (when they came
+                    # in the response's own read and reached the parser) as the response
+                    # ended, which closed the connection at once.
+                    with pytest.raises(
+                        TransportError, match="before the request|after the last response"
+                    ) as info:
                         await client.get(server.url("/b"))
+                    if isinstance(info.value, ServerDisconnected):
+                        assert getattr(info.value, "retryable", False)  # it was never sent
                     assert info.value.url == server.url("/b")
-                    assert getattr(info.value, "retryable", False)  # it was never sent
                     assert connection.is_closed()
                     # Refused for good: nothing is ever read from it again.
-                    with pytest.raises(RuntimeError, match="not ready"):
+                    with pytest.raises(TransportError, match="is closed"):
                         await client.get(server.url("/c"))
                 await server.wait_for(lambda: server.closed == 1)
                 assert server.requests == [(0, "/a")]  # /b was never sent

@@ -225,6 +225,7 @@ class HTTP11Connection:
         if self._tls:
             self._tls_buffers = tls_buffers(cast("trio.SSLStream[trio.abc.Stream]", stream))
         self._transport_closed = False
+        self._close_reason = ""  # why the connection closed, when an error should say it
         # Per exchange:
         self._exchanges = 0  # started exchanges; also identifies the current one
         self._completed = 0  # exchanges that ended with the connection idle again
@@ -369,7 +370,8 @@ class HTTP11Connection:
             if self._state is _State.CLOSED:
                 await trio.lowlevel.checkpoint()
                 raise TransportError(
-                    "the connection is closed and cannot send a request",
+                    "the connection is closed and cannot send a request"
+                    + (f" ({self._close_reason})" if self._close_reason else ""),
                     key=self._origin,
                     url=str(request.url),
                 )
@@ -700,10 +702,12 @@ class HTTP11Connection:
             self._state = _State.IDLE
             self._completed += 1
         else:
-            # Either side said "Connection: close" (or the body ran to EOF), or our request
-            # body was cut short by a write error: the connection cannot carry another
-            # exchange.
+            # Either side said "Connection: close" (or the body ran to EOF), the server sent
+            # bytes after the response, or our request body was cut short by a write error:
+            # the connection cannot carry another exchange.
             self._state = _State.CLOSED
+            if h1.has_unread_data:
+                self._close_reason = "the server sent data after the last response"
 
     async def _close_body_early(self) -> None:
         """`Response.aclose` before the body's end: drain a small rest that has arrived or
