@@ -593,7 +593,10 @@ class PoolState(Generic[K, C]):
     ) -> None:
         """A connect finished. Its connection serves the first waiter, or goes idle.
 
-        If the pool closed meanwhile, a :class:`Close` effect is queued for it instead.
+        The caller has checked that ``connection`` is not closed; it is handed out without
+        another check. (A connection closed on arrival is a failed connect: report it with
+        :meth:`connect_failed`.) If the pool closed meanwhile, a :class:`Close` effect is
+        queued for it instead.
         """
         if record.state is not _RecState.CONNECTING:
             raise RuntimeError(f"connect_succeeded on {record!r}")
@@ -629,6 +632,15 @@ class PoolState(Generic[K, C]):
         if ready and record.capacity > 0:
             record.available = True
             sub.available[record] = None
+            # Serve from it without asking is_closed() again: the caller just did. A second
+            # probe could find it dead and start another connect for the same waiters, which
+            # is the loop the caller's bounded retries exist to end.
+            waiters = sub.waiters
+            while waiters and record.available:
+                waiter = next(iter(waiters))
+                self._unqueue(sub, waiter)
+                waiter.state = _WaiterState.SERVED
+                self.effects.append(Deliver(waiter, self._lease(record)))
         self._pump(sub)
         if delta < 0 or self._blocked:
             self._unblock()

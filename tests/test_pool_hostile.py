@@ -1,0 +1,196 @@
+"""Peers that refuse to be pooled: connections dead on arrival, and the limits that must
+still mean what they say.
+
+A peer that accepts and closes at once (a plain TCP server in front of a dead backend, a
+database that drops the connection during login) must end in a typed error after a bounded
+number of connects with a backoff, never in a reconnect storm that keeps the request waiting.
+The generic pool's tests run on the autojump clock, so the backoff is virtual time and its
+exact length is asserted; the HTTP client's run against a real socket on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import pytest
+import trio
+import trio.testing
+from _fakes import FakeConnection, FakeConnector, Step, assert_balanced, assert_stats
+from _servers import WAIT, ServerConnection, assert_pool_balanced, run_fault_server
+
+from trio_connpool import ConnectError, Pool, PoolError, ServerDisconnected, open_pool
+from trio_connpool.http import HTTPConnection, HTTPConnector, HTTPKey, open_client
+
+FakePool = Pool[Hashable, FakeConnection]
+
+# What the pool does with a connection that is closed when its connect returns: this many
+# connects in all, with these pauses between them (seconds).
+ATTEMPTS = 3
+BACKOFF = (0.1, 0.2)
+# A storm is recognised well before it could hang a test: past this many connects the
+# connector gives up making dead connections and the test's assertions fail instead.
+STORM = 50
+
+
+class DeadOnArrival(FakeConnector):
+    """Makes connections that are already closed when the connect returns (for the first
+    ``dead`` calls per key; None: all of them, until a storm is recognised), except for the
+    keys in ``healthy``."""
+
+    def __init__(
+        self,
+        dead: int | None = None,
+        default: Step | None = None,
+        healthy: frozenset[str] = frozenset(),
+    ) -> None:
+        super().__init__(default)
+        self.dead = dead
+        self.healthy = healthy
+        self.dead_made: dict[Hashable, int] = {}
+        self.call_times: list[float] = []
+
+    async def __call__(self, key: Hashable) -> FakeConnection:
+        self.call_times.append(trio.current_time())
+        connection = await super().__call__(key)
+        made = self.dead_made.get(key, 0)
+        if key in self.healthy:
+            return connection
+        if len(self.calls) <= STORM and (self.dead is None or made < self.dead):
+            self.dead_made[key] = made + 1
+            connection.dead = True
+        return connection
+
+
+def dead_on_arrival_message(error: BaseException) -> bool:
+    return "closed as soon as it was opened" in str(error)
+
+
+# ---------------------------------------------------------------------- the generic pool
+
+
+async def test_dead_on_arrival_fails_the_waiter_after_bounded_connects(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    connector = DeadOnArrival()
+    async with open_pool(connector) as pool:
+        start = trio.current_time()
+        with trio.fail_after(60), pytest.raises(ConnectError) as caught:
+            await pool.acquire("a")
+        assert dead_on_arrival_message(caught.value), caught.value
+        assert caught.value.key == "a"
+        assert len(connector.calls) == ATTEMPTS
+        # A backoff between connects, in virtual time: the error comes promptly after it.
+        assert connector.call_times == [start, start + BACKOFF[0], start + sum(BACKOFF)]
+        assert trio.current_time() - start == pytest.approx(sum(BACKOFF))
+        await trio.testing.wait_all_tasks_blocked()
+        assert_stats(pool, connector, idle=0, in_use=0, connecting=0, waiting=0, weight=0)
+        assert all(c.closed and c.aclose_calls == 1 for c in connector.made)
+        assert dict(pool.statistics().keys) == {}
+    assert_balanced(pool, connector)
+
+
+async def test_one_dead_connection_is_retried_after_the_backoff(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    connector = DeadOnArrival(dead=1)
+    async with open_pool(connector) as pool:
+        start = trio.current_time()
+        async with pool.lease("a") as connection:
+            assert not connection.is_closed()
+            assert trio.current_time() - start == pytest.approx(BACKOFF[0])
+        assert len(connector.calls) == 2
+        assert connector.made[0].closed
+        await trio.testing.wait_all_tasks_blocked()
+        assert_stats(pool, connector, idle=1, connecting=0, waiting=0, weight=1)
+    assert_balanced(pool, connector)
+
+
+async def test_every_waiter_of_a_dead_key_gets_the_error_and_others_are_served(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    connector = DeadOnArrival(healthy=frozenset("b"))
+    errors: list[BaseException] = []
+
+    async def want(pool: FakePool, key: Hashable) -> None:
+        try:
+            async with pool.lease(key):
+                pass
+        except PoolError as exc:
+            errors.append(exc)
+
+    async with open_pool(connector, max_connections=4) as pool:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(want, pool, "a")
+                nursery.start_soon(want, pool, "b")
+        assert len(errors) == 5
+        assert all(isinstance(e, ConnectError) and dead_on_arrival_message(e) for e in errors)
+        assert all(e.key == "a" for e in errors)
+        # Each connect is for one waiter (capacity 1) and gives up after ATTEMPTS.
+        assert connector.calls.count("a") <= 5 * ATTEMPTS
+        assert connector.calls.count("b") == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert_stats(pool, connector, idle=1, connecting=0, waiting=0, weight=1)
+    assert_balanced(pool, connector)
+
+
+async def test_dead_idle_connections_then_dead_connects_end_in_an_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    connector = DeadOnArrival(dead=0)  # The first connections are fine...
+    async with open_pool(connector) as pool:
+        leases = [await pool.acquire("a") for _ in range(3)]
+        for lease in leases:
+            pool.release(lease)
+            lease.connection.dead = True  # ...then die silently while idle,
+        connector.dead = None  # and every new connection is dead on arrival.
+        with trio.fail_after(60), pytest.raises(ConnectError) as caught:
+            await pool.acquire("a")
+        assert dead_on_arrival_message(caught.value)
+        assert len(connector.calls) == 3 + ATTEMPTS
+        await trio.testing.wait_all_tasks_blocked()
+        assert_stats(pool, connector, idle=0, connecting=0, waiting=0, weight=0)
+    assert_balanced(pool, connector)
+
+
+# ---------------------------------------------------------------------- the HTTP client
+
+
+async def _close_at_once(conn: ServerConnection) -> None:
+    """Accept, then close without reading or sending anything."""
+
+
+async def test_http_client_against_a_server_that_closes_at_once() -> None:
+    async with run_fault_server(_close_at_once) as server, open_client() as client:
+        with trio.fail_after(WAIT), pytest.raises(PoolError) as caught:
+            await client.get(server.url("/"))
+        # Closed before the pool looked (a failed connect), or after the request was sent
+        # (the server disconnected): either way a typed error, and no storm.
+        assert isinstance(caught.value, (ConnectError, ServerDisconnected)), caught.value
+        assert server.accepted <= ATTEMPTS
+        assert_pool_balanced(client.pool, idle=0)
+
+
+async def test_http_client_connection_closed_before_the_pool_sees_it() -> None:
+    """The same server, with each connect returning only once the server has closed the
+    connection: the pool always sees it dead on arrival."""
+    async with run_fault_server(_close_at_once) as server:
+        http = HTTPConnector()
+        connects = 0
+
+        async def connector(key: HTTPKey) -> HTTPConnection:
+            nonlocal connects
+            connects += 1
+            connection = await http(key)
+            await server.wait_for(lambda: server.server_closed >= connects)
+            return connection
+
+        async with open_pool(connector) as pool, open_client(pool=pool) as client:
+            with trio.fail_after(WAIT), pytest.raises(ConnectError) as caught:
+                await client.get(server.url("/"))
+            assert dead_on_arrival_message(caught.value), caught.value
+            assert connects == ATTEMPTS
+            assert server.accepted == ATTEMPTS
+            assert_pool_balanced(pool, idle=0)
+            assert server.requests == []
