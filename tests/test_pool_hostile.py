@@ -18,8 +18,15 @@ import trio.testing
 from _fakes import FakeConnection, FakeConnector, Step, assert_balanced, assert_stats
 from _servers import WAIT, ServerConnection, assert_pool_balanced, run_fault_server
 
-from trio_connpool import ConnectError, Pool, PoolError, ServerDisconnected, open_pool
-from trio_connpool.http import HTTPConnection, HTTPConnector, HTTPKey, open_client
+from trio_connpool import (
+    ConnectError,
+    Pool,
+    PoolError,
+    PoolTimeout,
+    ServerDisconnected,
+    open_pool,
+)
+from trio_connpool.http import HTTPConnection, HTTPConnector, HTTPKey, Timeouts, open_client
 
 FakePool = Pool[Hashable, FakeConnection]
 
@@ -118,7 +125,7 @@ async def test_every_waiter_of_a_dead_key_gets_the_error_and_others_are_served(
         except PoolError as exc:
             errors.append(exc)
 
-    async with open_pool(connector, max_connections=4) as pool:
+    async with open_pool(connector, max_connections=10) as pool:
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 for _ in range(5):
@@ -194,3 +201,37 @@ async def test_http_client_connection_closed_before_the_pool_sees_it() -> None:
             assert server.accepted == ATTEMPTS
             assert_pool_balanced(pool, idle=0)
             assert server.requests == []
+
+
+# ---------------------------------------------------------------------- default timeouts
+
+
+def test_every_wait_of_a_request_has_a_finite_default() -> None:
+    default = Timeouts()
+    assert (default.connect, default.read, default.write, default.pool) == (5.0, 5.0, 5.0, 5.0)
+
+
+async def test_request_that_cannot_get_a_connection_times_out_by_default(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """No pool timeout given: a request whose connect never finishes ends in PoolTimeout after
+    the default 5 s (a connector without a connect timeout of its own stands for anything that
+    keeps the request waiting: a full pool, a connect that never ends)."""
+    started = 0
+
+    async def never(key: HTTPKey) -> HTTPConnection:
+        nonlocal started
+        started += 1
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async with open_pool(never) as pool, open_client(pool=pool) as client:
+        start = trio.current_time()
+        with trio.fail_after(60), pytest.raises(PoolTimeout) as caught:
+            await client.get("http://127.0.0.1:9/")
+        assert trio.current_time() - start == 5.0
+        assert caught.value.key is not None
+        assert started == 1
+        # The connect goes on for the next request (late binding); nobody waits for it.
+        stats = pool.statistics()
+        assert (stats.waiting, stats.leases, stats.connecting) == (0, 0, 1)
