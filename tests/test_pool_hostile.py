@@ -11,22 +11,38 @@ exact length is asserted; the HTTP client's run against a real socket on 127.0.0
 from __future__ import annotations
 
 from collections.abc import Hashable
+from contextlib import AsyncExitStack
 
 import pytest
 import trio
 import trio.testing
 from _fakes import FakeConnection, FakeConnector, Step, assert_balanced, assert_stats
-from _servers import WAIT, ServerConnection, assert_pool_balanced, run_fault_server
+from _servers import (
+    WAIT,
+    CountingApp,
+    ServerConnection,
+    assert_pool_balanced,
+    run_fault_server,
+    serve_hypercorn,
+)
 
 from trio_connpool import (
     ConnectError,
     Pool,
     PoolError,
     PoolTimeout,
+    Reservation,
     ServerDisconnected,
     open_pool,
 )
-from trio_connpool.http import HTTPConnection, HTTPConnector, HTTPKey, Timeouts, open_client
+from trio_connpool.http import (
+    Client,
+    HTTPConnection,
+    HTTPConnector,
+    HTTPKey,
+    Timeouts,
+    open_client,
+)
 
 FakePool = Pool[Hashable, FakeConnection]
 
@@ -66,6 +82,12 @@ class DeadOnArrival(FakeConnector):
             self.dead_made[key] = made + 1
             connection.dead = True
         return connection
+
+
+def pool_of(client: Client) -> Pool[HTTPKey, HTTPConnection]:
+    pool = client.pool
+    assert pool is not None
+    return pool
 
 
 def dead_on_arrival_message(error: BaseException) -> bool:
@@ -116,7 +138,7 @@ async def test_every_waiter_of_a_dead_key_gets_the_error_and_others_are_served(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     connector = DeadOnArrival(healthy=frozenset("b"))
-    errors: list[BaseException] = []
+    errors: list[PoolError] = []
 
     async def want(pool: FakePool, key: Hashable) -> None:
         try:
@@ -235,3 +257,122 @@ async def test_request_that_cannot_get_a_connection_times_out_by_default(
         # The connect goes on for the next request (late binding); nobody waits for it.
         stats = pool.statistics()
         assert (stats.waiting, stats.leases, stats.connecting) == (0, 0, 1)
+
+
+# ---------------------------------------------------------------------- the global limit
+
+
+async def test_global_limit_counts_connections_not_weight(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Three keys whose connections each fill their key's budget (weight 8 of 8, an HTTP/2
+    connection per origin) all get one at once under max_connections=20: weight is a per-key
+    budget, not a way to make one connection count as eight against the global limit."""
+    connector = FakeConnector(Step(weight=8, capacity=100))
+    reserve = lambda key: Reservation(weight=8, capacity=100)  # noqa: E731
+    async with open_pool(
+        connector, max_connections=20, max_connections_per_key=8, reserve=reserve
+    ) as pool:
+        leases = []
+        with trio.fail_after(60):
+            for key in "abc":
+                leases.append(await pool.acquire(key, timeout=1.0))
+        assert trio.current_time() == 0.0
+        stats = pool.statistics()
+        assert (stats.connections, stats.connecting, stats.waiting) == (3, 0, 0)
+        assert {key: s.weight for key, s in stats.keys.items()} == {"a": 8, "b": 8, "c": 8}
+        # The per-key budget still holds: a key's second lease shares its one connection.
+        more = await pool.acquire("a", timeout=1.0)
+        assert more.connection is leases[0].connection
+        assert len(connector.made) == 3
+        for lease in [*leases, more]:
+            pool.release(lease)
+        assert_stats(pool, connector, idle=3, in_use=0, connecting=0, waiting=0, weight=24)
+    assert_balanced(pool, connector)
+
+
+async def test_global_limit_of_two_caps_plain_connections_at_two(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    connector = FakeConnector()
+    async with open_pool(connector, max_connections=2) as pool:
+        first = await pool.acquire("a")
+        second = await pool.acquire("b")
+        with pytest.raises(PoolTimeout):
+            await pool.acquire("c", timeout=1.0)
+        assert trio.current_time() == 1.0
+        assert_stats(pool, connector, in_use=2, connecting=0, waiting=0)
+        pool.release(first)  # Idle now: evicted to make room for "c".
+        third = await pool.acquire("c", timeout=1.0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert first.connection.closed
+        assert pool.statistics().connections == 2
+        assert len(connector.made) == 3
+        pool.release(second)
+        pool.release(third)
+        assert_stats(pool, connector, idle=2, in_use=0, connecting=0, waiting=0, weight=2)
+    assert_balanced(pool, connector)
+
+
+async def test_eviction_makes_room_in_connection_units(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A heavy idle connection of another key is evicted for one new connection, and one
+    eviction is always enough (every connection counts as one)."""
+    weights: dict[Hashable, int] = {"a": 8, "b": 8, "c": 1}
+    connector = FakeConnector()
+    connector.script(Step(weight=8), key="a")
+    connector.script(Step(weight=8), key="b")
+    async with open_pool(
+        connector,
+        max_connections=2,
+        max_connections_per_key=8,
+        reserve=lambda key: Reservation(weight=weights[key]),
+    ) as pool:
+        with trio.fail_after(60):
+            for key in "ab":
+                async with pool.lease(key):
+                    pass
+            assert_stats(pool, connector, idle=2, weight=16)
+            async with pool.lease("c") as connection:
+                assert connection.key == "c"
+                await trio.testing.wait_all_tasks_blocked()
+                (a,) = (c for c in connector.made if c.key == "a")
+                assert a.closed  # The least recently used idle connection, and only it.
+                assert_stats(pool, connector, idle=1, in_use=1, weight=9)
+    assert_balanced(pool, connector)
+
+
+async def test_http2_three_origins_share_max_connections_twenty() -> None:
+    """Three h2c origins, max_connections=20 and the default per-key limit (10): each
+    HTTP/2 connection weighs 10, and all three are open at once."""
+    apps = [CountingApp() for _ in range(3)]
+    async with (
+        serve_hypercorn(apps[0]) as one,
+        serve_hypercorn(apps[1]) as two,
+        serve_hypercorn(apps[2]) as three,
+        open_client(http2=True, http1=False, max_connections=20) as client,
+    ):
+        bases = [one, two, three]
+        with trio.fail_after(WAIT * 5):
+            # Each origin's stream is held open while the next origin is asked.
+            async with AsyncExitStack() as stack:
+                for base in bases:
+                    response = await stack.enter_async_context(
+                        client.stream("GET", f"{base}/bytes/10")
+                    )
+                    assert response.http_version == "HTTP/2"
+                stats = pool_of(client).statistics()
+                assert (stats.connections, stats.in_use, stats.waiting) == (3, 3, 0)
+                assert [s.weight for s in stats.keys.values()] == [10, 10, 10]
+
+            async def burst(base: str, n: int) -> None:
+                response = await client.get(f"{base}/slow/20?n={n}")
+                assert response.status_code == 200
+
+            async with trio.open_nursery() as nursery:
+                for n in range(30):
+                    nursery.start_soon(burst, bases[n % 3], n)
+        assert [app.connections for app in apps] == [1, 1, 1]
+        assert [app.requests for app in apps] == [11, 11, 11]
+        assert_pool_balanced(client.pool, idle=3)

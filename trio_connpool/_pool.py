@@ -89,7 +89,9 @@ class Connection(Protocol):
       means the connection is still usable (an HTTP/2 stream was reset but the connection is
       fine), so the pool keeps it instead of closing it.
     - ``capacity: int``: how many leases it takes at once (default 1; may change).
-    - ``weight: int``: how much of the limits it uses (default 1).
+    - ``weight: int``: how much of its key's ``max_connections_per_key`` budget it uses
+      (default 1). The global ``max_connections`` counts it as one connection whatever it
+      weighs.
     - ``set_state_callback(callback)``: the pool registers a synchronous callback that the
       connection calls whenever ``capacity``, ``is_ready()`` or ``is_closed()`` changes, so
       waiters are woken or held at once.
@@ -741,10 +743,11 @@ async def open_pool(
             the waiting task as :class:`ConnectError` (chained from the original), and so
             does a connection that is closed as soon as it is opened, three times running
             (0.1 s, then 0.2 s apart).
-        max_connections: The pool's global limit, in weight units (a plain connection weighs
-            1). When it is reached, the least recently used idle connection of another key is
-            closed to make room.
-        max_connections_per_key: Per-key limit, in weight units; None for none.
+        max_connections: The pool's global limit: open connections plus connects in flight,
+            whatever their weight. When it is reached, the least recently used idle
+            connection of another key is closed to make room.
+        max_connections_per_key: Per-key budget, in weight units (a plain connection weighs
+            1; an HTTP/2 connection may weigh the whole budget); None for none.
         release_policy: ``ReleasePolicy.LIFO`` (default) or ``ReleasePolicy.FIFO``.
         acquire_timeout: Seconds a task waits for a connection before :class:`PoolTimeout`;
             None waits forever.
