@@ -29,6 +29,7 @@ from _servers import (
 from trio_connpool import (
     ConnectError,
     Pool,
+    PoolClosed,
     PoolError,
     PoolTimeout,
     Reservation,
@@ -180,6 +181,45 @@ async def test_dead_idle_connections_then_dead_connects_end_in_an_error(
         assert len(connector.calls) == 3 + ATTEMPTS
         await trio.testing.wait_all_tasks_blocked()
         assert_stats(pool, connector, idle=0, connecting=0, waiting=0, weight=0)
+    assert_balanced(pool, connector)
+
+
+async def test_waiter_that_gives_up_during_the_backoff_leaves_nothing_behind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    connector = DeadOnArrival()
+    async with open_pool(connector) as pool:
+        with trio.fail_after(60), pytest.raises(PoolTimeout):
+            await pool.acquire("a", timeout=BACKOFF[0] / 2)
+        # The connect goes on without it (late binding) and gives up on its own.
+        assert_stats(pool, connecting=1, waiting=0)  # In its backoff: no connector call.
+        await trio.sleep(sum(BACKOFF))
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(connector.calls) == ATTEMPTS
+        assert_stats(pool, connector, idle=0, connecting=0, waiting=0, weight=0)
+    assert_balanced(pool, connector)
+
+
+async def test_pool_exit_during_the_backoff_closes_everything(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    connector = DeadOnArrival()
+    failures: list[PoolError] = []
+
+    async def want(pool: FakePool) -> None:
+        try:
+            await pool.acquire("a")
+        except PoolError as exc:
+            failures.append(exc)
+
+    async with open_pool(connector) as pool, trio.open_nursery() as nursery:
+        nursery.start_soon(want, pool)
+        await trio.sleep(BACKOFF[0] / 2)
+        assert len(connector.calls) == 1
+        assert_stats(pool, connecting=1, waiting=1)  # In its backoff.
+        await pool.aclose()
+    assert [type(e) for e in failures] == [PoolClosed]
+    assert len(connector.calls) == 1
     assert_balanced(pool, connector)
 
 
