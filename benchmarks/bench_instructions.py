@@ -37,8 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_http
 
 _COLLECTED = re.compile(rb"Collected : (\d+)")
-# valgrind runs a client some 50x slower: our default 5 s timeouts would fire on the way.
-_SLOW = Timeouts(connect=600, read=600, write=600)
+# valgrind runs a client some 50x slower: our default 5 s timeouts (the wait for a connection
+# too) would fire on the way.
+_SLOW = Timeouts(connect=600, read=600, write=600, pool=600)
 
 
 def _child(client: str, url: str, ca: str | None, total: int, c: int, m: int) -> None:

@@ -27,11 +27,16 @@ from trio_connpool.http import (
     HTTPConnector,
     HTTPKey,
     PoolSender,
+    Timeouts,
     open_client,
 )
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+
+# For bursts that queue behind connection rotations; each test bounds itself with fail_after.
+UNBOUNDED_POOL = Timeouts(pool=None)
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +302,9 @@ async def test_goaway_rotation_every_request_succeeds_once() -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         base = f"http://127.0.0.1:{server.port}"
-        async with open_client(http2=True, http1=False) as client:
+        # 200 requests queue for connections that serve 3 each: on a busy machine the last
+        # wait longer than the default pool timeout. The test's own bound is fail_after.
+        async with open_client(http2=True, http1=False, timeouts=UNBOUNDED_POOL) as client:
             bodies: list[bytes] = []
 
             async def one(n: int) -> None:
@@ -443,7 +450,8 @@ async def test_nginx_keepalive_requests_3_over_http2(tmp_path: Path, tls: TLSFil
     async with _nginx(tmp_path, tls) as port:
         context = tls.client_context(["h2", "http/1.1"])
         base = f"https://127.0.0.1:{port}"
-        async with open_client(verify=context, http2=True) as client:
+        # As above: 300 requests queue behind connections that serve 3 each.
+        async with open_client(verify=context, http2=True, timeouts=UNBOUNDED_POOL) as client:
             bodies: list[bytes] = []
             versions: set[str] = set()
 

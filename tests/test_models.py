@@ -370,7 +370,7 @@ def test_request_rejects_bad_url_and_headers() -> None:
 
 def test_timeouts() -> None:
     default = Timeouts()
-    assert (default.connect, default.read, default.write, default.pool) == (5.0, 5.0, 5.0, None)
+    assert (default.connect, default.read, default.write, default.pool) == (5.0, 5.0, 5.0, 5.0)
     custom = Timeouts(connect=None, read=0, write=1, pool=math.inf)
     assert custom.read == 0
     assert custom == Timeouts(None, 0, 1, math.inf)

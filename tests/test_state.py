@@ -239,20 +239,51 @@ def test_global_limit_evicts_the_lru_idle_connection_of_another_key() -> None:
     assert counts(state) == (1, 0, 1, 1, 0, 2)
 
 
-def test_global_limit_does_not_evict_when_eviction_is_not_enough() -> None:
-    weights = {"a": 1, "b": 2}
-    state = make(max_connections=2, reserve=lambda key: Reservation(weight=weights[key]))
-    open_idle(state, "a", ["a1", "a2"])
-    held = state.acquire_nowait("a")
-    assert held is not None
-    state.enqueue("b")  # Needs 2; only one idle connection (weight 1) could be evicted.
+def test_global_limit_counts_connections_whatever_their_weight() -> None:
+    """max_connections counts connections and connects in flight; weight is per key only."""
+    weights = {"a": 1, "b": 4, "c": 4}
+    state = make(
+        max_connections=3,
+        max_connections_per_key=4,
+        reserve=lambda key: Reservation(weight=weights.get(key, 1)),
+    )
+    state.enqueue("a")
+    state.enqueue("b")
+    state.enqueue("c")
+    assert [r.key for r in starts(effects(state))] == ["a", "b", "c"]
+    assert counts(state) == (0, 0, 3, 3, 0, 9)
+    assert state.connections == 3
+    state.enqueue("b")  # b's budget is spent by its one reservation: no second connect.
     assert effects(state) == []
-    assert counts(state) == (1, 1, 0, 1, 1, 2)
-    state.release(held, 1.0)  # Now both are idle: evicting both makes room.
+    assert "b" not in state._blocked
+    wd = state.enqueue("d")  # The global limit is spent: d waits for room.
+    assert effects(state) == []
+    assert list(state._blocked) == ["d"]
+    assert wd.waiting
+
+
+def test_one_eviction_makes_room_whatever_the_weight() -> None:
+    weights = {"a": 4}
+    state = make(
+        max_connections=2,
+        max_connections_per_key=4,
+        reserve=lambda key: Reservation(weight=weights.get(key, 1)),
+    )
+    state.enqueue("a")
+    ra = only_start(state)
+    a1 = succeed(state, ra, "a1", weight=4)
+    (deliver,) = effects(state)
+    assert isinstance(deliver, Deliver)
+    state.release(deliver.lease, 1.0)
+    (b1,) = open_idle(state, "b", ["b1"], now=2.0)
+    assert counts(state) == (2, 0, 0, 0, 0, 5)
+    state.enqueue("c")  # Evicts the least recently used idle connection, and only it.
     queued = effects(state)
-    assert {c.name for c in closes(queued)} == {"a1", "a2"}
-    assert [r.key for r in starts(queued)] == ["b"]
-    assert counts(state) == (0, 0, 1, 1, 0, 2)
+    assert closes(queued) == [a1]
+    assert [r.key for r in starts(queued)] == ["c"]
+    assert counts(state) == (1, 0, 1, 1, 0, 2)
+    assert state.connections == 2
+    assert b1.name == "b1"
 
 
 def test_blocked_keys_are_served_in_order_when_room_appears() -> None:
@@ -369,16 +400,47 @@ def test_reservation_weight_is_corrected_once_the_connection_answers() -> None:
     assert counts(state) == (0, 1, 3, 9, 1, 4)
 
 
-def test_weight_correction_unblocks_other_keys() -> None:
-    state = make(max_connections=4, reserve=lambda key: Reservation(weight=4 if key == "a" else 1))
+def test_a_heavy_reservation_does_not_hold_other_keys_back() -> None:
+    state = make(max_connections=2, reserve=lambda key: Reservation(weight=4 if key == "a" else 1))
     state.enqueue("a")
     record = only_start(state)
-    wb = state.enqueue("b")
-    assert effects(state) == []  # Global limit spent by a's reservation.
-    succeed(state, record, "a1", weight=1)
-    queued = effects(state)
-    assert [r.key for r in starts(queued)] == ["b"]
+    wb = state.enqueue("b")  # a's reservation weighs 4 but is one connect: room for b.
+    assert [r.key for r in starts(effects(state))] == ["b"]
     assert connect_of(wb) is not None
+    succeed(state, record, "a1", weight=1)
+    assert counts(state) == (0, 1, 1, 1, 1, 2)
+
+
+def test_weight_correction_frees_the_keys_own_budget_only() -> None:
+    weights = {"a": 4}
+    state = make(
+        max_connections=2,
+        max_connections_per_key=4,
+        reserve=lambda key: Reservation(weight=weights.get(key, 1)),
+    )
+    state.enqueue("a")
+    record = only_start(state)
+    wa = state.enqueue("a")  # a's budget is spent by the reservation.
+    assert effects(state) == []
+    wc = state.enqueue("c")
+    (rc,) = starts(effects(state))
+    wd = state.enqueue("d")  # Two connects in flight: the global limit is spent.
+    assert effects(state) == []
+    assert list(state._blocked) == ["d"]
+    weights["a"] = 1  # The origin answered HTTP/1.1: later connects reserve 1.
+    conn = succeed(state, record, "a1", weight=1)
+    queued = effects(state)
+    # a1 serves a's first waiter; a's budget now has room, but the pool has none for a's
+    # second waiter or for d until a connection closes or goes idle.
+    assert len(delivered(queued)) == 1
+    assert starts(queued) == []
+    assert wa.waiting and wd.waiting and wc.waiting
+    assert list(state._blocked) == ["d", "a"]
+    state.connect_failed(rc, None)
+    queued = effects(state)
+    assert fails(queued) == [(wc, FailReason.CONNECT_FAILED, None)]
+    assert [r.key for r in starts(queued)] == ["d"]  # d was blocked first.
+    assert conn.name == "a1"
 
 
 # ---------------------------------------------------------------------- failures, cancels
@@ -850,10 +912,9 @@ def test_evicting_a_keys_own_idle_connection_does_not_strand_its_waiters() -> No
     assert connect_of(wb) is rb2
 
 
-def test_cancelling_the_head_blocked_key_unblocks_the_keys_behind_it() -> None:
-    """Regression: keys held back by the global limit are served in arrival order; when the
-    last waiter of the key at the head of that line was cancelled, the keys behind it were
-    not offered the room that was there, and waited for an unrelated event."""
+def test_cancelling_the_head_blocked_key_gives_the_next_room_to_the_key_behind_it() -> None:
+    """Keys held back by the global limit are served in arrival order; a key whose last
+    waiter is cancelled leaves that line, and the next room goes to the key behind it."""
     weights = {"a": 1, "b": 1, "c": 2}
     state = make(max_connections=2, reserve=lambda key: Reservation(weight=weights[key]))
     state.enqueue("a")
@@ -863,11 +924,13 @@ def test_cancelling_the_head_blocked_key_unblocks_the_keys_behind_it() -> None:
     wb = state.enqueue("b")
     assert effects(state) == []
     assert list(state._blocked) == ["c", "b"]
-    state.connect_failed(ra1, None)  # Room for 1: c needs 2, b waits behind it (Rule 4).
-    assert len(effects(state)) == 1  # The Fail of ra1's waiter.
-    assert connect_of(wb) is None
     state.cancel(wc)
-    (rb,) = starts(effects(state))
+    assert effects(state) == []
+    assert list(state._blocked) == ["b"]
+    state.connect_failed(ra1, None)  # Room for one connection: b's, whatever c weighed.
+    queued = effects(state)
+    assert len(fails(queued)) == 1  # The Fail of ra1's waiter.
+    (rb,) = starts(queued)
     assert rb.key == "b"
     assert connect_of(wb) is rb
     assert state._blocked == {}

@@ -67,6 +67,11 @@ K = TypeVar("K", bound=Hashable)
 C = TypeVar("C")
 _DEFAULT: Any = object()
 
+# A connection that is closed when its connect returns is a failed connect: it is tried this
+# many times in all, pausing _DEAD_ON_ARRIVAL_BACKOFF seconds, then twice that, and so on.
+_DEAD_ON_ARRIVAL_ATTEMPTS = 3
+_DEAD_ON_ARRIVAL_BACKOFF = 0.1
+
 
 @runtime_checkable
 class Connection(Protocol):
@@ -75,14 +80,18 @@ class Connection(Protocol):
     The pool also uses these members when a connection has them (none is required):
 
     - ``is_closed() -> bool``: the connection is dead; the pool drops it when it sees this (it
-      asks only for the one connection it is about to hand out, never scans the others).
+      asks only for the one connection it is about to hand out, never scans the others). A
+      new connection that is closed already is a failed connect: the pool dials again after
+      a pause, three connects in all, then fails its waiters with :class:`ConnectError`.
     - ``is_ready() -> bool``: the connection takes no new leases while this is False (an
       HTTP/2 connection after GOAWAY).
     - ``is_clean() -> bool``: asked when a lease ends in an exception or cancellation; True
       means the connection is still usable (an HTTP/2 stream was reset but the connection is
       fine), so the pool keeps it instead of closing it.
     - ``capacity: int``: how many leases it takes at once (default 1; may change).
-    - ``weight: int``: how much of the limits it uses (default 1).
+    - ``weight: int``: how much of its key's ``max_connections_per_key`` budget it uses
+      (default 1). The global ``max_connections`` counts it as one connection whatever it
+      weighs.
     - ``set_state_callback(callback)``: the pool registers a synchronous callback that the
       connection calls whenever ``capacity``, ``is_ready()`` or ``is_closed()`` changes, so
       waiters are woken or held at once.
@@ -539,7 +548,7 @@ class Pool(Generic[K, C]):
         key = record.key
         state = self._state
         try:
-            connection = await self._connector(key)
+            connection = await self._connect_alive(key)
         except Exception as exc:
             if self._instruments:
                 self._hook("connect_failed", key, exc)
@@ -578,6 +587,40 @@ class Pool(Generic[K, C]):
                 self._nursery.start_soon(self._background_task, record, connection, scope)
         self._apply()
         self._reschedule_timer()
+
+    async def _connect_alive(self, key: K) -> C:
+        """Run the connector until it brings a connection that is not closed already.
+
+        A peer that accepts and closes at once (a server whose backend is down, a database
+        that drops the login) would otherwise make the pool drop each new connection and
+        dial again for the same waiter, for ever. Such a connection is closed, and the
+        connect tried again after a pause, ``_DEAD_ON_ARRIVAL_ATTEMPTS`` times in all; then
+        it fails with :class:`ConnectError`, which reaches the waiters it was started for.
+        The one probe of a new connection is here: the state machine hands it out as it is.
+        """
+        attempt = 1
+        while True:
+            connection = await self._connector(key)
+            try:
+                dead = _probe_closed(connection)
+            except BaseException:
+                self._close_unpooled(key, connection)
+                raise
+            if not dead:
+                return connection
+            self._close_unpooled(key, connection)
+            if attempt >= _DEAD_ON_ARRIVAL_ATTEMPTS:
+                raise ConnectError(
+                    f"the connection was closed as soon as it was opened ({attempt} connects)",
+                    key=key,
+                )
+            await trio.sleep(_DEAD_ON_ARRIVAL_BACKOFF * 2 ** (attempt - 1))
+            attempt += 1
+
+    def _close_unpooled(self, key: K, connection: C) -> None:
+        """Close a connection that never entered the pool's accounting."""
+        assert self._nursery is not None
+        self._nursery.start_soon(self._close_gracefully, Close(key, connection))
 
     def _refresh(self, record: _Record[K, C]) -> None:
         """A connection's state callback: re-read what it says of itself."""
@@ -697,11 +740,14 @@ async def open_pool(
 
     Args:
         connector: ``await connector(key)`` opens a connection for ``key``. Its errors reach
-            the waiting task as :class:`ConnectError` (chained from the original).
-        max_connections: The pool's global limit, in weight units (a plain connection weighs
-            1). When it is reached, the least recently used idle connection of another key is
-            closed to make room.
-        max_connections_per_key: Per-key limit, in weight units; None for none.
+            the waiting task as :class:`ConnectError` (chained from the original), and so
+            does a connection that is closed as soon as it is opened, three times running
+            (0.1 s, then 0.2 s apart).
+        max_connections: The pool's global limit: open connections plus connects in flight,
+            whatever their weight. When it is reached, the least recently used idle
+            connection of another key is closed to make room.
+        max_connections_per_key: Per-key budget, in weight units (a plain connection weighs
+            1; an HTTP/2 connection may weigh the whole budget); None for none.
         release_policy: ``ReleasePolicy.LIFO`` (default) or ``ReleasePolicy.FIFO``.
         acquire_timeout: Seconds a task waits for a connection before :class:`PoolTimeout`;
             None waits forever.

@@ -19,11 +19,16 @@ back to idle, produce no effects and allocate nothing beyond the lease.)
 Rules
 -----
 
-Rule 1 (accounting). A key's *usage* is the weight of its open connections plus the reserved
-weight of its connects in flight. Usage never exceeds ``max_connections_per_key`` for a key,
-and the sum over keys never exceeds ``max_connections``. (A connection whose real weight is
-larger than its reservation is the one exception: the reservation is documented to be an upper
-bound.) A connection leaves the accounting the moment it is closed, dropped or found dead.
+Rule 1 (accounting). The pool's open connections plus its connects in flight never exceed
+``max_connections``: the global limit counts connections, whatever they weigh, because that is
+what a user who writes ``max_connections=20`` means. Weight is a per-key budget: a key's
+*usage* is the weight of its open connections plus the reserved weight of its connects in
+flight, and never exceeds ``max_connections_per_key``. (An HTTP/2 connection that weighs the
+whole budget keeps its origin from also opening HTTP/1.1 connections; a connect reserves the
+weight it hopes for and corrects it when the protocol is known. A connection whose real
+weight is larger than its reservation is the one exception: the reservation is documented to
+be an upper bound.) A connection leaves the accounting the moment it is closed, dropped or
+found dead.
 
 Rule 2 (fairness). Waiters of a key are served strictly in arrival order. A connection that
 becomes available goes to the oldest waiter of its key first, and only to the idle store when
@@ -39,9 +44,10 @@ unattributed waiter, so a connect in flight keeps covering demand and no redunda
 starts (Envoy's "count the capacity of connects in flight" rule).
 
 Rule 4 (room). When a key needs a connection and the pool's global limit is spent, the least
-recently used idle connection of any key is closed to make room. If there is none, the key
-joins a FIFO of *blocked* keys that is served as soon as room appears (a connection closes, a
-connect fails, a weight is corrected downwards, or a connection goes idle and can be evicted).
+recently used idle connection of any key is closed to make room (one is always enough: every
+connection counts as one). If there is none, the key joins a FIFO of *blocked* keys that is
+served as soon as room appears (a connection closes, a connect fails, or a connection goes
+idle and can be evicted).
 
 Rule 5 (exactly once). A lease is released at most once; releasing it again, or after the pool
 closed, does nothing. A waiter is either served, failed or cancelled, exactly once.
@@ -106,9 +112,11 @@ class Reservation:
     """What a connect in flight is expected to bring, before the connection says.
 
     Attributes:
-        weight: The weight to reserve against the limits while connecting. It must be an
-            upper bound of the weight the connection will report (HTTP/2 reserves the weight
-            of a multiplexed connection; an HTTP/1.1 answer corrects it downwards).
+        weight: The weight to reserve against the key's ``max_connections_per_key`` while
+            connecting (against ``max_connections`` a connect counts as one connection). It
+            must be an upper bound of the weight the connection will report (HTTP/2 reserves
+            the weight of a multiplexed connection; an HTTP/1.1 answer corrects it
+            downwards).
         capacity: How many waiters the connect is expected to serve at once; waiters beyond
             that start further connects.
     """
@@ -316,7 +324,8 @@ class KeyStatistics:
         connecting: Connects in flight.
         waiting: Tasks waiting for a connection.
         leases: Leases held (more than ``in_use`` when connections take several at once).
-        weight: The weight spent against the limits (open connections plus reservations).
+        weight: The key's weight, spent against ``max_connections_per_key``: its open
+            connections' weights plus the weights its connects in flight reserve.
     """
 
     idle: int = 0
@@ -337,8 +346,11 @@ class PoolStatistics:
         connecting: Connects in flight.
         waiting: Tasks waiting for a connection.
         leases: Leases held.
-        weight: The weight spent against ``max_connections``.
-        max_connections: The pool's global limit.
+        weight: The keys' weights added up (each key's is spent against
+            ``max_connections_per_key``; ``max_connections`` counts connections, see
+            ``connections`` and ``connecting``).
+        max_connections: The pool's global limit on open connections plus connects in
+            flight.
         keys: Per-key statistics, for every key with anything open, in flight or waiting.
         closed: True once the pool is closed.
     """
@@ -393,8 +405,10 @@ class PoolState(Generic[K, C]):
     """The bookkeeping of a keyed connection pool (see the module docstring for the rules).
 
     Args:
-        max_connections: Global limit, in weight units (a plain connection weighs 1).
-        max_connections_per_key: Per-key limit in weight units, or None for no per-key limit.
+        max_connections: Global limit: open connections plus connects in flight, whatever
+            their weight.
+        max_connections_per_key: Per-key budget in weight units (a plain connection weighs
+            1), or None for no per-key limit.
         release_policy: Which idle connection is reused next.
         max_waiters: Most tasks that may wait for one key, or None for no bound.
         idle_timeout: Seconds an unleased connection may stay open, or None.
@@ -452,7 +466,8 @@ class PoolState(Generic[K, C]):
         self._rng = rng if rng is not None else random.Random()
 
         self.closed = False
-        self.usage = 0
+        # Open connections plus connects in flight, against max_connections (Rule 1).
+        self.connections = 0
         self.effects: list[Effect[K, C]] = []
         self._subpools: dict[K, _SubPool[K, C]] = {}
         # Open connections with no lease, least recently released first (Rule 4; idle expiry).
@@ -484,14 +499,14 @@ class PoolState(Generic[K, C]):
         if sub is None or sub.waiters or self.closed:
             return None
         available = sub.available
-        usage = self.usage
+        connections = self.connections
         lease = None
         while available:
             record = next(reversed(available)) if self.lifo else next(iter(available))
             if self._usable(record):
                 lease = self._lease(record)
                 break
-        if self.usage < usage and self._blocked:
+        if self.connections < connections and self._blocked:
             self._unblock()  # Dead connections were dropped: their room goes to blocked keys.
         return lease
 
@@ -593,7 +608,10 @@ class PoolState(Generic[K, C]):
     ) -> None:
         """A connect finished. Its connection serves the first waiter, or goes idle.
 
-        If the pool closed meanwhile, a :class:`Close` effect is queued for it instead.
+        The caller has checked that ``connection`` is not closed; it is handed out without
+        another check. (A connection closed on arrival is a failed connect: report it with
+        :meth:`connect_failed`.) If the pool closed meanwhile, a :class:`Close` effect is
+        queued for it instead.
         """
         if record.state is not _RecState.CONNECTING:
             raise RuntimeError(f"connect_succeeded on {record!r}")
@@ -602,7 +620,7 @@ class PoolState(Generic[K, C]):
         if self.closed:
             record.state = _RecState.CLOSED
             sub.usage -= record.weight
-            self.usage -= record.weight
+            self.connections -= 1
             self.effects.append(Close(record.key, connection))
             self._forget_if_empty(sub)
             return
@@ -613,10 +631,10 @@ class PoolState(Generic[K, C]):
         record.state = _RecState.OPEN
         record.connection = connection
         record.created_at = record.idle_since = now
-        delta = weight - record.weight
+        # The real weight corrects the reservation in the key's budget (Rule 1); the global
+        # count is unchanged: it was one connection in flight and is one open connection.
+        sub.usage += weight - record.weight
         record.weight = weight
-        sub.usage += delta
-        self.usage += delta
         record.capacity = max(capacity, 0)
         record.ready = ready
         sub.records[record] = None
@@ -629,9 +647,18 @@ class PoolState(Generic[K, C]):
         if ready and record.capacity > 0:
             record.available = True
             sub.available[record] = None
+            # Serve from it without asking is_closed() again: the caller just did. A second
+            # probe could find it dead and start another connect for the same waiters, which
+            # is the loop the caller's bounded retries exist to end.
+            waiters = sub.waiters
+            while waiters and record.available:
+                waiter = next(iter(waiters))
+                self._unqueue(sub, waiter)
+                waiter.state = _WaiterState.SERVED
+                self.effects.append(Deliver(waiter, self._lease(record)))
         self._pump(sub)
-        if delta < 0 or self._blocked:
-            self._unblock()
+        if self._blocked:
+            self._unblock()  # It may have gone idle: evictable for a key blocked elsewhere.
 
     def connect_failed(self, record: _Record[K, C], cause: BaseException | None) -> None:
         """A connect failed (or was cancelled). Its attributed waiters get the error."""
@@ -641,7 +668,7 @@ class PoolState(Generic[K, C]):
         del sub.connecting[record]
         record.state = _RecState.CLOSED
         sub.usage -= record.weight
-        self.usage -= record.weight
+        self.connections -= 1
         for waiter in record.waiters:
             waiter.connect = None
             waiter.state = _WaiterState.FAILED
@@ -747,7 +774,7 @@ class PoolState(Generic[K, C]):
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot of every counter."""
         keys: dict[Hashable, KeyStatistics] = {}
-        totals = [0, 0, 0, 0, 0]
+        totals = [0, 0, 0, 0, 0, 0]
         for key, sub in self._subpools.items():
             idle = in_use = leases = 0
             for record in sub.records:
@@ -770,13 +797,14 @@ class PoolState(Generic[K, C]):
             totals[2] += stats.connecting
             totals[3] += stats.waiting
             totals[4] += leases
+            totals[5] += sub.usage
         return PoolStatistics(
             idle=totals[0],
             in_use=totals[1],
             connecting=totals[2],
             waiting=totals[3],
             leases=totals[4],
-            weight=self.usage,
+            weight=totals[5],
             max_connections=self.max_connections,
             keys=MappingProxyType(keys),
             closed=self.closed,
@@ -831,10 +859,10 @@ class PoolState(Generic[K, C]):
             assert usage == sub.usage, (usage, sub.usage)
             if self.max_connections_per_key is not None:
                 assert sub.usage <= self.max_connections_per_key
-            total += usage
+            total += len(sub.records) + len(sub.connecting)
             assert not sub.is_empty() or sub.available == OrderedDict()
-        assert total == self.usage, (total, self.usage)
-        assert self.usage <= self.max_connections
+        assert total == self.connections, (total, self.connections)
+        assert self.connections <= self.max_connections
         assert set(self._idle) == idle_records
         for key in self._blocked:
             assert self._subpools[key].unattributed
@@ -918,44 +946,39 @@ class PoolState(Generic[K, C]):
             if per_key is not None and sub.usage + weight > per_key:
                 self._blocked.pop(sub.key, None)
                 return  # Wait for this key's own connections.
-            if not self._make_room(weight):
+            if not self._make_room():
                 if sub.key not in self._blocked:
                     self._blocked[sub.key] = None
                 return
             record: _Record[K, C] = _Record(sub, reservation)
             sub.connecting[record] = None
             sub.usage += weight
-            self.usage += weight
+            self.connections += 1
             self.effects.append(StartConnect(record))
             self._attribute(sub)
         self._blocked.pop(sub.key, None)
 
-    def _make_room(self, weight: int) -> bool:
-        """Evict least recently used idle connections until ``weight`` fits (Rule 4).
+    def _make_room(self) -> bool:
+        """Make room for one more connection, evicting the least recently used idle
+        connection if the global limit is spent (Rule 4). False if there is none to evict.
 
         Called only for a key with unattributed waiters, which has no available connection
         of its own (they would have been served), so every idle connection is fair game.
-        Evicts nothing unless evicting is enough.
+        Every connection counts as one, whatever its weight, so one eviction is enough.
         """
-        needed = self.usage + weight - self.max_connections
-        if needed <= 0:
+        if self.connections < self.max_connections:
             return True
-        freeable = 0
-        for record in self._idle:
-            freeable += record.weight
-            if freeable >= needed:
-                break
-        else:
+        idle = self._idle
+        if not idle:
             return False
-        while self.usage + weight > self.max_connections:
-            record = next(iter(self._idle))
-            other = record.sub
-            self._drop(record)
-            if other.unattributed and other.key not in self._blocked:
-                # Its waiters were held by its own limit, which this frees: now they need
-                # global room like any blocked key.
-                self._blocked[other.key] = None
-            self._forget_if_empty(other)
+        record = next(iter(idle))
+        other = record.sub
+        self._drop(record)
+        if other.unattributed and other.key not in self._blocked:
+            # Its waiters were held by its own limit, which this frees: now they need
+            # global room like any blocked key.
+            self._blocked[other.key] = None
+        self._forget_if_empty(other)
         return True
 
     def _unblock(self) -> None:
@@ -976,7 +999,7 @@ class PoolState(Generic[K, C]):
             del sub.available[record]
         self._idle.pop(record, None)
         sub.usage -= record.weight
-        self.usage -= record.weight
+        self.connections -= 1
         assert record.connection is not None
         self.effects.append(Close(record.key, record.connection))
 

@@ -208,9 +208,11 @@ class HTTPConnector:
             and ``write`` are given to the connections.
         max_concurrent_streams: Our cap on the streams of one HTTP/2 connection (the server's
             SETTINGS_MAX_CONCURRENT_STREAMS applies below it).
-        http2_weight: How much of the pool's limits an HTTP/2 connection uses. Set it to the
-            per-key limit for one multiplexed connection per origin (what `open_client` does);
-            1 lets the pool open more HTTP/2 connections when every stream is busy.
+        http2_weight: How much of its origin's ``max_connections_per_key`` an HTTP/2
+            connection uses (the pool's ``max_connections`` counts it as one connection).
+            Set it to the per-key limit for one multiplexed connection per origin (what
+            `open_client` does); 1 lets the pool open more HTTP/2 connections when every
+            stream is busy.
         ping_interval: Keep-alive PING on an HTTP/2 connection after this many seconds
             without receiving anything; the connection closes if no answer comes within
             ``ping_timeout``. None: no keep-alive pings.
@@ -751,9 +753,9 @@ async def open_client(
         http2_extra_connections: When every stream of every HTTP/2 connection to an origin
             is busy, open another connection (up to ``max_connections_per_key``) instead of
             waiting for a stream. By default an HTTP/2 connection weighs as much as
-            ``max_connections_per_key`` (it counts that much against ``max_connections``
-            too), so each origin gets one multiplexed connection; True makes it weigh 1.
-            With ``max_connections_per_key=None`` it always weighs 1.
+            ``max_connections_per_key`` (against ``max_connections`` it counts as one
+            connection, like any other), so each origin gets one multiplexed connection;
+            True makes it weigh 1. With ``max_connections_per_key=None`` it always weighs 1.
         ping_interval: Keep-alive PING on an idle HTTP/2 connection after this many seconds
             without traffic; no answer within the read timeout closes it. None: no pings.
         health_check_after: PING an HTTP/2 connection that was quiet this many seconds
@@ -779,7 +781,7 @@ async def open_client(
     if pool is None:
         weight = 1
         if not http2_extra_connections and isinstance(max_connections_per_key, int):
-            weight = max(1, min(max_connections_per_key, max_connections))
+            weight = max(1, max_connections_per_key)
         connector = HTTPConnector(
             timeouts=timeouts,
             max_concurrent_streams=max_concurrent_streams,

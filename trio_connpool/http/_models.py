@@ -605,11 +605,15 @@ def _check_timeout(name: str, value: object) -> None:
 class Timeouts:
     """Time limits for one request, in seconds; ``None`` means no limit.
 
+    Every limit has a finite default (5 s, as httpx's), so nothing a server or a full pool
+    does can keep a request waiting for ever unless a limit is set to ``None`` on purpose.
+
     Attributes:
         connect: Opening the TCP connection plus the TLS handshake.
         read: Each wait for bytes from the server (not the whole response).
         write: Each write of bytes to the server.
-        pool: Waiting for a connection from the pool.
+        pool: The whole wait for a connection from the pool, retries included; past it the
+            request raises :class:`~trio_connpool.PoolTimeout`.
 
     Raises:
         ValueError: If a value is negative or NaN.
@@ -619,7 +623,7 @@ class Timeouts:
     connect: float | None = 5.0
     read: float | None = 5.0
     write: float | None = 5.0
-    pool: float | None = None
+    pool: float | None = 5.0
 
     def __attrs_post_init__(self) -> None:
         for name in ("connect", "read", "write", "pool"):
