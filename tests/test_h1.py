@@ -452,8 +452,8 @@ def outcome_of_h1(method: bytes, pieces: list[bytes], eof: bool) -> tuple[Any, .
                     trailers = normalized(list(client.trailers))
                     return ("done", head, body, trailers, client.reusable, client.trailing_data)
                 body += chunk
-    except RemoteViolation:
-        return ("error", "body" if head else "head")
+    except RemoteViolation as exc:
+        return ("error", "body" if head else "head", str(exc))
     return ("incomplete", head, body)
 
 
@@ -474,16 +474,14 @@ def expected_of_h1(method: bytes, data: bytes, pieces: list[bytes], eof: bool) -
     return outcome
 
 
-def bare_cr_in_a_chunk_line(data: bytes) -> bool:
-    return any(b"\r" in line for line in (x.split(b"\r\n")[0] for x in data.split(b";")[1:]))
-
-
 def check_against_h11(case: tuple[bytes, bytes, list[bytes], bool]) -> None:
     method, data, pieces, eof = case
     ours = outcome_of_h1(method, pieces, eof)
     expected = expected_of_h1(method, data, pieces, eof)
-    if ours != expected and ours[0] == "error" and bare_cr_in_a_chunk_line(data):
-        return  # a bare CR in a chunk extension: refused where h11 ignores it
+    if ours[0] == "error":
+        ours, message = ours[:2], ours[2]
+        if ours != expected and message.startswith("illegal chunk header") and "\\r" in message:
+            return  # a bare CR in a chunk line: refused where h11 ignores it in an extension
     assert ours == expected
 
 

@@ -266,6 +266,28 @@ def test_bytes_after_a_complete_response_make_it_not_reusable() -> None:
     assert client.trailing_data == b"HTTP/1.1 200 OK\r\n\r\n"
 
 
+def test_buffered_tiny_chunks_are_returned_together() -> None:
+    client = client_for()
+    client.receive_data(STATUS + b"Transfer-Encoding: chunked\r\n\r\n")
+    assert client.receive_head() is not None
+    client.receive_data(b"1\r\nx\r\n" * 1000 + b"1\r\ny")
+    assert client.receive_body() == b"x" * 1000 + b"y"  # one call, not one per chunk
+    assert client.receive_body() is None
+    client.receive_data(b"\r\n0\r\n\r\n")
+    assert client.receive_body() == b""
+    assert client.reusable
+
+
+def test_the_peer_closing_makes_a_complete_response_not_reusable() -> None:
+    client = client_for()
+    client.receive_data(STATUS + b"Content-Length: 2\r\n\r\nok")
+    client.receive_data(b"")
+    assert client.receive_head() is not None
+    assert drain(client) == b"ok"
+    assert client.response_done
+    assert not client.reusable
+
+
 # ---- the real client over a real socket ------------------------------------------------------
 
 

@@ -395,7 +395,7 @@ async def test_single_connection_sender_refuses_after_stray_bytes(
                     # in the response's own read and reached the parser) as the response
                     # ended, which closed the connection at once.
                     with pytest.raises(
-                        TransportError, match="before the request|after the last response"
+                        TransportError, match=r"before the request|after the last response"
                     ) as info:
                         await client.get(server.url("/b"))
                     if isinstance(info.value, ServerDisconnected):

@@ -62,13 +62,17 @@ _TOKEN: Final = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 _FIELD_CONTENT: Final = rb"[^\x00\s]+(?:[ \t]+[^\x00\s]+)*"
 # The fast path for a block of header lines each ended by CRLF, with no obs-fold and no
 # whitespace after a value: one match validates the block, one findall splits it. Anything
-# else (bare LF, obs-fold, trailing blanks, an invalid line) goes line by line.
+# else (bare LF, obs-fold, trailing blanks, an invalid line) goes line by line, and so does a
+# block longer than _FAST_BLOCK_MAX: the match keeps a backtracking record per line, about a
+# hundred times the block's size for a moment, which is nothing for the heads servers send
+# and too much for one built to be large.
 _FIELD_LINE_RE: Final = re.compile(
     rb"(" + _TOKEN + rb"):[ \t]*((?:" + _FIELD_CONTENT + rb")?)\r\n"
 )
 _FIELD_BLOCK_RE: Final = re.compile(
     rb"(?:" + _TOKEN + rb":[ \t]*(?:" + _FIELD_CONTENT + rb")?\r\n)*"
 )
+_FAST_BLOCK_MAX: Final = 8 * 1024
 _TOKEN_RE: Final = re.compile(_TOKEN)
 # What a field value (its blanks at both ends stripped) may not contain.
 _BAD_VALUE_BYTE_RE: Final = re.compile(rb"[\x00\n\r\x0b\x0c]")
@@ -76,6 +80,8 @@ _BAD_VALUE_BYTE_RE: Final = re.compile(rb"[\x00\n\r\x0b\x0c]")
 _STATUS_RE: Final = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([^\x00\n\r\x0b\x0c]*))?")
 _CHUNK_SIZE_RE: Final = re.compile(rb"[0-9A-Fa-f]{1,20}")
 _CONTENT_LENGTH_MAX_DIGITS: Final = 20
+# The most bytes of a chunked body that one receive_body call joins from buffered chunks.
+_JOIN_MAX: Final = 64 * 1024
 _BLANK_LINE_RE: Final = re.compile(rb"\n\r?\n")
 
 # The states of each half (ours: the request; theirs: the response).
@@ -258,12 +264,13 @@ class H1Client:
     @property
     def reusable(self) -> bool:
         """Whether the exchange is complete and the connection may carry another: neither
-        side asked to close, and nothing was received after the response (bytes nobody asked
-        for are junk or an attempt to answer the next request in advance)."""
+        side asked to close (nor did the peer close), and nothing was received after the
+        response (bytes nobody asked for are junk or an attempt to answer the next request in
+        advance)."""
         return (
             self.our_state == _DONE
             and self.their_state == _DONE
-            and not (self._our_close or self._their_close)
+            and not (self._our_close or self._their_close or self._eof)
             and self._pos == len(self._buffer)
         )
 
@@ -475,7 +482,7 @@ class H1Client:
         if status < 100:
             raise RemoteViolation(f"illegal status code {status}")
         rest = text[end + 1 :]
-        if _FIELD_BLOCK_RE.fullmatch(rest) is not None:
+        if len(rest) <= _FAST_BLOCK_MAX and _FIELD_BLOCK_RE.fullmatch(rest) is not None:
             fields = _FIELD_LINE_RE.findall(rest)
         else:  # bare LF line ends, obs-fold, blanks after a value, or an invalid line
             fields = _parse_fields(rest)
@@ -563,7 +570,21 @@ class H1Client:
                 self.their_state = _DONE
                 return b""
             return None
-        return self._receive_chunked()
+        piece = self._receive_chunked()
+        if not piece or self._pos == len(self._buffer):
+            return piece
+        # More chunks may have arrived with this one: join them (up to _JOIN_MAX bytes), so
+        # that a body of tiny chunks costs its reader one call per read, not one per chunk.
+        pieces = [piece]
+        size = len(piece)
+        while size < _JOIN_MAX:
+            more = self._receive_chunked()
+            # None: the rest has not arrived; b"": the body ended (the next call says so).
+            if not more:
+                break
+            pieces.append(more)
+            size += len(more)
+        return piece if len(pieces) == 1 else b"".join(pieces)
 
     def _receive_chunked(self) -> bytes | None:
         for _ in range(4):  # header, data, CRLF, trailers: each step consumes or returns
