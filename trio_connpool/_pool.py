@@ -8,14 +8,18 @@ Parking works the way trio's own ``ParkingLot`` and ``CapacityLimiter`` do, one 
 waiter parks with ``trio.lowlevel.wait_task_rescheduled`` and is woken *with its lease* by
 whoever frees a connection (direct hand-off, no thundering herd, no re-check loop). Its abort
 function withdraws it from the state machine synchronously, so a cancelled or timed-out waiter
-can never be handed a connection it will not pick up.
+can never be handed a connection it will not pick up. A waiter's timeout is not a cancel scope
+of its own (entering one, and trio's deadline bookkeeping for it, cost more than the rest of a
+wait): its deadline goes into one heap, and the pool's timer withdraws a waiter whose time is
+up and wakes it with `PoolTimeout`, as a release would wake it with a lease.
 
 Task layout (structured, nothing outlives the pool)::
 
     caller's nursery (open_pool opens one for you)
     └── Pool._serve                       the pool's service task
         └── pool nursery
-            ├── Pool._run_timer           idle and lifetime expiry, on trio.current_time()
+            ├── Pool._run_timer           waiter timeouts, idle and lifetime expiry, on
+            │                             trio.current_time()
             ├── Pool._connect  (n)        one per connect in flight
             ├── Pool._background (n)      a connection's own task, if it has run_background()
             └── Pool._close    (n)        graceful close, shielded, bounded by close_timeout
@@ -23,6 +27,7 @@ Task layout (structured, nothing outlives the pool)::
 
 from __future__ import annotations
 
+import heapq
 import math
 import sys
 from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Sequence
@@ -70,6 +75,9 @@ _DEFAULT: Any = object()
 # A connection that is closed when its connect returns is a failed connect: it is tried this
 # many times in all, pausing _DEAD_ON_ARRIVAL_BACKOFF seconds, then twice that, and so on.
 _DEAD_ON_ARRIVAL_ATTEMPTS = 3
+# The waiters' deadline heap is pruned of served and cancelled waiters when it reaches four
+# times its size after the last pruning, and never below this.
+_PRUNE_MIN = 64
 _DEAD_ON_ARRIVAL_BACKOFF = 0.1
 
 
@@ -256,6 +264,13 @@ class Pool(Generic[K, C]):
         self._instruments = tuple(instruments)
         self._nursery: trio.Nursery | None = None
         self._timer_scope = trio.CancelScope()
+        self._timer_at = math.inf  # the timer scope's deadline, read without a property call
+        # Parked waiters' deadlines: (deadline, order, waiter, timeout), a heap. Entries of
+        # waiters served or cancelled meanwhile are dropped when they reach the top, or when
+        # the heap has grown to four times what it held at its last pruning.
+        self._deadlines: list[tuple[float, int, Waiter[K, C], float]] = []
+        self._deadline_order = 0  # breaks ties between equal deadlines
+        self._prune_at = _PRUNE_MIN
         self._background: dict[int, trio.CancelScope] = {}
         self._early: dict[Waiter[K, C], outcome.Outcome[Lease[K, C]]] = {}
         self._close_requested = trio.Event()
@@ -388,8 +403,8 @@ class Pool(Generic[K, C]):
             # The connection went idle: its expiry may be the timer's next wake-up. (Idle
             # deadlines only grow, so this is the one case that can move the timer earlier.)
             deadline = now + idle_timeout
-            if deadline < self._timer_scope.deadline:
-                self._timer_scope.deadline = deadline
+            if deadline < self._timer_at:
+                self._timer_scope.deadline = self._timer_at = deadline
 
     async def aclose(self) -> None:
         """Close the pool and every connection in it, leased ones included.
@@ -441,24 +456,58 @@ class Pool(Generic[K, C]):
         self._close_requested.set()
 
     async def _run_timer(self) -> None:
-        """Expire idle and over-age connections when their time comes."""
+        """Time out waiters, and expire idle and over-age connections, when their time comes."""
         state = self._state
         while True:
-            with trio.CancelScope(deadline=state.next_deadline()) as scope:
+            self._timer_at = self._next_deadline()
+            with trio.CancelScope(deadline=self._timer_at) as scope:
                 self._timer_scope = scope
                 await trio.sleep_forever()
-            state.expire(trio.current_time())
+            now = trio.current_time()
+            self._expire_waiters(now)
+            state.expire(now)
             if state.effects:
                 self._apply()
 
-    def _reschedule_timer(self) -> None:
+    def _next_deadline(self) -> float:
         deadline = self._state.next_deadline()
-        if deadline < self._timer_scope.deadline:
-            self._timer_scope.deadline = deadline
+        deadlines = self._deadlines
+        while deadlines and not deadlines[0][2].waiting:
+            heapq.heappop(deadlines)
+        if deadlines and deadlines[0][0] < deadline:
+            return deadlines[0][0]
+        return deadline
+
+    def _reschedule_timer(self) -> None:
+        deadline = self._next_deadline()
+        if deadline < self._timer_at:
+            self._timer_scope.deadline = self._timer_at = deadline
+
+    def _expire_waiters(self, now: float) -> None:
+        """Withdraw every waiter whose deadline has passed and wake it with `PoolTimeout`."""
+        deadlines = self._deadlines
+        state = self._state
+        while deadlines and deadlines[0][0] <= now:
+            _, _, waiter, timeout = heapq.heappop(deadlines)
+            if waiter.waiting:
+                state.cancel(waiter)
+                error = PoolTimeout(f"no connection within {timeout} s", key=waiter.key)
+                self._wake(waiter, outcome.Error(error))
 
     # ------------------------------------------------------------------ waiting
 
-    async def _wait(self, key: K, timeout: float | None) -> Lease[K, C]:  # noqa: ASYNC109
+    async def _wait(
+        self,
+        key: K,
+        timeout: float | None,  # noqa: ASYNC109
+        deadline: float | None = None,
+    ) -> Lease[K, C]:
+        """Wait in ``key``'s line for a lease, at most ``timeout`` seconds (None: no limit).
+
+        ``deadline``, when given, is when those seconds end (a caller that waits more than
+        once for one budget passes it, and spares a clock read); ``timeout`` then only names
+        the budget in the `PoolTimeout` message.
+        """
         state = self._state
         waiter = state.enqueue(key)  # May raise TooManyWaiters: nothing was changed then.
         if self._instruments:
@@ -478,12 +527,20 @@ class Pool(Generic[K, C]):
                 self._apply()
             return trio.lowlevel.Abort.SUCCEEDED
 
-        # wait_task_rescheduled unwraps what _wake passed: a lease, or the error raised here.
-        if timeout is None:
-            return self._acquired(key, await trio.lowlevel.wait_task_rescheduled(abort))
-        with trio.CancelScope(deadline=trio.current_time() + timeout):
-            return self._acquired(key, await trio.lowlevel.wait_task_rescheduled(abort))
-        raise PoolTimeout(f"no connection within {timeout} s", key=key)
+        if timeout is not None:  # the timer wakes it with PoolTimeout: see the module doc
+            if deadline is None:
+                deadline = trio.current_time() + timeout
+            deadlines = self._deadlines
+            if len(deadlines) >= self._prune_at:
+                deadlines[:] = [entry for entry in deadlines if entry[2].waiting]
+                heapq.heapify(deadlines)
+                self._prune_at = max(_PRUNE_MIN, 4 * len(deadlines))
+            self._deadline_order += 1
+            heapq.heappush(deadlines, (deadline, self._deadline_order, waiter, timeout))
+            if deadline < self._timer_at:
+                self._timer_scope.deadline = self._timer_at = deadline
+        # wait_task_rescheduled unwraps what _wake passed: a lease, or an error.
+        return self._acquired(key, await trio.lowlevel.wait_task_rescheduled(abort))
 
     def _unwrap(self, result: outcome.Outcome[Lease[K, C]], key: K) -> Lease[K, C]:
         return self._acquired(key, result.unwrap())

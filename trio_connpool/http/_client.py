@@ -447,7 +447,8 @@ class PoolSender:
         """Lease a connection, send ``request``, and tie the lease to the response body."""
         key = self.key_for(request.url.origin)
         timeout = self.acquire_timeout
-        deadline = math.inf if timeout is None else trio.current_time() + timeout
+        # When waiting for a connection must end, for this request's waits and its retries'.
+        deadline = None if timeout is None else trio.current_time() + timeout
         pool = self.pool
         # The request's own I/O is this call's checkpoint; take an idle connection without
         # yielding first (a cancelled task must not lease, hence checkpoint_if_cancelled).
@@ -457,8 +458,7 @@ class PoolSender:
             lease = pool._try_acquire(key)
             if lease is None:
                 # Straight to the line: acquire() would only try the same miss again.
-                remaining = None if timeout is None else max(0.0, deadline - trio.current_time())
-                lease = await pool._wait(key, remaining)
+                lease = await pool._wait(key, timeout, deadline)
             connection = lease.connection
             try:
                 # (_healthy is awaited only when there is something to check: a coroutine
