@@ -467,8 +467,15 @@ class PoolSender:
                     pool.release(lease, discard=True)
                     continue
                 response = await connection.send_request(request)
-            except ServerDisconnected:
+            except ServerDisconnected as exc:
                 pool.release(lease, discard=True)
+                if getattr(exc, "retryable", False):
+                    # Refused before a byte of it was written (the idle connection held
+                    # something unread): safe to send again, whatever the method or body.
+                    retries += 1
+                    if retries <= _MAX_RETRIES:
+                        continue
+                    raise
                 if (
                     self.retry_stale
                     and lease.is_reused
