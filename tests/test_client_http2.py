@@ -19,7 +19,7 @@ import trio.testing
 from _h2server import ClientGone, H2Server
 from _servers import WAIT, CountingApp, TLSFiles, assert_pool_balanced, serve_hypercorn
 
-from trio_connpool import Pool, RemoteProtocolError, open_pool
+from trio_connpool import InvalidHeader, Pool, RemoteProtocolError, open_pool
 from trio_connpool.http import (
     URL,
     HTTP2Connection,
@@ -468,3 +468,17 @@ async def test_nginx_keepalive_requests_3_over_http2(tmp_path: Path, tls: TLSFil
             assert versions == {"HTTP/2"}
             assert sorted(bodies) == sorted(f"nginx /n/{n}".encode() for n in range(300))
             assert_pool_balanced(client.pool)
+
+
+async def test_two_host_headers_are_refused_before_anything_is_sent() -> None:
+    """Over HTTP/2 as over HTTP/1.1: two Host values were joined into one ``:authority``,
+    which a proxy and the server could each read another way."""
+    app = CountingApp()
+    async with serve_hypercorn(app) as base, open_client(http2=True, http1=False) as client:
+        with trio.fail_after(WAIT), pytest.raises(InvalidHeader, match="more than one Host"):
+            await client.get(f"{base}/", headers=[("Host", "a.example"), ("Host", "b.example")])
+        assert app.requests == 0
+        response = await client.get(f"{base}/")  # the connection serves on
+        assert response.http_version == "HTTP/2"
+        assert app.requests == 1
+        assert_pool_balanced(client.pool)

@@ -78,6 +78,7 @@ from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMa
 from h2.errors import ErrorCodes
 
 from .._exceptions import (
+    InvalidHeader,
     LocalProtocolError,
     ReadTimeout,
     RemoteProtocolError,
@@ -636,7 +637,11 @@ class HTTP2Connection:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         url = str(request.url)
-        headers = self._request_headers(request)
+        try:
+            headers = self._request_headers(request)
+        except InvalidHeader:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            raise
         await self._wait_for_slot(url)
         content = request.content
         end_now = content is None or content == b""
@@ -668,7 +673,13 @@ class HTTP2Connection:
 
     def _request_headers(self, request: Request) -> list[tuple[bytes, bytes]]:
         url = request.url
-        authority = request.headers.get("host")
+        hosts = request.headers.get_list("host")
+        if len(hosts) > 1:
+            # Two Hosts: a proxy and the server could each pick another one.
+            raise InvalidHeader(
+                "more than one Host header: send one", key=self._origin, url=str(url)
+            )
+        authority = hosts[0] if hosts else None
         if authority is None:
             authority = format_authority(url.host, url.port, url.scheme)
         headers: list[tuple[bytes, bytes]] = [
