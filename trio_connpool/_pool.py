@@ -856,7 +856,8 @@ def _leaf_ids(exc: BaseException) -> frozenset[int]:
 @asynccontextmanager
 async def _run_owned(pool: Pool[K, C]) -> AsyncGenerator[Pool[K, C], None]:
     """Run ``pool`` in a private nursery around the caller's block, unwrapping the block's
-    own exception out of the nursery's exception group (DESIGN promise 8)."""
+    own exception out of the nursery's exception group: an error of the user's own code
+    comes out as itself, and only the pool's internal failures as one `PoolError`."""
     raised: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:

@@ -1,7 +1,7 @@
 """The HTTP client: requests in, responses out, connections from a pool (or not).
 
-Three layers, each usable on its own (rama's design: the connector works with no pool, the
-default pool, or a custom pool):
+Three layers, each usable on its own (the connector works with no pool, the default pool,
+or a custom pool):
 
 - :class:`HTTPConnector` opens one connection for a pool key: TCP (happy eyeballs), TLS with
   ALPN, then an HTTP/1.1 or HTTP/2 connection over it, whichever the server chose. It is a
