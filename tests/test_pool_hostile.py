@@ -10,6 +10,8 @@ exact length is asserted; the HTTP client's run against a real socket on 127.0.0
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Hashable
 from contextlib import AsyncExitStack
 
@@ -416,3 +418,103 @@ async def test_http2_three_origins_share_max_connections_twenty() -> None:
         assert [app.connections for app in apps] == [1, 1, 1]
         assert [app.requests for app in apps] == [11, 11, 11]
         assert_pool_balanced(client.pool, idle=3)
+
+
+# ---- waiters' timeouts, kept by the pool's timer ------------------------------------------
+
+
+@pytest.mark.parametrize("timeout", [math.nan, -1.0, "1"])
+async def test_a_bad_per_call_timeout_is_refused_before_the_task_joins_the_line(
+    autojump_clock: trio.testing.MockClock, timeout: object
+) -> None:
+    """A NaN deadline at the top of the heap held up every other waiter's timeout, and a
+    string failed after the task had joined the line, leaving a waiter that a release then
+    tried to wake (a crash of the whole run)."""
+    connector = FakeConnector()
+    async with open_pool(connector, max_connections=1) as pool:
+        held = await pool.acquire("a")
+        with pytest.raises((TypeError, ValueError), match="timeout"):
+            await pool.acquire("a", timeout=timeout)  # type: ignore[arg-type]
+        with pytest.raises((TypeError, ValueError), match="timeout"):
+            pool.lease("a", timeout=timeout)  # type: ignore[arg-type]
+        assert pool.statistics().waiting == 0
+        start = trio.current_time()
+        with trio.fail_after(100), pytest.raises(PoolTimeout):
+            await pool.acquire("a", timeout=1.0)
+        assert trio.current_time() == start + 1.0
+        pool.release(held)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.statistics().idle == 1
+
+
+@pytest.mark.parametrize("release_first", [True, False])
+async def test_a_waiter_served_at_the_tick_it_times_out_leaks_nothing(
+    autojump_clock: trio.testing.MockClock, release_first: bool
+) -> None:
+    connector = FakeConnector()
+    async with open_pool(connector, max_connections=1) as pool:
+        held = await pool.acquire("a")
+        outcomes: list[object] = []
+
+        async def waiter() -> None:
+            try:
+                lease = await pool.acquire("a", timeout=1.0)
+            except PoolTimeout as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(lease)
+                pool.release(lease)
+
+        async def releaser() -> None:
+            await trio.sleep(1.0)
+            pool.release(held)
+
+        async with trio.open_nursery() as nursery:
+            first, second = (releaser, waiter) if release_first else (waiter, releaser)
+            nursery.start_soon(first)
+            nursery.start_soon(second)
+        assert len(outcomes) == 1
+        stats = pool.statistics()
+        assert (stats.waiting, stats.in_use, stats.leases, stats.idle) == (0, 0, 0, 1), stats
+
+
+async def test_a_waiter_cancelled_at_the_tick_it_times_out_leaks_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    connector = FakeConnector()
+    async with open_pool(connector, max_connections=1) as pool:
+        held = await pool.acquire("a")
+        for _ in range(3):
+            with trio.move_on_after(1.0), contextlib.suppress(PoolTimeout):
+                await pool.acquire("a", timeout=1.0)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = pool.statistics()
+        assert (stats.waiting, stats.in_use) == (0, 1), stats
+        pool.release(held)
+        pool.release(await pool.acquire("a", timeout=0))
+
+
+async def test_mixed_timeouts_fire_each_at_its_own_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    connector = FakeConnector()
+    async with open_pool(connector, max_connections=1, acquire_timeout=50.0) as pool:
+        held = await pool.acquire("a")
+        fired: dict[str, float] = {}
+        start = trio.current_time()
+
+        async def wait(name: str, timeout: float | None = None) -> None:
+            try:
+                if timeout is None:
+                    await pool.acquire("a")  # the pool's acquire_timeout
+                else:
+                    await pool.acquire("a", timeout=timeout)
+            except PoolTimeout:
+                fired[name] = trio.current_time() - start
+
+        async with trio.open_nursery() as nursery:
+            for name, timeout in [("t9", 9.0), ("t3", 3.0), ("t0", 0.0), ("t3b", 3.0)]:
+                nursery.start_soon(wait, name, timeout)
+            nursery.start_soon(wait, "default")
+        assert fired == {"t0": 0.0, "t3": 3.0, "t3b": 3.0, "t9": 9.0, "default": 50.0}
+        pool.release(held)

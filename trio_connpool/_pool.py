@@ -308,6 +308,8 @@ class Pool(Generic[K, C]):
         blocks. If the block raises or is cancelled, the connection is closed unless it
         reports ``is_clean()``.
         """
+        if timeout is not _DEFAULT:
+            _check_timeout("timeout", timeout)
         return _Lessor(self, key, timeout)
 
     # A per-call bound that raises the typed PoolTimeout, like the pool-wide acquire_timeout.
@@ -334,6 +336,10 @@ class Pool(Generic[K, C]):
             ConnectError: The connect started for this task failed.
             PoolClosed: The pool is closed, or closed while this task waited.
         """
+        if timeout is not _DEFAULT:
+            # Checked before it can reach the deadline heap: a NaN there would hold up every
+            # other waiter's timeout, a string would fail after the task joined the line.
+            _check_timeout("timeout", timeout)
         await trio.lowlevel.checkpoint_if_cancelled()
         state = self._state
         if state.closed or self._nursery is None:
@@ -506,8 +512,12 @@ class Pool(Generic[K, C]):
 
         ``deadline``, when given, is when those seconds end (a caller that waits more than
         once for one budget passes it, and spares a clock read); ``timeout`` then only names
-        the budget in the `PoolTimeout` message.
+        the budget in the `PoolTimeout` message. Both are checked values (see
+        `_check_timeout`); the deadline is known before the task joins the line, so nothing
+        can fail between joining and parking.
         """
+        if timeout is not None and deadline is None:
+            deadline = trio.current_time() + timeout
         state = self._state
         waiter = state.enqueue(key)  # May raise TooManyWaiters: nothing was changed then.
         if self._instruments:
@@ -527,9 +537,7 @@ class Pool(Generic[K, C]):
                 self._apply()
             return trio.lowlevel.Abort.SUCCEEDED
 
-        if timeout is not None:  # the timer wakes it with PoolTimeout: see the module doc
-            if deadline is None:
-                deadline = trio.current_time() + timeout
+        if timeout is not None and deadline is not None:  # the timer wakes it: see module doc
             deadlines = self._deadlines
             if len(deadlines) >= self._prune_at:
                 deadlines[:] = [entry for entry in deadlines if entry[2].waiting]

@@ -48,7 +48,7 @@ from .._exceptions import (
     ServerDisconnected,
     TransportError,
 )
-from .._pool import Instrument, Pool, open_pool
+from .._pool import Instrument, Pool, _check_timeout, open_pool
 from .._state import DEFAULT_RESERVATION, ReleasePolicy, Reservation
 from ._connect import create_ssl_context, open_stream
 from ._http2 import HTTP2Connection
@@ -407,6 +407,7 @@ class PoolSender:
             raise ValueError(f"health_check_after must be >= 0, not {health_check_after!r}")
         self.pool = pool
         self._ssl_context = _shared_context(verify, http1=http1, http2=http2)
+        _check_timeout("acquire_timeout", acquire_timeout)
         self.acquire_timeout = acquire_timeout
         self.retry_stale = retry_stale
         self.key_extra = key_extra
