@@ -281,6 +281,11 @@ class H1Client:
         return bytes(self._buffer[self._pos :])
 
     @property
+    def request_body_left(self) -> int | None:
+        """Bytes of the request body still owed to its Content-Length (None: chunked)."""
+        return self._our_left
+
+    @property
     def has_unread_data(self) -> bool:
         """Whether any received byte has not been consumed yet."""
         return self._pos != len(self._buffer)

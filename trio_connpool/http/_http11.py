@@ -143,23 +143,6 @@ class _ReadableProbe:
         return bool(readable)
 
 
-def _declared_length(request: Request, framing: tuple[int | None, bool] | None) -> int | None:
-    """The Content-Length a streamed body must match; None if it is sent chunked.
-
-    Called once H1Client has accepted the framing fields, so they are consistent here.
-    """
-    if framing is not None:
-        return framing[0]
-    headers = request.headers
-    if "transfer-encoding" in headers:
-        return None
-    values = {v.strip() for value in headers.get_list("content-length") for v in value.split(",")}
-    if not values:
-        return 0
-    value = values.pop()
-    return int(value) if not values and value.isascii() and value.isdigit() else None
-
-
 async def _close_forcefully(stream: trio.abc.AsyncResource) -> None:
     """Close ``stream`` at once, never blocking and never raising (even if cancelled)."""
     with trio.CancelScope(shield=True):
@@ -437,12 +420,12 @@ class HTTP11Connection:
                     await self._write(body + end)
             else:
                 await self._write(head)
-                await self._send_streamed_body(content, _declared_length(request, framing))
+                await self._send_streamed_body(content)
         except LocalViolation as exc:
             raise LocalProtocolError(str(exc), key=self._origin, url=self._url) from exc
 
-    async def _send_streamed_body(self, content: AsyncIterable[bytes], left: int | None) -> None:
-        """Send a streamed body; ``left``: its Content-Length (None: chunked, or unknown).
+    async def _send_streamed_body(self, content: AsyncIterable[bytes]) -> None:
+        """Send a streamed body, chunked or with the Content-Length `H1Client` accepted.
 
         With a Content-Length, the bytes that complete it are what make the request complete
         for the server, so they are held back until the iteration has ended: a body longer
@@ -463,11 +446,9 @@ class HTTP11Connection:
                 if chunk:
                     self._check_open()
                     data = h1.send_data(bytes(chunk))  # raises before a byte too many
-                    if left is not None:
-                        left -= len(data)
-                        if left <= 0:
-                            held = data  # the end of the body: sent after the iteration
-                            continue
+                    if h1.request_body_left == 0:
+                        held = data  # the end of the body: sent after the iteration
+                        continue
                     await self._write(data)
                     scope.deadline = math.inf
         finally:
