@@ -533,8 +533,7 @@ class HTTP11Connection:
             if self._state is _State.CLOSED:
                 raise self._closed_locally_error() from exc
             raise self._disconnected_error(exc) from exc
-        if self._state is _State.CLOSED:
-            raise self._closed_locally_error()  # while we waited: the data is nobody's now
+        self._check_open()  # closed while we waited: the data is nobody's now
         if not data:
             if not self._response_started:
                 raise self._disconnected_error(self._write_error) from self._write_error
@@ -586,8 +585,7 @@ class HTTP11Connection:
 
     async def _receive_response_head(self, request: Request) -> Response:
         h1 = self._h1
-        if self._state is _State.CLOSED:  # closed while the request was written
-            raise self._closed_locally_error()
+        self._check_open()  # closed while the request was written
         while True:
             try:
                 head = h1.receive_head()
