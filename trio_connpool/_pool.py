@@ -75,10 +75,10 @@ _DEFAULT: Any = object()
 # A connection that is closed when its connect returns is a failed connect: it is tried this
 # many times in all, pausing _DEAD_ON_ARRIVAL_BACKOFF seconds, then twice that, and so on.
 _DEAD_ON_ARRIVAL_ATTEMPTS = 3
+_DEAD_ON_ARRIVAL_BACKOFF = 0.1
 # The waiters' deadline heap is pruned of served and cancelled waiters when it reaches four
 # times its size after the last pruning, and never below this.
 _PRUNE_MIN = 64
-_DEAD_ON_ARRIVAL_BACKOFF = 0.1
 
 
 @runtime_checkable

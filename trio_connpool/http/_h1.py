@@ -454,7 +454,13 @@ class H1Client:
                     raise RemoteViolation("illegal status line")
                 match = self._find_block_end()
                 if match is None:
-                    self._need_more(buffer, pos, "response head")
+                    self._check_bound(buffer, pos, "response head")
+                    if self._eof:
+                        if pos < len(buffer):
+                            raise RemoteViolation(
+                                "peer closed connection in the middle of the response head"
+                            )
+                        raise RemoteViolation("peer closed connection without sending a response")
                     return None
                 # Every line of the head, each with its line end; the blank line consumed.
                 text = self._take(match.start() + 1)
@@ -466,15 +472,10 @@ class H1Client:
             self.their_state = _ERROR
             raise
 
-    def _need_more(self, buffer: bytes | bytearray, pos: int, what: str) -> None:
+    def _check_bound(self, buffer: bytes | bytearray, pos: int, what: str) -> None:
+        """Refuse an incomplete head, chunk line or trailer block past ``max_head_size``."""
         if len(buffer) - pos > self._max_head_size:
             raise RemoteViolation(f"{what} too long")
-        if self._eof:
-            if what != "response head":
-                self._check_eof_in_chunked()
-            if pos < len(buffer):
-                raise RemoteViolation("peer closed connection in the middle of the response head")
-            raise RemoteViolation("peer closed connection without sending a response")
 
     def _parse_head(self, text: bytes) -> ResponseHead | None:
         end = text.find(b"\n")
@@ -624,7 +625,8 @@ class H1Client:
                 end = buffer.find(b"\r\n", scan if scan > pos else pos)
                 if end < 0:
                     self._scan = max(pos, len(buffer) - 1)
-                    self._need_more(buffer, pos, "chunk header")
+                    self._check_bound(buffer, pos, "chunk header")
+                    self._check_eof_in_chunked()
                     return None
                 line = self._take(end)
                 self._pos = end + 2
@@ -641,7 +643,8 @@ class H1Client:
                     return b""
                 match = self._find_block_end()
                 if match is None:
-                    self._need_more(buffer, pos, "trailers")
+                    self._check_bound(buffer, pos, "trailers")
+                    self._check_eof_in_chunked()
                     return None
                 text = self._take(match.start() + 1)
                 self._pos = match.end()

@@ -679,9 +679,7 @@ class HTTP2Connection:
             raise InvalidHeader(
                 "more than one Host header: send one", key=self._origin, url=str(url)
             )
-        authority = hosts[0] if hosts else None
-        if authority is None:
-            authority = format_authority(url.host, url.port, url.scheme)
+        authority = hosts[0] if hosts else format_authority(url.host, url.port, url.scheme)
         headers: list[tuple[bytes, bytes]] = [
             (b":method", request.method.encode("ascii")),
             (b":scheme", url.scheme.encode("ascii")),
