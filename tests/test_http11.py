@@ -361,28 +361,10 @@ async def test_post_streamed_chunked(pair: tuple[HTTP11Connection, Server]) -> N
     assert connection.is_ready()
 
 
-async def test_post_streamed_with_content_length(pair: tuple[HTTP11Connection, Server]) -> None:
-    connection, server = pair
-
-    async def serve() -> None:
-        await server.receive_request()
-        await server.respond()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
-        request = Request(
-            "PUT", URL, headers={"Content-Length": "6"}, content=chunks(b"abc", b"def")
-        )
-        await (await connection.send_request(request)).aread()
-    received, body = server.requests[0]
-    assert body == b"abcdef"
-    assert header(received, b"transfer-encoding") == []
-    assert header(received, b"content-length") == [b"6"]
-
-
 @pytest.mark.parametrize(
     ("headers", "te", "length"),
     [
+        ({"Content-Length": "6"}, [], [b"6"]),
         ({"Transfer-Encoding": "chunked"}, [b"chunked"], []),
         ({"Content-Length": "6, 6"}, [], [b"6"]),  # h11 reads the list as one value
         ({"content-length": "6", "Connection": "keep-alive"}, [], [b"6"]),

@@ -51,6 +51,16 @@ def make(**options: Any) -> State:
     return state
 
 
+def make_weighted(max_connections: int, weights: dict[str, int]) -> State:
+    """A pool with a per-key budget of 4 whose connects reserve ``weights[key]`` (else 1),
+    read at each connect, so a test may change it on the way."""
+    return make(
+        max_connections=max_connections,
+        max_connections_per_key=4,
+        reserve=lambda key: Reservation(weight=weights.get(key, 1)),
+    )
+
+
 def effects(state: State) -> list[Effect[str, Conn]]:
     """Check the invariants, then drain the queued effects."""
     state.check_invariants()
@@ -241,12 +251,7 @@ def test_global_limit_evicts_the_lru_idle_connection_of_another_key() -> None:
 
 def test_global_limit_counts_connections_whatever_their_weight() -> None:
     """max_connections counts connections and connects in flight; weight is per key only."""
-    weights = {"a": 1, "b": 4, "c": 4}
-    state = make(
-        max_connections=3,
-        max_connections_per_key=4,
-        reserve=lambda key: Reservation(weight=weights.get(key, 1)),
-    )
+    state = make_weighted(3, {"a": 1, "b": 4, "c": 4})
     state.enqueue("a")
     state.enqueue("b")
     state.enqueue("c")
@@ -263,12 +268,7 @@ def test_global_limit_counts_connections_whatever_their_weight() -> None:
 
 
 def test_one_eviction_makes_room_whatever_the_weight() -> None:
-    weights = {"a": 4}
-    state = make(
-        max_connections=2,
-        max_connections_per_key=4,
-        reserve=lambda key: Reservation(weight=weights.get(key, 1)),
-    )
+    state = make_weighted(2, {"a": 4})
     state.enqueue("a")
     ra = only_start(state)
     a1 = succeed(state, ra, "a1", weight=4)
@@ -413,11 +413,7 @@ def test_a_heavy_reservation_does_not_hold_other_keys_back() -> None:
 
 def test_weight_correction_frees_the_keys_own_budget_only() -> None:
     weights = {"a": 4}
-    state = make(
-        max_connections=2,
-        max_connections_per_key=4,
-        reserve=lambda key: Reservation(weight=weights.get(key, 1)),
-    )
+    state = make_weighted(2, weights)
     state.enqueue("a")
     record = only_start(state)
     wa = state.enqueue("a")  # a's budget is spent by the reservation.
