@@ -37,6 +37,7 @@ from trio_connpool._exceptions import (
 from trio_connpool.http import (
     HTTP11Connection,
     Origin,
+    Request,
     Response,
     Timeouts,
     _http11,
@@ -405,6 +406,41 @@ async def test_single_connection_sender_refuses_after_stray_bytes(
                     # Refused for good: nothing is ever read from it again.
                     with pytest.raises(TransportError, match="is closed"):
                         await client.get(server.url("/c"))
+                await server.wait_for(lambda: server.closed == 1)
+                assert server.requests == [(0, "/a")]  # /b was never sent
+            finally:
+                await connection.aclose()
+
+
+async def test_cancelled_while_refusing_a_dirty_connection_leaks_nothing(
+    tls: TLSFiles | None,
+) -> None:
+    """The refusal of a connection that holds stray bytes awaits its close. Cancelled
+    there, the close still completes (it is shielded), the typed refusal comes out, and
+    the request sends nothing: the connection is closed, not left open."""
+    read_first = trio.Event()
+    stray_sent = trio.Event()
+
+    async def answer(peer: Peer, path: str) -> None:
+        await peer.send(response(304, path))
+        await read_first.wait()
+        await peer.send(STRAY)
+        stray_sent.set()
+
+    with trio.fail_after(WAIT):
+        async with stray_server(answer, tls) as server:
+            connection = await direct_connection(server)
+            try:
+                first = await connection.send_request(Request("GET", server.url("/a")))
+                await first.aread()
+                read_first.set()
+                await stray_sent.wait()
+                await trio.lowlevel.wait_readable(client_socket(connection))
+                with trio.CancelScope() as scope:
+                    scope.cancel()
+                    with pytest.raises(ServerDisconnected, match="request was not sent"):
+                        await connection.send_request(Request("POST", server.url("/b")))
+                assert connection.is_closed()
                 await server.wait_for(lambda: server.closed == 1)
                 assert server.requests == [(0, "/a")]  # /b was never sent
             finally:
