@@ -94,7 +94,24 @@ class ConnectTimeout(ConnectError):
 
 
 class TransportError(PoolError):
-    """An exchange on an open connection failed."""
+    """An exchange on an open connection failed.
+
+    Attributes:
+        retryable: True when the server certainly did not process the request (it was never
+            sent, the server refused its HTTP/2 stream, or it was above a GOAWAY's last
+            stream id): it may be sent again, whatever its method.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        key: Hashable | None = None,
+        url: str | None = None,
+        retryable: bool = False,
+    ) -> None:
+        super().__init__(message, key=key, url=url)
+        self.retryable = retryable
 
 
 class ReadTimeout(TransportError):

@@ -155,15 +155,6 @@ class _WriteFailed(Exception):
 
 
 @final
-class _NotSent(ServerDisconnected):
-    """The server closed the idle connection, or sent bytes nobody asked for on it, before
-    the request went out: the connection is closed and the request was not sent (hence
-    ``retryable``). A `ServerDisconnected`, as for any keep-alive connection found closed."""
-
-    retryable = True
-
-
-@final
 class HTTP11Connection:
     """One HTTP/1.1 connection to one origin, serving one exchange at a time.
 
@@ -362,11 +353,12 @@ class HTTP11Connection:
         if self._has_unread():
             # Whatever waits there arrived before this request was sent: it answers nothing.
             await self._fail()
-            raise _NotSent(
+            raise ServerDisconnected(
                 "the server closed the idle connection or sent data nobody asked for on it "
                 "before the request was sent; the request was not sent",
                 key=self._origin,
                 url=str(request.url),
+                retryable=True,
             )
         try:
             fields, framing = self._request_headers(request)
