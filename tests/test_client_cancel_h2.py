@@ -277,7 +277,7 @@ async def test_cancelled_while_its_batched_write_is_due(monkeypatch: pytest.Monk
             assert (stats.leases, stats.connections, stats.waiting) == (1, 1, 0)
             await server.respond(1, body=b"held")
         assert_pool_balanced(pool, idle=1)
-        assert not connection._streams  # pyright: ignore[reportPrivateUsage]
+        assert not connection._core.streams  # pyright: ignore[reportPrivateUsage]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.serve)
             response = await client.get(URL)

@@ -202,7 +202,7 @@ async def test_cancelled_request_resets_its_stream_and_the_connection_serves_on(
             assert app.connections == 1
             (connection,) = _open_connections(pool)
             assert isinstance(connection, HTTP2Connection)
-            assert not connection._streams
+            assert not connection._core.streams
 
 
 def _open_connections(pool: Pool[HTTPKey, HTTPConnection]) -> list[HTTPConnection]:
