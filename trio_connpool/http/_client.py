@@ -82,9 +82,15 @@ HTTP2_OR_HTTP11: Final = "HTTP/2,HTTP/1.1"
 _OFFERS: Final = frozenset({HTTP11, HTTP2, HTTP2_OR_HTTP11})
 
 # A request the server did not process (GOAWAY, REFUSED_STREAM) is sent again; at most this
-# many times by connections that completed nothing (a server that refuses everything must
-# not keep a request looping; the pool timeout bounds the whole wait as well).
+# many times for connections that completed nothing (a server that refuses everything must
+# not keep a request looping; the pool timeout bounds the whole wait as well)...
 _MAX_RETRIES: Final = 5
+# ...and at most this many times for connections that stay in service after refusing it
+# (REFUSED_STREAM; such a connection also retires itself after a few refusals in a row). A
+# connection that served requests and is going away (a server rotating its connections with
+# GOAWAY) is not counted: the next attempt waits for a new connection, within the pool
+# timeout.
+_MAX_REPLAYS: Final = 16
 # How many origins' protocol choices a connector remembers (then it starts over).
 _MAX_REMEMBERED: Final = 4096
 
@@ -387,7 +393,8 @@ class PoolSender:
 
     A request the server did not process (an HTTP/2 stream refused, or above a GOAWAY's
     last stream id) is sent again on another connection whatever its method, if its body can
-    be sent again; refusals by connections that completed no request end this after 5.
+    be sent again; refusals by connections that completed no request end this after 5, and
+    refusals by connections that stay in service after 16.
     """
 
     def __init__(
@@ -454,7 +461,7 @@ class PoolSender:
         # The request's own I/O is this call's checkpoint; take an idle connection without
         # yielding first (a cancelled task must not lease, hence checkpoint_if_cancelled).
         await trio.lowlevel.checkpoint_if_cancelled()
-        retries = 0
+        retries = replays = 0
         while True:
             lease = pool._try_acquire(key)
             if lease is None:
@@ -470,7 +477,7 @@ class PoolSender:
                 response = await connection.send_request(request)
             except ServerDisconnected as exc:
                 pool.release(lease, discard=True)
-                if getattr(exc, "retryable", False):
+                if exc.retryable:
                     # Refused before a byte of it was written (the idle connection held
                     # something unread): safe to send again, whatever the method or body.
                     retries += 1
@@ -487,13 +494,15 @@ class PoolSender:
                 raise
             except RemoteProtocolError as exc:
                 pool.release(lease, discard=not connection.is_clean())
-                if getattr(exc, "retryable", False) and request.is_replayable:
+                if exc.retryable and request.is_replayable:
                     # A server that rotates connections (GOAWAY after N requests) refuses
-                    # many requests once each while it makes progress; only refusals from
-                    # a connection that completed nothing count towards the bound.
+                    # many requests once each while it makes progress: refusals from a
+                    # connection that completed nothing count towards the tighter bound.
                     if getattr(connection, "requests_completed", 0) == 0:
                         retries += 1
-                    if retries <= _MAX_RETRIES:
+                    elif connection.is_ready():
+                        replays += 1
+                    if retries <= _MAX_RETRIES and replays <= _MAX_REPLAYS:
                         continue
                 raise
             except BaseException:
