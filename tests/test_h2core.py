@@ -30,7 +30,7 @@ from trio_connpool.http._h2core import (
     parse_content_length,
     parse_status,
 )
-from trio_connpool.http._h2patches import ENCODER_TABLE_LIMIT
+from trio_connpool.http._h2patches import ENCODER_TABLE_LIMIT, PatchedH2Connection
 
 ORIGIN = Origin("https", "example.com", 443)
 GET = [
@@ -487,3 +487,14 @@ def test_close_fails_open_streams_once_and_queues_goaway() -> None:
     assert pair.core.state is State.CLOSED
     events = pair.to_server()
     assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+
+
+def test_closed_streams_are_remembered_within_a_bound() -> None:
+    pair = Pair()
+    for _ in range(5000):
+        stream = pair.open()
+        pair.respond(stream.stream_id)
+        pair.to_client()
+        assert read_all(pair.core, stream) == b""
+    remembered = pair.core.h2._closed_streams  # pyright: ignore[reportPrivateUsage]
+    assert len(remembered) == PatchedH2Connection.MAX_CLOSED_STREAMS == 4096

@@ -226,7 +226,15 @@ class PatchedH2Connection(h2.connection.H2Connection):
       remember their last repeating block.
     - `forget_closed_stream` and a cheap ``open_outbound_streams`` keep h2's stream table at
       the streams in flight.
+    - h2 remembers how each of the last `MAX_CLOSED_STREAMS` streams closed (to answer
+      frames that arrive late for them): 65,536 by default, about 6 MiB on a long-lived
+      connection. 4,096 cover any frame still in flight when a stream closed (the server
+      would have to lag thousands of streams behind), in about 400 KiB. Relies on: h2 4.4.1
+      sizing ``_closed_streams`` from this class attribute in ``__init__``. Fails if changed:
+      ``test_closed_streams_are_remembered_within_a_bound`` in ``tests/test_h2core.py``.
     """
+
+    MAX_CLOSED_STREAMS = 4096
 
     def __init__(self, local_settings: dict[h2.settings.SettingCodes, int]) -> None:
         # Outbound headers are built by the core from headers our models validated (names
