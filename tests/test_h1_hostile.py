@@ -21,7 +21,7 @@ from _servers import ServerConnection, assert_pool_balanced, run_fault_server
 
 from trio_connpool import RemoteProtocolError
 from trio_connpool.http import open_client
-from trio_connpool.http._h1 import MAX_INFORMATIONAL, H1Client, RemoteViolation
+from trio_connpool.http._h1 import MAX_INFORMATIONAL, H1Client, HalfState, RemoteViolation
 
 LIMIT = 64 * 1024
 # Seconds allowed per worst-case input of up to LIMIT bytes. Linear parsing takes a few
@@ -139,7 +139,7 @@ def test_a_head_fed_a_few_bytes_per_read_is_linear(size: int) -> None:
 
     # 64k calls of one byte cost time of their own, whatever the parser does with them.
     assert in_budget(make_step, BUDGET * (4 if size == 1 else 1))
-    assert clients[-1].their_state == 1  # the body is next: the whole head was read
+    assert clients[-1].their_state is HalfState.BODY  # the body is next: the whole head was read
 
 
 @pytest.mark.parametrize(

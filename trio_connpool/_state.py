@@ -570,7 +570,7 @@ class PoolState(Generic[K, C]):
         record.leases -= 1
         sub = record.sub
         # No liveness probe here: the connection is checked when it is next handed out
-        # (Rule: only the connection being handed out is ever probed).
+        # (a probe costs a syscall, so only the connection being handed out is ever probed).
         if discard or (record.retiring and record.leases == 0):
             self._drop(record)
             self._pump(sub)

@@ -45,10 +45,18 @@ Rules:
 
 from __future__ import annotations
 
+import enum
 import re
 from typing import Final, NamedTuple, final
 
-__all__ = ["MAX_INFORMATIONAL", "H1Client", "LocalViolation", "RemoteViolation", "ResponseHead"]
+__all__ = [
+    "MAX_INFORMATIONAL",
+    "H1Client",
+    "HalfState",
+    "LocalViolation",
+    "RemoteViolation",
+    "ResponseHead",
+]
 
 MAX_INFORMATIONAL: Final = 5
 """The most informational (1xx) responses accepted before the final one of an exchange."""
@@ -84,11 +92,21 @@ _CONTENT_LENGTH_MAX_DIGITS: Final = 20
 _JOIN_MAX: Final = 64 * 1024
 _BLANK_LINE_RE: Final = re.compile(rb"\n\r?\n")
 
-# The states of each half (ours: the request; theirs: the response).
-_IDLE: Final = 0  # nothing sent / no response head yet
-_BODY: Final = 1  # request body being sent / response body being received
-_DONE: Final = 2  # the message is complete
-_ERROR: Final = 3  # a violation or a broken-off message: the connection is unusable
+
+class HalfState(enum.Enum):
+    """Where each half of an exchange is (ours: the request; theirs: the response)."""
+
+    IDLE = "IDLE"  # nothing sent / no response head yet
+    BODY = "BODY"  # request body being sent / response body being received
+    DONE = "DONE"  # the message is complete
+    ERROR = "ERROR"  # a violation or a broken-off message: the connection is unusable
+
+
+# The states as module constants: a global lookup on the hot path, not a class attribute.
+_IDLE: Final = HalfState.IDLE
+_BODY: Final = HalfState.BODY
+_DONE: Final = HalfState.DONE
+_ERROR: Final = HalfState.ERROR
 
 # Body framings.
 _LENGTH: Final = 0

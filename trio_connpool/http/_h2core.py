@@ -98,10 +98,10 @@ _STATUS_DIGITS: Final = frozenset(b"0123456789")
 class State(enum.Enum):
     """Where a connection is in its life (see the module's rules)."""
 
-    ACTIVE = "active"
-    DRAINING = "draining"
-    FAILED = "failed"
-    CLOSED = "closed"
+    ACTIVE = "ACTIVE"
+    DRAINING = "DRAINING"
+    FAILED = "FAILED"
+    CLOSED = "CLOSED"
 
 
 @final
