@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 
     from ._models import Request
 
-__all__ = ["H2Core", "H2Stream", "Received", "State", "StopSending"]
+__all__ = ["H2Core", "H2Stream", "Received", "State", "StopSending", "parse_content_length"]
 
 STREAM_WINDOW: Final = 1024 * 1024
 CONNECTION_WINDOW: Final = 16 * 1024 * 1024
@@ -92,7 +92,7 @@ _DROPPED_HEADERS: Final = frozenset(
 )
 _METHODS_WITH_CONTENT: Final = frozenset({"POST", "PUT", "PATCH"})
 _SECRET_HEADERS: Final = frozenset({b"authorization", b"proxy-authorization"})
-_STATUS_DIGITS: Final = frozenset(b"0123456789")
+_DIGITS: Final = frozenset(b"0123456789")
 
 
 class State(enum.Enum):
@@ -153,7 +153,7 @@ class H2Stream:
 
 @final
 class Received:
-    """What the driver must do after `H2Core.receive` or `H2Core.on_timer`."""
+    """What the driver must do after `H2Core.receive`."""
 
     __slots__ = ("pings", "slots", "streams", "window")
 
@@ -168,21 +168,13 @@ def _error_name(code: ErrorCodes | int) -> str:
     return code.name if isinstance(code, ErrorCodes) else str(code)
 
 
-def parse_status(value: bytes) -> int | None:
-    """A response's ``:status``: exactly three ASCII digits, 100 to 599; else None."""
-    if len(value) != 3 or not _STATUS_DIGITS.issuperset(value):
-        return None
-    status = int(value)
-    return status if 100 <= status <= 599 else None
-
-
 def parse_content_length(values: list[bytes]) -> int | None:
     """The one Content-Length that ``values`` agree on (None if none); raises ValueError."""
     length: int | None = None
     for value in values:
         for part in value.split(b","):
             part = part.strip(b" \t")
-            if not part or not _STATUS_DIGITS.issuperset(part) or len(part) > 19:
+            if not part or not _DIGITS.issuperset(part) or len(part) > 19:
                 raise ValueError(f"malformed content-length {value!r}")
             number = int(part)
             if length is not None and number != length:
@@ -231,6 +223,7 @@ class H2Core:
         )
         self.streams: dict[int, H2Stream] = {}
         self.state = State.ACTIVE
+        self.closed = False  # FAILED or CLOSED (an attribute: read on every path)
         self.reason: str | None = None  # why the connection drains, failed or closed
         self.can_send = True  # False once the transport takes no bytes any more
         self.settings_received = False
@@ -243,6 +236,7 @@ class H2Core:
         self.keepalive: tuple[bytes, float] | None = None  # (payload, deadline)
         self.probe: tuple[bytes, float] | None = None  # the suspect connection's PING
         self.zero_capacity_since: float | None = None
+        self._received = Received()  # reused by every `receive`
 
     # ---- what the pool reads -------------------------------------------------------------
 
@@ -266,16 +260,20 @@ class H2Core:
 
     def is_closed(self) -> bool:
         """Whether the connection failed or was closed."""
-        return self.state is State.FAILED or self.state is State.CLOSED
+        return self.closed
 
     def snapshot(self) -> tuple[int, bool, bool]:
         """What the pool is told about when it changes: capacity, readiness, closedness."""
-        return (self.capacity, self.is_ready(), self.is_closed())
+        if self.settings_received:
+            capacity = min(self.h2.remote_settings.max_concurrent_streams, self.max_streams)
+        else:
+            capacity = min(ASSUMED_MAX_STREAMS, self.max_streams)
+        return (capacity, self.state is State.ACTIVE and self.probe is None, self.closed)
 
     @property
     def reading(self) -> bool:
         """Whether the driver should keep reading: not failed, closed or drained."""
-        return not self.is_closed() and not self.drained()
+        return self.state is State.ACTIVE or (not self.closed and not self.drained())
 
     def drained(self) -> bool:
         """Whether a DRAINING connection has no stream left that the network owes anything."""
@@ -376,7 +374,8 @@ class H2Core:
             RemoteProtocolError: Retryable, if the connection takes no new stream.
             LocalProtocolError: If h2 refused the header list (the connection then fails).
         """
-        self.check_can_open(url)
+        if self.state is not State.ACTIVE:
+            self.check_can_open(url)
         h2_connection = self.h2
         try:
             stream_id = h2_connection.get_next_available_stream_id()
@@ -452,7 +451,7 @@ class H2Core:
 
     def stop_upload(self, stream: H2Stream) -> None:
         """The complete response arrived during the upload: reset the stream (CANCEL)."""
-        if not stream.local_closed and self.can_send and not self.is_closed():
+        if not stream.local_closed and self.can_send and not self.closed:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.h2.reset_stream(stream.stream_id, ErrorCodes.CANCEL)
         stream.local_closed = True
@@ -478,7 +477,7 @@ class H2Core:
 
     def _acknowledge(self, size: int, stream_id: int) -> None:
         """Hand ``size`` consumed bytes back to the server's windows (queued in h2)."""
-        if size and self.can_send and not self.is_closed():
+        if size and self.can_send and not self.closed:
             self.h2.acknowledge_received_data(size, stream_id)
 
     def release(self, stream: H2Stream) -> None:
@@ -496,7 +495,7 @@ class H2Core:
         unread = stream.unacknowledged
         stream.chunks.clear()
         stream.unacknowledged = 0
-        if self.can_send and not self.is_closed():
+        if self.can_send and not self.closed:
             self._acknowledge(unread, stream.stream_id)
             if not stream.local_closed or not stream.ended:
                 with contextlib.suppress(h2.exceptions.ProtocolError):
@@ -534,7 +533,7 @@ class H2Core:
 
     def on_timer(self, now: float) -> None:
         """The clock reached (or passed) `deadline`: fail, PING or retire as due."""
-        if self.is_closed():
+        if self.closed:
             return
         if self.probe is not None and now >= self.probe[1]:
             self.fail(
@@ -562,7 +561,7 @@ class H2Core:
         word: the connection turns suspect (no new stream) and PINGs; the answer makes it
         ready again, its absence within ``ping_timeout`` fails it.
         """
-        if self.last_received >= since or self.probe is not None or self.is_closed():
+        if self.last_received >= since or self.probe is not None or self.closed:
             return False
         self.probe = (self.start_ping(), now + self.ping_timeout)
         return True
@@ -576,9 +575,13 @@ class H2Core:
     # ---- receiving -----------------------------------------------------------------------
 
     def receive(self, data: bytes | bytearray, now: float) -> Received:
-        """Feed bytes from the server; what to wake. May fail the connection."""
+        """Feed bytes from the server; what to wake (valid until the next call). May fail the
+        connection."""
         self.last_received = now
-        result = Received()
+        result = self._received
+        result.streams.clear()
+        result.pings.clear()
+        result.window = result.slots = False
         events, replies, error = self.h2.receive_frames(data)
         for event in events:
             self._dispatch(event, result, now)
@@ -596,13 +599,57 @@ class H2Core:
         return result
 
     def _dispatch(self, event: h2.events.Event, result: Received, now: float) -> None:
-        """Apply one h2 event to the streams and the connection state."""
+        """Apply one h2 event to the streams and the connection state.
+
+        DATA and END_STREAM, the events of every response, are handled here, inline: a call
+        per event is a measurable part of a small response's cost.
+        """
         if isinstance(event, h2.events.DataReceived):
-            self._on_data(event, result)
+            stream_id = event.stream_id or 0
+            stream = self.streams.get(stream_id)
+            data = event.data or b""
+            flow = event.flow_controlled_length or 0
+            if stream is None or stream.error is not None or stream.response is None:
+                # Nobody will read it: give the window back at once.
+                self._acknowledge(flow, stream_id)
+                if stream is not None and stream.error is None:
+                    message = "the server sent DATA before a response head"
+                    self._stream_error(stream, message, result)
+                return
+            if flow != len(data):
+                self._acknowledge(flow - len(data), stream_id)  # padding
+            if data:
+                received = stream.received_length = stream.received_length + len(data)
+                expected = stream.expected_length
+                if expected is not None and received > expected:
+                    self._acknowledge(len(data), stream_id)
+                    message = f"the response body is longer than its content-length {expected}"
+                    self._stream_error(stream, message, result)
+                    return
+                stream.chunks.append(bytes(data))
+                stream.unacknowledged += len(data)
+                result.streams.append(stream)
         elif isinstance(event, h2.events.ResponseReceived):
             self._on_response(event, result)
         elif isinstance(event, h2.events.StreamEnded):
-            self._on_stream_ended(event.stream_id, result)
+            result.slots = True
+            stream = self.streams.get(event.stream_id or 0)
+            if stream is None or stream.error is not None:
+                return
+            expected = stream.expected_length
+            if stream.response is None:  # pragma: no cover (h2 refuses END_STREAM first)
+                self._stream_error(stream, "the stream ended without a response", result)
+            elif expected is not None and stream.received_length != expected:
+                message = (
+                    f"the response body ended after {stream.received_length} bytes, "
+                    f"not its content-length {expected}"
+                )
+                self._stream_error(stream, message, result)
+            else:
+                stream.ended = True
+                result.streams.append(stream)
+                if not stream.local_closed:
+                    result.window = True  # an upload waiting for window stops now
         elif isinstance(event, h2.events.StreamReset):
             self._on_stream_reset(event, result)
         elif isinstance(event, h2.events.WindowUpdated):
@@ -631,77 +678,38 @@ class H2Core:
         stream = self.streams.get(event.stream_id or 0)
         if stream is None or stream.error is not None:
             return
-        status: int | None = None
+        status = -1
         headers: list[tuple[bytes, bytes]] = []
-        lengths: list[bytes] = []
+        length: bytes | None = None
+        lengths: list[bytes] | None = None
         for name, value in event.headers or ():
             if name == b":status":
-                status = parse_status(value)
+                # Exactly three ASCII digits (bytes.isdigit is ASCII only), 100 to 599.
+                if len(value) == 3 and value.isdigit():
+                    status = int(value)
             elif not name.startswith(b":"):
                 field = (bytes(name), bytes(value))
                 headers.append(field)
                 if field[0] == b"content-length":
-                    lengths.append(field[1])
-        if status is None:
-            self._stream_error(
-                stream, "the response's :status is not three digits from 100 to 599", result
-            )
+                    if length is None:
+                        length = field[1]
+                    else:
+                        lengths = [*(lengths or [length]), field[1]]
+        if not 100 <= status <= 599:
+            message = "the response's :status is not three digits from 100 to 599"
+            self._stream_error(stream, message, result)
             return
-        if lengths and not stream.head_only and status not in (204, 304):
-            try:
-                stream.expected_length = parse_content_length(lengths)
-            except ValueError as exc:
-                self._stream_error(stream, f"the response has a {exc}", result)
-                return
+        if length is not None and not stream.head_only and status != 204 and status != 304:
+            if lengths is None and length.isdigit() and len(length) < 19:
+                stream.expected_length = int(length)
+            else:
+                try:
+                    stream.expected_length = parse_content_length(lengths or [length])
+                except ValueError as exc:
+                    self._stream_error(stream, f"the response has a {exc}", result)
+                    return
         stream.response = (status, headers)
         result.streams.append(stream)
-
-    def _on_data(self, event: h2.events.DataReceived, result: Received) -> None:
-        stream_id = event.stream_id or 0
-        stream = self.streams.get(stream_id)
-        data = event.data or b""
-        flow = event.flow_controlled_length or 0
-        if stream is None or stream.error is not None or stream.response is None:
-            # Nobody will read it: give the window back at once.
-            self._acknowledge(flow, stream_id)
-            if stream is not None and stream.error is None:
-                self._stream_error(stream, "the server sent DATA before a response head", result)
-            return
-        self._acknowledge(flow - len(data), stream_id)  # padding
-        if not data:
-            return
-        stream.received_length += len(data)
-        expected = stream.expected_length
-        if expected is not None and stream.received_length > expected:
-            self._acknowledge(len(data), stream_id)
-            self._stream_error(
-                stream, f"the response body is longer than its content-length {expected}", result
-            )
-            return
-        stream.chunks.append(bytes(data))
-        stream.unacknowledged += len(data)
-        result.streams.append(stream)
-
-    def _on_stream_ended(self, stream_id: int | None, result: Received) -> None:
-        result.slots = True
-        stream = self.streams.get(stream_id or 0)
-        if stream is None or stream.error is not None:
-            return
-        if stream.response is None:  # pragma: no cover (h2 refuses END_STREAM before a head)
-            self._stream_error(stream, "the stream ended without a response", result)
-            return
-        expected = stream.expected_length
-        if expected is not None and stream.received_length != expected:
-            self._stream_error(
-                stream,
-                f"the response body ended after {stream.received_length} bytes, "
-                f"not its content-length {expected}",
-                result,
-            )
-            return
-        stream.ended = True
-        result.streams.append(stream)
-        result.window = True  # an upload still waiting for window stops now
 
     def _stream_error(self, stream: H2Stream, message: str, result: Received) -> None:
         """The server broke the protocol on this stream only: fail it, reset it."""
@@ -789,9 +797,10 @@ class H2Core:
         `RemoteProtocolError`, with ``cause`` as ``__cause__``. With ``goaway`` what h2 queued
         (its GOAWAY) may still be sent; `can_send` is left for the driver to clear.
         """
-        if self.is_closed():
+        if self.closed:
             return False
         self.state = State.FAILED
+        self.closed = True
         self.reason = message
         self.can_send = goaway
         for stream in self.streams.values():
@@ -816,6 +825,7 @@ class H2Core:
                 self._fail_stream(stream, TransportError(message, key=self.key, url=stream.url))
         send_goaway = self.can_send and self.state is not State.FAILED
         self.state = State.CLOSED
+        self.closed = True
         self.reason = self.reason or "closed"
         self.probe = self.keepalive = None
         if send_goaway:
@@ -832,9 +842,9 @@ class H2Core:
             assert stream.unacknowledged <= STREAM_WINDOW
             if stream.expected_length is not None and stream.error is None:
                 assert stream.received_length <= stream.expected_length
-            if self.is_closed():
+            if self.closed:
                 assert stream.error is not None or stream.ended, stream_id
-        assert self.unsent_replies <= MAX_UNSENT_REPLIES or self.is_closed()
+        assert self.unsent_replies <= MAX_UNSENT_REPLIES or self.closed
         assert self.h2.encoder.header_table_size <= 4096
         if self.state is not State.ACTIVE:
             assert self.reason is not None

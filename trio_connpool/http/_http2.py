@@ -61,7 +61,7 @@ from .._exceptions import (
     TransportError,
     WriteTimeout,
 )
-from ._h2core import H2Core, H2Stream, Received, StopSending
+from ._h2core import H2Core, H2Stream, Received, State, StopSending
 from ._models import Headers, Origin, Request, Response, Timeouts, format_authority
 
 if TYPE_CHECKING:
@@ -187,11 +187,12 @@ class HTTP2Connection:
 
     def is_ready(self) -> bool:
         """Whether new requests are taken: False once draining, suspect or closed."""
-        return self._core.is_ready()
+        core = self._core
+        return core.state is State.ACTIVE and core.probe is None
 
     def is_closed(self) -> bool:
         """Whether the connection is closed or broken. Synchronous, no I/O."""
-        return self._core.is_closed()
+        return self._core.closed
 
     def is_clean(self) -> bool:
         """Whether the connection itself is intact.
@@ -199,7 +200,7 @@ class HTTP2Connection:
         A stream that was reset or cancelled leaves the connection clean; a broken
         transport, a protocol error or a closed connection does not.
         """
-        return not self._core.is_closed()
+        return not self._core.closed
 
     def set_state_callback(self, callback: Callable[[], None]) -> None:
         """Register ``callback``, called synchronously when capacity, readiness or closedness
@@ -292,7 +293,7 @@ class HTTP2Connection:
 
     def _raise_if_broken(self) -> None:
         core = self._core
-        if core.is_closed():
+        if core.closed:
             raise RemoteProtocolError(
                 f"the connection is closed ({core.reason or 'closed'})", key=self._origin
             )
@@ -368,7 +369,8 @@ class HTTP2Connection:
         core = self._core
         deadline = _deadline_after(self._timeouts.write)
         while True:
-            core.check_can_open(url)
+            if core.state is not State.ACTIVE:
+                core.check_can_open(url)
             if core.has_free_slot():
                 return
             with trio.move_on_at(deadline):
@@ -641,7 +643,7 @@ class HTTP2Connection:
                 finally:
                     self._write_scope = None
             if scope.cancelled_caught:
-                if core.is_closed():
+                if core.closed:
                     # Failed meanwhile (a flood, an unanswered PING): that is the cause.
                     raise RemoteProtocolError(
                         f"the connection failed while sending ({core.reason})", key=self._origin
@@ -666,7 +668,7 @@ class HTTP2Connection:
                     self._reads += 1
                     received = core.receive(data, trio.current_time())
                     self._wake(received)
-                    if core.is_closed():
+                    if core.closed:
                         if core.can_send:
                             # A protocol error: h2 queued a GOAWAY with its code; send it.
                             try:
@@ -687,7 +689,7 @@ class HTTP2Connection:
         """The reader's timer fired: let the core act (it may PING, retire or fail)."""
         core = self._core
         core.on_timer(trio.current_time())
-        if core.is_closed():
+        if core.closed:
             self._after_failure()
             return
         self._notify()
@@ -727,14 +729,15 @@ class HTTP2Connection:
             acked = self._pings.get(payload)
             if acked is not None:
                 acked.set()
-        if self._core.is_closed():
+        if self._core.closed:
             self._after_failure()
         else:
             self._notify()
 
     def _check_drained(self) -> bool:
         """Whether a draining connection is done; if so, stop the reader."""
-        if not self._core.drained():
+        core = self._core
+        if core.state is not State.DRAINING or not core.drained():
             return False
         if self._reader_scope is not None:
             self._reader_scope.cancel()
