@@ -45,6 +45,7 @@ if sys.version_info < (3, 11):  # pragma: no cover - exercised on Python 3.10 on
     from exceptiongroup import BaseExceptionGroup
 
 from ._exceptions import ConnectError, PoolClosed, PoolError, PoolTimeout
+from ._options import check_duration as _check_timeout
 from ._state import (
     Close,
     Deliver,
@@ -744,15 +745,6 @@ class Pool(Generic[K, C]):
             except Exception as exc:
                 if name != "hook_failed":
                     self._hook("hook_failed", name, exc)
-
-
-def _check_timeout(name: str, value: float | None, *, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds" + (" or None" if allow_none else ""))
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be 0 or more, got {value!r}")
 
 
 async def create_pool(

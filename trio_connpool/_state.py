@@ -67,6 +67,7 @@ from typing import Any, Generic, TypeVar
 import attrs
 
 from ._exceptions import TooManyWaiters
+from ._options import check_duration
 
 __all__ = [
     "Close",
@@ -448,8 +449,8 @@ class PoolState(Generic[K, C]):
                 raise TypeError("max_waiters must be an int or None")
             if max_waiters < 0:
                 raise ValueError(f"max_waiters must be 0 or more, got {max_waiters}")
-        _check_duration("idle_timeout", idle_timeout)
-        _check_duration("max_lifetime", max_lifetime)
+        check_duration("idle_timeout", idle_timeout)
+        check_duration("max_lifetime", max_lifetime)
         if not isinstance(lifetime_jitter, (int, float)) or not 0 <= lifetime_jitter < 1:
             raise ValueError(f"lifetime_jitter must be in [0, 1), got {lifetime_jitter!r}")
         self.max_connections = max_connections
@@ -1012,12 +1013,3 @@ class PoolState(Generic[K, C]):
         if sub.is_empty() and self._subpools.get(sub.key) is sub:
             del self._subpools[sub.key]
             self._blocked.pop(sub.key, None)
-
-
-def _check_duration(name: str, value: float | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None")
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be 0 or more, got {value!r}")

@@ -48,7 +48,8 @@ from .._exceptions import (
     ServerDisconnected,
     TransportError,
 )
-from .._pool import Instrument, Pool, _check_timeout, open_pool
+from .._options import check_duration
+from .._pool import Instrument, Pool, open_pool
 from .._state import DEFAULT_RESERVATION, ReleasePolicy, Reservation
 from ._connect import create_ssl_context, open_stream
 from ._http2 import HTTP2Connection
@@ -410,11 +411,10 @@ class PoolSender:
         health_check_after: float | None = None,
     ) -> None:
         _check_protocols(http1, http2)
-        if health_check_after is not None and not health_check_after >= 0:
-            raise ValueError(f"health_check_after must be >= 0, not {health_check_after!r}")
+        check_duration("health_check_after", health_check_after)
         self.pool = pool
         self._ssl_context = _shared_context(verify, http1=http1, http2=http2)
-        _check_timeout("acquire_timeout", acquire_timeout)
+        check_duration("acquire_timeout", acquire_timeout)
         self.acquire_timeout = acquire_timeout
         self.retry_stale = retry_stale
         self.key_extra = key_extra
