@@ -288,9 +288,14 @@ DEFAULT_OPTIONS = PoolOptions()
 
 
 def resolve_options(
-    options: PoolOptions | None, keywords: PoolOptionArgs, *, name: str = "options"
+    options: PoolOptions | None,
+    keywords: PoolOptionArgs,
+    *,
+    name: str = "options",
+    defaults: PoolOptions = DEFAULT_OPTIONS,
 ) -> PoolOptions:
-    """The options an entry point was given: ``options``, or else built from ``keywords``.
+    """The options an entry point was given: ``options``, or else ``defaults`` changed by
+    ``keywords``.
 
     Raises:
         TypeError: Both were given (the keywords would silently lose, or win), or
@@ -298,7 +303,7 @@ def resolve_options(
         ValueError, TypeError: From :class:`PoolOptions`, for a keyword.
     """
     if options is None:
-        return PoolOptions(**keywords) if keywords else DEFAULT_OPTIONS
+        return defaults.replace(**keywords) if keywords else defaults
     if not isinstance(options, PoolOptions):
         raise TypeError(f"{name} must be a PoolOptions, not {options!r}")
     if keywords:
