@@ -210,15 +210,15 @@ class Pool(Generic[K, C]):
             reserve = getattr(connector, "reserve", None)
             if not callable(reserve):
                 reserve = None
-        self.options = options
+        self.options: PoolOptions = options
         self._state: PoolState[K, C] = PoolState(
             options.replace(reserve=reserve) if reserve is not options.reserve else options,
             is_closed=_probe_closed,
             is_ready=_probe_ready,
         )
         self._connector = connector
-        self.acquire_timeout = options.acquire_timeout
-        self.close_timeout = options.close_timeout
+        self.acquire_timeout: float | None = options.acquire_timeout
+        self.close_timeout: float = options.close_timeout
         self._instruments = tuple(options.instruments)
         self._nursery: trio.Nursery | None = None
         self._timer_scope = trio.CancelScope()
