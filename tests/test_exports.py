@@ -13,6 +13,7 @@ PINNED = {
         "create_pool",
         "open_client",
         "Pool",
+        "PoolOptions",
         "Connection",
         "Instrument",
         "ReleasePolicy",

@@ -29,6 +29,7 @@ from ._pool import (
     Connection as Connection,
     Instrument as Instrument,
     Pool as Pool,
+    PoolOptions as PoolOptions,
     create_pool as create_pool,
     open_pool as open_pool,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "Pool",
     "PoolClosed",
     "PoolError",
+    "PoolOptions",
     "PoolStatistics",
     "PoolTimeout",
     "ReadTimeout",

@@ -30,7 +30,7 @@ from __future__ import annotations
 import heapq
 import math
 import sys
-from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
@@ -38,13 +38,22 @@ import outcome
 import trio
 
 if TYPE_CHECKING:
-    import random
     from types import TracebackType
+
+    from typing_extensions import Unpack
 
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on Python 3.10 only
     from exceptiongroup import BaseExceptionGroup
 
 from ._exceptions import ConnectError, PoolClosed, PoolError, PoolTimeout
+from ._options import (
+    Instrument,
+    PoolOptionArgs,
+    PoolOptions,
+    Reservation,
+    check_duration as _check_timeout,  # the package's one duration check
+    resolve_options,
+)
 from ._state import (
     Close,
     Deliver,
@@ -53,8 +62,6 @@ from ._state import (
     Lease,
     PoolState,
     PoolStatistics,
-    ReleasePolicy,
-    Reservation,
     StartConnect,
     Waiter,
     _Record,
@@ -64,6 +71,7 @@ __all__ = [
     "Connection",
     "Instrument",
     "Pool",
+    "PoolOptions",
     "create_pool",
     "open_pool",
 ]
@@ -111,39 +119,6 @@ class Connection(Protocol):
     async def aclose(self) -> None:
         """Close the connection (the pool bounds it with ``close_timeout``)."""
         ...
-
-
-class Instrument:
-    """Hooks into the pool's life. Subclass it and override what you need.
-
-    Every method does nothing by default. Hooks run synchronously inside the pool's
-    bookkeeping: keep them fast and never let them raise (an exception from a hook is
-    reported with ``hook_failed`` and otherwise ignored).
-    """
-
-    def connect_started(self, key: Hashable) -> None:
-        """A connect to ``key`` started."""
-
-    def connect_succeeded(self, key: Hashable, connection: object) -> None:
-        """A connect to ``key`` produced ``connection``."""
-
-    def connect_failed(self, key: Hashable, error: BaseException | None) -> None:
-        """A connect to ``key`` failed with ``error`` (None: it was cancelled)."""
-
-    def waiting(self, key: Hashable) -> None:
-        """A task started waiting for a connection to ``key``."""
-
-    def lease_acquired(self, key: Hashable, connection: object) -> None:
-        """A task leased ``connection``."""
-
-    def lease_released(self, key: Hashable, connection: object) -> None:
-        """A lease of ``connection`` was given back."""
-
-    def connection_closed(self, key: Hashable, connection: object) -> None:
-        """The pool is closing ``connection`` (idle expiry, eviction, dead, pool exit)."""
-
-    def hook_failed(self, hook: str, error: Exception) -> None:
-        """Another hook raised ``error``; or a connection's background task failed."""
 
 
 def _probe_closed(connection: Any) -> bool:
@@ -214,54 +189,37 @@ class Pool(Generic[K, C]):
 
     What it is *not*: a connection's lock. A connection with ``capacity`` above 1 is leased to
     several tasks at once; making that safe is the connection's job.
+
+    Its options are a :class:`PoolOptions`, given as ``options=`` or as keywords (not both);
+    the ``options`` attribute holds them.
     """
 
     def __init__(
         self,
         connector: Callable[[K], Awaitable[C]],
         *,
-        max_connections: int = 100,
-        max_connections_per_key: int | None = None,
-        release_policy: ReleasePolicy = ReleasePolicy.LIFO,
-        acquire_timeout: float | None = None,
-        max_waiters: int | None = None,
-        idle_timeout: float | None = 60.0,
-        max_lifetime: float | None = None,
-        lifetime_jitter: float = 0.1,
-        close_timeout: float = 5.0,
-        reserve: Callable[[K], Reservation] | None = None,
-        instruments: Sequence[Instrument] = (),
-        rng: random.Random | None = None,
+        options: PoolOptions | None = None,
+        **keywords: Unpack[PoolOptionArgs],
     ) -> None:
         if not callable(connector):
             raise TypeError("connector must be an async callable: await connector(key)")
-        _check_timeout("acquire_timeout", acquire_timeout)
-        _check_timeout("close_timeout", close_timeout, allow_none=False)
-        for instrument in instruments:
-            if not isinstance(instrument, Instrument):
-                raise TypeError(f"instruments must be Instrument objects, not {instrument!r}")
+        options = resolve_options(options, keywords)
+        reserve: Callable[[K], Reservation] | None = options.reserve
         if reserve is None:
             # A connector that knows what its connects bring (HTTPConnector) says so itself.
             reserve = getattr(connector, "reserve", None)
             if not callable(reserve):
                 reserve = None
+        self.options: PoolOptions = options
         self._state: PoolState[K, C] = PoolState(
-            max_connections=max_connections,
-            max_connections_per_key=max_connections_per_key,
-            release_policy=release_policy,
-            max_waiters=max_waiters,
-            idle_timeout=idle_timeout,
-            max_lifetime=max_lifetime,
-            lifetime_jitter=lifetime_jitter,
-            reserve=reserve,
+            options.replace(reserve=reserve) if reserve is not options.reserve else options,
             is_closed=_probe_closed,
             is_ready=_probe_ready,
-            rng=rng,
         )
         self._connector = connector
-        self.acquire_timeout = acquire_timeout
-        self.close_timeout = close_timeout
-        self._instruments = tuple(instruments)
+        self.acquire_timeout: float | None = options.acquire_timeout
+        self.close_timeout: float = options.close_timeout
+        self._instruments = tuple(options.instruments)
         self._nursery: trio.Nursery | None = None
         self._timer_scope = trio.CancelScope()
         self._timer_at = math.inf  # the timer scope's deadline, read without a property call
@@ -746,17 +704,12 @@ class Pool(Generic[K, C]):
                     self._hook("hook_failed", name, exc)
 
 
-def _check_timeout(name: str, value: float | None, *, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds" + (" or None" if allow_none else ""))
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be 0 or more, got {value!r}")
-
-
 async def create_pool(
-    nursery: trio.Nursery, connector: Callable[[K], Awaitable[C]], **options: Any
+    nursery: trio.Nursery,
+    connector: Callable[[K], Awaitable[C]],
+    *,
+    options: PoolOptions | None = None,
+    **keywords: Unpack[PoolOptionArgs],
 ) -> Pool[K, C]:
     """Start a pool in ``nursery`` (yours) and return it: the lower tier of :func:`open_pool`.
 
@@ -764,7 +717,7 @@ async def create_pool(
     ``nursery``; close the pool with ``await pool.aclose()`` (cancelling the nursery also
     closes it). Takes the same options as :func:`open_pool`.
     """
-    pool: Pool[K, C] = Pool(connector, **options)
+    pool: Pool[K, C] = Pool(connector, options=options, **keywords)
     await nursery.start(pool._serve)
     return pool
 
@@ -773,18 +726,8 @@ async def create_pool(
 async def open_pool(
     connector: Callable[[K], Awaitable[C]],
     *,
-    max_connections: int = 100,
-    max_connections_per_key: int | None = None,
-    release_policy: ReleasePolicy = ReleasePolicy.LIFO,
-    acquire_timeout: float | None = None,
-    max_waiters: int | None = None,
-    idle_timeout: float | None = 60.0,
-    max_lifetime: float | None = None,
-    lifetime_jitter: float = 0.1,
-    close_timeout: float = 5.0,
-    reserve: Callable[[K], Reservation] | None = None,
-    instruments: Sequence[Instrument] = (),
-    rng: random.Random | None = None,
+    options: PoolOptions | None = None,
+    **keywords: Unpack[PoolOptionArgs],
 ) -> AsyncGenerator[Pool[K, C], None]:
     """Open a connection pool that lives for the ``async with`` block.
 
@@ -808,44 +751,17 @@ async def open_pool(
             the waiting task as :class:`ConnectError` (chained from the original), and so
             does a connection that is closed as soon as it is opened, three times running
             (0.1 s, then 0.2 s apart).
-        max_connections: The pool's global limit: open connections plus connects in flight,
-            whatever their weight. When it is reached, the least recently used idle
-            connection of another key is closed to make room.
-        max_connections_per_key: Per-key budget, in weight units (a plain connection weighs
-            1; an HTTP/2 connection may weigh the whole budget); None for none.
-        release_policy: ``ReleasePolicy.LIFO`` (default) or ``ReleasePolicy.FIFO``.
-        acquire_timeout: Seconds a task waits for a connection before :class:`PoolTimeout`;
-            None waits forever.
-        max_waiters: Most tasks waiting per key; one more gets :class:`TooManyWaiters` at once.
-        idle_timeout: Seconds an unleased connection stays open; None for ever.
-        max_lifetime: Seconds a connection lives at most (minus up to ``lifetime_jitter`` of
-            it, at random); a leased one is closed when its last lease ends. None: no limit.
-        lifetime_jitter: Fraction of ``max_lifetime`` randomly taken off each connection's.
-        close_timeout: Seconds a graceful close may take before it is made forceful.
-        reserve: ``reserve(key) -> Reservation``: the weight and capacity a connect in flight
-            reserves. Default: the connector's own ``reserve`` method if it has one (an
-            HTTP connector reserves for HTTP/2), else weight 1 and capacity 1.
-        instruments: :class:`Instrument` objects whose hooks see the pool's events.
-        rng: Random source for the lifetime jitter.
+        options: The pool's options, a :class:`PoolOptions` (the limits, timeouts, expiry,
+            release policy, ``reserve``, instruments); each is documented there.
+        **keywords: The same options as keywords instead, e.g. ``max_connections=10``:
+            ``open_pool(connect, max_connections=10)`` is
+            ``open_pool(connect, options=PoolOptions(max_connections=10))``.
 
     Raises:
-        ValueError, TypeError: An option is out of range or of the wrong type (at once).
+        ValueError, TypeError: An option is out of range or of the wrong type (at once), or
+            both ``options`` and keywords were given.
     """
-    pool: Pool[K, C] = Pool(
-        connector,
-        max_connections=max_connections,
-        max_connections_per_key=max_connections_per_key,
-        release_policy=release_policy,
-        acquire_timeout=acquire_timeout,
-        max_waiters=max_waiters,
-        idle_timeout=idle_timeout,
-        max_lifetime=max_lifetime,
-        lifetime_jitter=lifetime_jitter,
-        close_timeout=close_timeout,
-        reserve=reserve,
-        instruments=instruments,
-        rng=rng,
-    )
+    pool: Pool[K, C] = Pool(connector, options=options, **keywords)
     async with _run_owned(pool) as running:
         yield running
 

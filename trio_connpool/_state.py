@@ -62,11 +62,22 @@ import random
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from types import MappingProxyType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import attrs
 
 from ._exceptions import TooManyWaiters
+from ._options import (
+    DEFAULT_RESERVATION as DEFAULT_RESERVATION,
+    PoolOptionArgs,
+    PoolOptions,
+    ReleasePolicy as ReleasePolicy,
+    Reservation as Reservation,
+    resolve_options,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "Close",
@@ -86,50 +97,6 @@ __all__ = [
 
 K = TypeVar("K", bound=Hashable)
 C = TypeVar("C")
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
-
-
-class ReleasePolicy(enum.Enum):
-    """Which idle connection of a key is handed out next.
-
-    ``LIFO`` (the default) reuses the most recently released connection, so a burst's
-    surplus connections stay idle and expire. ``FIFO`` reuses the one idle the longest,
-    spreading requests evenly over every open connection.
-    """
-
-    LIFO = "lifo"
-    FIFO = "fifo"
-
-
-@attrs.frozen
-class Reservation:
-    """What a connect in flight is expected to bring, before the connection says.
-
-    Attributes:
-        weight: The weight to reserve against the key's ``max_connections_per_key`` while
-            connecting (against ``max_connections`` a connect counts as one connection). It
-            must be an upper bound of the weight the connection will report (HTTP/2 reserves
-            the weight of a multiplexed connection; an HTTP/1.1 answer corrects it
-            downwards).
-        capacity: How many waiters the connect is expected to serve at once; waiters beyond
-            that start further connects.
-    """
-
-    weight: int = 1
-    capacity: int = 1
-
-    def __attrs_post_init__(self) -> None:
-        _check_positive_int("weight", self.weight)
-        _check_positive_int("capacity", self.capacity)
-
-
-DEFAULT_RESERVATION = Reservation()
 
 
 class _RecState(enum.Enum):
@@ -405,65 +372,38 @@ class PoolState(Generic[K, C]):
     """The bookkeeping of a keyed connection pool (see the module docstring for the rules).
 
     Args:
-        max_connections: Global limit: open connections plus connects in flight, whatever
-            their weight.
-        max_connections_per_key: Per-key budget in weight units (a plain connection weighs
-            1), or None for no per-key limit.
-        release_policy: Which idle connection is reused next.
-        max_waiters: Most tasks that may wait for one key, or None for no bound.
-        idle_timeout: Seconds an unleased connection may stay open, or None.
-        max_lifetime: Seconds a connection may live, or None. Each connection's lifetime is
-            shortened by a random fraction of up to ``lifetime_jitter`` so a burst of
-            connections does not expire at one instant.
-        lifetime_jitter: See ``max_lifetime``; between 0 and 1.
-        reserve: Called with a key when a connect starts; says what to reserve.
+        options: The pool's options (:class:`~trio_connpool.PoolOptions`); this reads the
+            limits, the release policy, the idle and lifetime expiry and ``reserve`` (called
+            with a key when a connect starts, it says what to reserve). Or give them as
+            keywords.
         is_closed: Tells whether a connection is dead (checked on the one connection about to
             be handed out, and on release).
         is_ready: Tells whether a connection may take new leases now.
-        rng: Source of the lifetime jitter (seed it in tests).
     """
 
     def __init__(
         self,
+        options: PoolOptions | None = None,
         *,
-        max_connections: int = 100,
-        max_connections_per_key: int | None = None,
-        release_policy: ReleasePolicy = ReleasePolicy.LIFO,
-        max_waiters: int | None = None,
-        idle_timeout: float | None = 60.0,
-        max_lifetime: float | None = None,
-        lifetime_jitter: float = 0.1,
-        reserve: Callable[[K], Reservation] | None = None,
         is_closed: Callable[[C], bool] = _never,
         is_ready: Callable[[C], bool] = _always,
-        rng: random.Random | None = None,
+        **keywords: Unpack[PoolOptionArgs],
     ) -> None:
-        _check_positive_int("max_connections", max_connections)
-        if max_connections_per_key is not None:
-            _check_positive_int("max_connections_per_key", max_connections_per_key)
-        if not isinstance(release_policy, ReleasePolicy):
-            raise TypeError(f"release_policy must be a ReleasePolicy, not {release_policy!r}")
-        if max_waiters is not None:
-            if isinstance(max_waiters, bool) or not isinstance(max_waiters, int):
-                raise TypeError("max_waiters must be an int or None")
-            if max_waiters < 0:
-                raise ValueError(f"max_waiters must be 0 or more, got {max_waiters}")
-        _check_duration("idle_timeout", idle_timeout)
-        _check_duration("max_lifetime", max_lifetime)
-        if not isinstance(lifetime_jitter, (int, float)) or not 0 <= lifetime_jitter < 1:
-            raise ValueError(f"lifetime_jitter must be in [0, 1), got {lifetime_jitter!r}")
-        self.max_connections = max_connections
-        self.max_connections_per_key = max_connections_per_key
-        self.lifo = release_policy is ReleasePolicy.LIFO
-        self.release_policy = release_policy
-        self.max_waiters = max_waiters
-        self.idle_timeout = idle_timeout
-        self.max_lifetime = max_lifetime
-        self.lifetime_jitter = float(lifetime_jitter)
-        self._reserve = reserve
+        options = resolve_options(options, keywords)
+        # Copied out of the options: the hot paths read them as attributes of their own.
+        self.options = options
+        self.max_connections = options.max_connections
+        self.max_connections_per_key = options.max_connections_per_key
+        self.lifo = options.release_policy is ReleasePolicy.LIFO
+        self.release_policy = options.release_policy
+        self.max_waiters = options.max_waiters
+        self.idle_timeout = options.idle_timeout
+        self.max_lifetime = options.max_lifetime
+        self.lifetime_jitter = float(options.lifetime_jitter)
+        self._reserve: Callable[[K], Reservation] | None = options.reserve
         self._is_closed = is_closed
         self._is_ready = is_ready
-        self._rng = rng if rng is not None else random.Random()
+        self._rng = options.rng if options.rng is not None else random.Random()
 
         self.closed = False
         # Open connections plus connects in flight, against max_connections (Rule 1).
@@ -1012,12 +952,3 @@ class PoolState(Generic[K, C]):
         if sub.is_empty() and self._subpools.get(sub.key) is sub:
             del self._subpools[sub.key]
             self._blocked.pop(sub.key, None)
-
-
-def _check_duration(name: str, value: float | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds or None")
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be 0 or more, got {value!r}")

@@ -88,7 +88,6 @@ from .._exceptions import (
     RemoteProtocolError,
     WriteTimeout,
 )
-from .._state import ReleasePolicy
 from ..http import Client, Request, Response, Timeouts, open_client
 
 if TYPE_CHECKING:
@@ -97,6 +96,9 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
     from types import TracebackType
 
+    from typing_extensions import Unpack
+
+    from .._options import PoolOptionArgs, PoolOptions
     from .._pool import Pool
     from ..http import HeaderTypes, HTTPConnection, HTTPKey, RequestContent, RequestSender
 
@@ -220,13 +222,8 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
         http1: Speak HTTP/1.1.
         http2: Speak HTTP/2 (ALPN ``h2`` over TLS; with ``http1=False``, prior knowledge over
             plain HTTP).
-        max_connections: The pool's global limit.
-        max_connections_per_key: Connections per origin (and TLS settings); None: no limit.
-        release_policy: Which idle connection is reused first.
         timeouts: ``connect``, ``read``, ``write`` (per operation) and ``pool`` (the whole
             wait for a connection). httpx's own timeouts are ignored.
-        idle_timeout: Seconds an idle keep-alive connection is kept.
-        max_lifetime: Seconds a connection lives at most.
         retry_stale: Send an idempotent request whose body is ``bytes`` (or empty) again on
             another connection when the reused keep-alive connection it met turns out to
             have been closed by the server.
@@ -238,6 +235,14 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
         http2_extra_connections: See :func:`~trio_connpool.http.open_client`.
         ping_interval: Keep-alive PING on an idle HTTP/2 connection after this many seconds.
         health_check_after: PING an HTTP/2 connection quiet this long before using it.
+        pool_options: The options of the transport's own pool, a
+            :class:`~trio_connpool.PoolOptions` (default
+            :data:`~trio_connpool.http.CLIENT_POOL_OPTIONS`); see
+            :func:`~trio_connpool.http.open_client`.
+        **pool_keywords: The same options as keywords (``max_connections``,
+            ``max_connections_per_key``, ``release_policy``, ``idle_timeout``,
+            ``max_lifetime``, ...), each changing the client's defaults; not with
+            ``pool_options``.
     """
 
     def __init__(
@@ -246,12 +251,7 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
         verify: bool | ssl.SSLContext = True,
         http1: bool = True,
         http2: bool = False,
-        max_connections: int = 100,
-        max_connections_per_key: int | None = 10,
-        release_policy: ReleasePolicy = ReleasePolicy.LIFO,
         timeouts: Timeouts = Timeouts(),  # noqa: B008
-        idle_timeout: float | None = 5.0,
-        max_lifetime: float | None = None,
         retry_stale: bool = True,
         headers: HeaderTypes = None,
         key_extra: Hashable = None,
@@ -260,18 +260,15 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
         http2_extra_connections: bool = False,
         ping_interval: float | None = None,
         health_check_after: float | None = None,
+        pool_options: PoolOptions | None = None,
+        **pool_keywords: Unpack[PoolOptionArgs],
     ) -> None:
         def opener() -> AbstractAsyncContextManager[Client]:
             return open_client(
                 verify=verify,
                 http1=http1,
                 http2=http2,
-                max_connections=max_connections,
-                max_connections_per_key=max_connections_per_key,
-                release_policy=release_policy,
                 timeouts=timeouts,
-                idle_timeout=idle_timeout,
-                max_lifetime=max_lifetime,
                 retry_stale=retry_stale,
                 headers=headers,
                 key_extra=key_extra,
@@ -280,6 +277,8 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
                 http2_extra_connections=http2_extra_connections,
                 ping_interval=ping_interval,
                 health_check_after=health_check_after,
+                pool_options=pool_options,
+                **pool_keywords,
             )
 
         self._opener: Callable[[], AbstractAsyncContextManager[Client]] | None = opener

@@ -7,6 +7,7 @@ The names here are what the client and the pool build on; the modules themselves
 from __future__ import annotations
 
 from ._client import (
+    CLIENT_POOL_OPTIONS as CLIENT_POOL_OPTIONS,
     Client as Client,
     HTTPConnection as HTTPConnection,
     HTTPConnector as HTTPConnector,
@@ -32,6 +33,7 @@ from ._models import (
 )
 
 __all__ = [
+    "CLIENT_POOL_OPTIONS",
     "Client",
     "HTTPConnection",
     "HTTPConnector",

@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import ssl
-from collections.abc import AsyncGenerator, Callable, Hashable, Sequence
+from collections.abc import AsyncGenerator, Callable, Hashable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, runtime_checkable
 
@@ -48,18 +48,28 @@ from .._exceptions import (
     ServerDisconnected,
     TransportError,
 )
-from .._pool import Instrument, Pool, _check_timeout, open_pool
-from .._state import DEFAULT_RESERVATION, ReleasePolicy, Reservation
+from .._options import (
+    DEFAULT_RESERVATION,
+    PoolOptionArgs,
+    PoolOptions,
+    Reservation,
+    check_duration,
+    resolve_options,
+)
+from .._pool import Pool, open_pool
 from ._connect import create_ssl_context, open_stream
 from ._http2 import HTTP2Connection
 from ._http11 import HTTP11Connection
 from ._models import URL, Headers, Origin, Request, Response, Timeouts
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from .._state import Lease
     from ._models import HeaderTypes, RequestContent
 
 __all__ = [
+    "CLIENT_POOL_OPTIONS",
     "Client",
     "HTTPConnection",
     "HTTPConnector",
@@ -93,6 +103,12 @@ _MAX_RETRIES: Final = 5
 _MAX_REPLAYS: Final = 16
 # How many origins' protocol choices a connector remembers (then it starts over).
 _MAX_REMEMBERED: Final = 4096
+
+#: The options of the pool that :func:`open_client` opens when it is given none: those of
+#: :class:`~trio_connpool.PoolOptions` but for 10 connections per origin (and TLS settings)
+#: and idle keep-alive connections kept 5 s. ``CLIENT_POOL_OPTIONS.replace(...)`` changes
+#: some of them for ``open_client(pool_options=...)``.
+CLIENT_POOL_OPTIONS: Final = PoolOptions(max_connections_per_key=10, idle_timeout=5.0)
 
 
 def _offer(*, http1: bool, http2: bool, secure: bool) -> str:
@@ -410,11 +426,10 @@ class PoolSender:
         health_check_after: float | None = None,
     ) -> None:
         _check_protocols(http1, http2)
-        if health_check_after is not None and not health_check_after >= 0:
-            raise ValueError(f"health_check_after must be >= 0, not {health_check_after!r}")
+        check_duration("health_check_after", health_check_after)
         self.pool = pool
         self._ssl_context = _shared_context(verify, http1=http1, http2=http2)
-        _check_timeout("acquire_timeout", acquire_timeout)
+        check_duration("acquire_timeout", acquire_timeout)
         self.acquire_timeout = acquire_timeout
         self.retry_stale = retry_stale
         self.key_extra = key_extra
@@ -716,12 +731,7 @@ async def open_client(
     verify: bool | ssl.SSLContext = True,
     http1: bool = True,
     http2: bool = False,
-    max_connections: int = 100,
-    max_connections_per_key: int | None = 10,
-    release_policy: ReleasePolicy = ReleasePolicy.LIFO,
     timeouts: Timeouts = Timeouts(),  # noqa: B008
-    idle_timeout: float | None = 5.0,
-    max_lifetime: float | None = None,
     retry_stale: bool = True,
     headers: HeaderTypes = None,
     key_extra: Hashable = None,
@@ -730,7 +740,8 @@ async def open_client(
     http2_extra_connections: bool = False,
     ping_interval: float | None = None,
     health_check_after: float | None = None,
-    instruments: Sequence[Instrument] = (),
+    pool_options: PoolOptions | None = None,
+    **pool_keywords: Unpack[PoolOptionArgs],
 ) -> AsyncGenerator[Client, None]:
     """Open an HTTP client for the ``async with`` block.
 
@@ -744,7 +755,7 @@ async def open_client(
     :class:`~trio_connpool.Pool` of HTTP connections you opened with
     ``open_pool(HTTPConnector(...))`` (a custom pool, shared by several clients), or any
     :class:`RequestSender`: :class:`NoPoolSender` for a connection per request, or a single
-    connection. The pool options are ignored when ``pool`` is given.
+    connection. The pool options are checked but not used when ``pool`` is given.
 
     Args:
         verify: True (verify certificates and host names against the system trust store),
@@ -755,13 +766,8 @@ async def open_client(
             ``http1=False``) and the server chooses; over plain ``http://``, HTTP/2 is used
             with prior knowledge (h2c) when ``http1=False``, else HTTP/1.1. A given
             `ssl.SSLContext` is not modified: set its ALPN protocols yourself.
-        max_connections: The pool's global limit.
-        max_connections_per_key: Connections per origin (and TLS settings); None: no limit.
-        release_policy: Which idle connection is reused first.
         timeouts: ``connect``, ``read``, ``write`` (per operation), and ``pool`` (the whole
             wait for a connection, retries included).
-        idle_timeout: Seconds an idle keep-alive connection is kept.
-        max_lifetime: Seconds a connection lives at most.
         retry_stale: See :class:`PoolSender`.
         headers: Default headers for every request.
         key_extra: Added to every pool key (e.g. a user agent or tenant).
@@ -777,11 +783,22 @@ async def open_client(
             without traffic; no answer within the read timeout closes it. None: no pings.
         health_check_after: PING an HTTP/2 connection that was quiet this many seconds
             before using it (see :class:`PoolSender`). None: never.
-        instruments: :class:`~trio_connpool.Instrument` hooks for the client's own pool (a
-            :class:`~trio_connpool.LoggingInstrument`, say).
+        pool_options: The options of the client's own pool, a
+            :class:`~trio_connpool.PoolOptions`, used as it is. Without it the client's
+            defaults apply, which differ from the pool's: ``CLIENT_POOL_OPTIONS``, that is
+            ``PoolOptions(max_connections_per_key=10, idle_timeout=5.0)`` (10 connections
+            per origin and TLS settings, idle keep-alive connections kept 5 s). Its
+            ``acquire_timeout`` must be None: requests wait for a connection at most
+            ``timeouts.pool``.
+        **pool_keywords: The same options as keywords, each changing the client's defaults:
+            ``max_connections`` (the global limit), ``max_connections_per_key``,
+            ``release_policy``, ``idle_timeout``, ``max_lifetime``, ``instruments`` (hooks
+            for the client's own pool, a :class:`~trio_connpool.LoggingInstrument` say), and
+            the rest of :class:`~trio_connpool.PoolOptions`. Not with ``pool_options``.
 
     Raises:
-        ValueError, TypeError: For invalid options, at once.
+        ValueError, TypeError: For invalid options, at once (and for ``pool_options``
+            together with pool keywords).
     """
     _check_protocols(http1, http2)
     if not isinstance(timeouts, Timeouts):
@@ -795,10 +812,19 @@ async def open_client(
         "http2": http2,
         "health_check_after": health_check_after,
     }
+    chosen = resolve_options(
+        pool_options, pool_keywords, name="pool_options", defaults=CLIENT_POOL_OPTIONS
+    )
+    if chosen.acquire_timeout is not None:
+        raise TypeError(
+            "open_client waits for a connection at most timeouts.pool: "
+            "leave the pool's acquire_timeout None"
+        )
     if pool is None:
         weight = 1
-        if not http2_extra_connections and isinstance(max_connections_per_key, int):
-            weight = max(1, max_connections_per_key)
+        per_key = chosen.max_connections_per_key
+        if not http2_extra_connections and per_key is not None:
+            weight = per_key
         connector = HTTPConnector(
             timeouts=timeouts,
             max_concurrent_streams=max_concurrent_streams,
@@ -806,16 +832,8 @@ async def open_client(
             ping_interval=ping_interval,
             ping_timeout=5.0 if timeouts.read is None else timeouts.read,
         )
-        async with open_pool(
-            connector,
-            max_connections=max_connections,
-            max_connections_per_key=max_connections_per_key,
-            release_policy=release_policy,
-            idle_timeout=idle_timeout,
-            max_lifetime=max_lifetime,
-            reserve=connector.reserve,
-            instruments=instruments,
-        ) as owned:
+        # The pool takes the connector's own reserve() unless the options say otherwise.
+        async with open_pool(connector, options=chosen) as owned:
             yield Client(PoolSender(owned, **options), headers=headers)
         return
     if isinstance(pool, Pool):

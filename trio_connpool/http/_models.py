@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import codecs
 import ipaddress
-import math
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from http import HTTPStatus
@@ -26,6 +25,7 @@ import attrs
 import trio
 
 from .._exceptions import InvalidHeader, InvalidURL, LocalProtocolError
+from .._options import check_duration
 
 __all__ = [
     "Headers",
@@ -592,15 +592,6 @@ class Request:
         return f"<Request [{self.method} {self.url}]>"
 
 
-def _check_timeout(name: str, value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"timeout {name!r} must be a number or None, not {value!r}")
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"timeout {name!r} must be >= 0 or None, not {value!r}")
-
-
 @attrs.frozen
 class Timeouts:
     """Time limits for one request, in seconds; ``None`` means no limit.
@@ -627,7 +618,7 @@ class Timeouts:
 
     def __attrs_post_init__(self) -> None:
         for name in ("connect", "read", "write", "pool"):
-            _check_timeout(name, getattr(self, name))
+            check_duration(f"Timeouts.{name}", getattr(self, name))
 
 
 class ResponseStream(Protocol):
