@@ -75,9 +75,18 @@ MAX_FRAME_SIZE: Final = 16384
 # says "unlimited", which no client should believe).
 ASSUMED_MAX_STREAMS: Final = 100
 # Replies h2 queued while nothing was written (about 1,000 PING acknowledgements): a peer
-# that makes us owe more while it does not read is flooding us (the 2019 "ping flood" and
-# "settings flood" class).
+# that makes us owe more, over several reads while it does not read, is flooding us (the
+# 2019 "ping flood" and "settings flood" class). What one read makes us owe (at most about
+# the read's size) is not counted against it alone: it is written before the next read.
 MAX_UNSENT_REPLIES: Final = 1000 * 17
+# DATA frames smaller than this, arriving behind unread data, are joined into chunks of up to
+# _JOINED_CHUNK bytes.
+_SMALL_CHUNK: Final = 1024
+_JOINED_CHUNK: Final = 16 * 1024
+# Frames that carry nothing (empty DATA without END_STREAM, PRIORITY, unknown types) in a
+# row, with no response head, body byte or stream end between: beyond this the peer only
+# burns our CPU (the 2019 "empty frames flood" class).
+MAX_EMPTY_FRAMES: Final = 10_000
 # Streams the server refused one after another, none completing between: then it is not a
 # passing overload, and the connection is retired so that the pool dials a fresh one.
 MAX_REFUSALS_IN_A_ROW: Final = 5
@@ -132,7 +141,8 @@ class H2Stream:
         self.url = url
         self.head_only = head_only  # a HEAD request: the response has no content
         self.response: tuple[int, list[tuple[bytes, bytes]]] | None = None
-        self.chunks: collections.deque[bytes] = collections.deque()
+        # Received DATA not read yet (small frames behind unread data join a bytearray).
+        self.chunks: collections.deque[bytes | bytearray] = collections.deque()
         self.unacknowledged = 0  # bytes in `chunks`, not yet handed back to the windows
         self.expected_length: int | None = None  # the response's Content-Length, if any
         self.received_length = 0
@@ -232,6 +242,7 @@ class H2Core:
         self.completed = 0
         self.refusals_in_a_row = 0
         self.unsent_replies = 0
+        self.empty_frames = 0
         self._ping_counter = 0
         self.keepalive: tuple[bytes, float] | None = None  # (payload, deadline)
         self.probe: tuple[bytes, float] | None = None  # the suspect connection's PING
@@ -407,10 +418,11 @@ class H2Core:
 
     def check_sending(self, stream: H2Stream) -> None:
         """Raise what ends the upload of ``stream``: its error, or `StopSending` once the
-        complete response arrived and the server reset the stream (RFC 9113 section 8.1)."""
+        complete response arrived and the server reset the stream (RFC 9113 section 8.1) or
+        the connection ended (nothing may be sent on it any more)."""
         if stream.error is not None:
             raise stream.error
-        if stream.ended and stream.local_closed:
+        if stream.ended and (stream.local_closed or self.closed):
             raise StopSending
 
     def send_window(self, stream: H2Stream) -> int:
@@ -468,6 +480,8 @@ class H2Core:
             raise stream.error
         if stream.chunks:
             chunk = stream.chunks.popleft()
+            if type(chunk) is not bytes:
+                chunk = bytes(chunk)
             stream.unacknowledged -= len(chunk)
             self._acknowledge(len(chunk), stream.stream_id)
             return chunk
@@ -589,8 +603,18 @@ class H2Core:
             # h2 queued a GOAWAY with the error code: the driver sends it on the way out.
             self.fail(f"the server broke the HTTP/2 protocol: {error}", error, goaway=True)
             return result
-        self.unsent_replies += replies
-        if self.unsent_replies > MAX_UNSENT_REPLIES:
+        if self.empty_frames > MAX_EMPTY_FRAMES:
+            self.fail(
+                f"the server flooded the connection with {self.empty_frames} frames in a row "
+                "that carry nothing (empty DATA, PRIORITY, unknown types)",
+                None,
+            )
+            return result
+        # Replies owed from earlier reads were not written meanwhile: the server does not
+        # read. (What one read makes us owe is bounded by the read; it goes out next.)
+        owed = self.unsent_replies
+        self.unsent_replies = owed + replies
+        if owed and self.unsent_replies > MAX_UNSENT_REPLIES:
             self.fail(
                 f"the server flooded the connection with frames that need an answer "
                 f"({self.unsent_replies} bytes of replies owed while it did not read)",
@@ -618,17 +642,32 @@ class H2Core:
                 return
             if flow != len(data):
                 self._acknowledge(flow - len(data), stream_id)  # padding
-            if data:
-                received = stream.received_length = stream.received_length + len(data)
-                expected = stream.expected_length
-                if expected is not None and received > expected:
-                    self._acknowledge(len(data), stream_id)
-                    message = f"the response body is longer than its content-length {expected}"
-                    self._stream_error(stream, message, result)
-                    return
-                stream.chunks.append(bytes(data))
-                stream.unacknowledged += len(data)
-                result.streams.append(stream)
+            if not data:
+                if not event.stream_ended:
+                    self.empty_frames += 1
+                return
+            self.empty_frames = 0
+            size = len(data)
+            received = stream.received_length = stream.received_length + size
+            expected = stream.expected_length
+            if expected is not None and received > expected:
+                self._acknowledge(size, stream_id)
+                message = f"the response body is longer than its content-length {expected}"
+                self._stream_error(stream, message, result)
+                return
+            chunks = stream.chunks
+            if size < _SMALL_CHUNK and chunks:
+                # Small frames behind unread data join one growing chunk: a body sent a byte
+                # a frame would otherwise hold about 40 times its size in objects.
+                last = chunks[-1]
+                if type(last) is bytearray and len(last) < _JOINED_CHUNK:
+                    last += data
+                else:
+                    chunks.append(bytearray(data))
+            else:
+                chunks.append(bytes(data))
+            stream.unacknowledged += size
+            result.streams.append(stream)
         elif isinstance(event, h2.events.ResponseReceived):
             self._on_response(event, result)
         elif isinstance(event, h2.events.StreamEnded):
@@ -647,6 +686,7 @@ class H2Core:
                 self._stream_error(stream, message, result)
             else:
                 stream.ended = True
+                self.empty_frames = 0
                 result.streams.append(stream)
                 if not stream.local_closed:
                     result.window = True  # an upload waiting for window stops now
@@ -671,6 +711,8 @@ class H2Core:
             result.pings.append(payload)
         elif isinstance(event, h2.events.ConnectionTerminated):
             self._on_goaway(event, result)
+        elif isinstance(event, (h2.events.UnknownFrameReceived, h2.events.PriorityUpdated)):
+            self.empty_frames += 1
         # Others need nothing: h2 answers PING and SETTINGS itself; 1xx responses and
         # trailers are skipped; PRIORITY, ALTSVC and unknown frames are ignored.
 
@@ -709,6 +751,7 @@ class H2Core:
                     self._stream_error(stream, f"the response has a {exc}", result)
                     return
         stream.response = (status, headers)
+        self.empty_frames = 0
         result.streams.append(stream)
 
     def _stream_error(self, stream: H2Stream, message: str, result: Received) -> None:
@@ -844,7 +887,7 @@ class H2Core:
                 assert stream.received_length <= stream.expected_length
             if self.closed:
                 assert stream.error is not None or stream.ended, stream_id
-        assert self.unsent_replies <= MAX_UNSENT_REPLIES or self.closed
+        assert self.unsent_replies <= MAX_UNSENT_REPLIES + 2 * 65536 or self.closed
         assert self.h2.encoder.header_table_size <= 4096
         if self.state is not State.ACTIVE:
             assert self.reason is not None

@@ -18,6 +18,7 @@ import h2.settings
 import hpack
 from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
 from h2.errors import ErrorCodes
+from h2.events import InformationalResponseReceived
 from hyperframe.exceptions import InvalidPaddingError
 
 if TYPE_CHECKING:
@@ -25,8 +26,10 @@ if TYPE_CHECKING:
     from h2.stream import H2Stream
     from hpack.table import HeaderTable
 
-__all__ = ["ENCODER_TABLE_LIMIT", "PatchedH2Connection"]
+__all__ = ["ENCODER_TABLE_LIMIT", "MAX_INFORMATIONAL", "PatchedH2Connection"]
 
+# More 1xx responses than this on one stream are a protocol error (as in the HTTP/1.1 core).
+MAX_INFORMATIONAL: Final = 5
 # Our HPACK encoder's dynamic table never grows beyond this, whatever the server allows
 # (the default of RFC 7541; a table the server sized at 4 GiB would keep every header value
 # we ever sent).
@@ -218,7 +221,8 @@ class PatchedH2Connection(h2.connection.H2Connection):
       h2 drops its queued frames on GOAWAY, but acknowledgements and resets still go out.
     - `receive_frames` instead of ``receive_data``: the events of the frames before a bad
       one are kept, a frame header announcing more than our maximum frame size is refused
-      before its body arrives, and the bytes h2 queued in reply are counted.
+      before its body arrives, more than `MAX_INFORMATIONAL` 1xx responses on a stream are
+      refused as they arrive, and the bytes h2 queued in reply are counted.
     - Content-Length is not checked by h2: h2 raises a *connection* error for a response body
       that does not match it, where RFC 9113 section 8.1.1 makes it a stream error. The core
       checks it per stream.
@@ -253,6 +257,7 @@ class PatchedH2Connection(h2.connection.H2Connection):
         self.decoder = _RepeatingBlockDecoder(self.DEFAULT_MAX_HEADER_LIST_SIZE)
         self.encoder = _CappedRepeatingBlockEncoder()
         self.local_settings = h2.settings.Settings(client=True, initial_values=local_settings)
+        self.informational: dict[int, int] = {}  # 1xx responses so far, by open stream
 
     def clear_outbound_data_buffer(self) -> None:
         """Keep the queued frames: h2 drops them on GOAWAY, but we still send them.
@@ -285,7 +290,10 @@ class PatchedH2Connection(h2.connection.H2Connection):
         error: Exception | None = None
         try:
             for frame in buffer:
-                events.extend(self._receive_frame(frame))  # pyright: ignore[reportPrivateUsage]
+                produced = self._receive_frame(frame)  # pyright: ignore[reportPrivateUsage]
+                events.extend(produced)
+                if produced and type(produced[0]) is InformationalResponseReceived:
+                    self._count_informational(produced[0].stream_id or 0)
             pending = buffer._data  # pyright: ignore[reportPrivateUsage]
             if len(pending) >= 9:
                 length = int.from_bytes(pending[:3], "big")
@@ -300,6 +308,19 @@ class PatchedH2Connection(h2.connection.H2Connection):
             self._terminate_connection(ErrorCodes.PROTOCOL_ERROR)  # pyright: ignore[reportPrivateUsage]
             error = exc
         return events, len(self._data_to_send) - queued, error  # pyright: ignore[reportPrivateUsage]
+
+    def _count_informational(self, stream_id: int) -> None:
+        """Refuse more than `MAX_INFORMATIONAL` 1xx responses on a stream, as they arrive.
+
+        A 1xx head of a few bytes can refer to the HPACK table for a header list of our full
+        limit, which h2 validates byte by byte: thousands of them in one read would block
+        the event loop for seconds. The check runs frame by frame, inside the read.
+        """
+        count = self.informational[stream_id] = self.informational.get(stream_id, 0) + 1
+        if count > MAX_INFORMATIONAL:
+            raise h2.exceptions.ProtocolError(
+                f"more than {MAX_INFORMATIONAL} informational responses on stream {stream_id}"
+            )
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: object) -> H2Stream:
         """h2's stream, without its content-length bookkeeping (the core checks per stream).
@@ -343,6 +364,8 @@ class PatchedH2Connection(h2.connection.H2Connection):
         Relies on: ``_closed_streams`` (h2 4.4.1). Fails if changed:
         ``test_stream_count_is_right_however_streams_close`` in ``tests/test_http2.py``.
         """
+        if self.informational:
+            self.informational.pop(stream_id, None)
         stream = self.streams.get(stream_id)
         if stream is not None and stream.closed:
             del self.streams[stream_id]

@@ -211,6 +211,9 @@ class HTTP2Connection:
     def _notify(self) -> None:
         snapshot = self._core.snapshot()
         if snapshot != self._notified:
+            if snapshot[1] != self._notified[1] and self._slot_lot:
+                # Requests waiting for a slot learn at once that no stream will be opened.
+                self._slot_lot.unpark_all()
             self._notified = snapshot
             if self._callback is not None:
                 self._callback()
@@ -338,6 +341,8 @@ class HTTP2Connection:
         stream = core.open_stream(
             headers, end_stream=end_now, url=url, head_only=request.method == "HEAD"
         )
+        if core.state is not State.ACTIVE:
+            self._notify()  # retired: its stream ids run out
         self._lots[stream.stream_id] = trio.lowlevel.ParkingLot()
         try:
             await self._flush_batched()
@@ -356,7 +361,10 @@ class HTTP2Connection:
             await self._send_body(stream, content)
         except StopSending:
             pass
-        except TransportError:
+        except TransportError as exc:
+            if stream.error is not None and stream.error is not exc:
+                # The stream's own end came first (GOAWAY, a reset): that is the cause.
+                raise stream.error from exc
             if not stream.complete:
                 raise
             # The write failed, but the server answered in full before: that answer counts.
@@ -676,7 +684,9 @@ class HTTP2Connection:
                             finally:
                                 core.can_send = False
                         return
-                    await self._flush_unless_busy()
+                    # The reader's own writes are bounded even without a write timeout:
+                    # blocked in one, it could not run the timers (a suspect PING's).
+                    await self._flush_unless_busy(core.ping_timeout)
                     if self._check_drained():
                         return
                     if core.deadline < scope.deadline:
@@ -693,7 +703,7 @@ class HTTP2Connection:
             self._after_failure()
             return
         self._notify()
-        await self._flush_unless_busy()
+        await self._flush_unless_busy(core.ping_timeout)
         self._check_drained()
 
     def _timers_changed(self) -> None:
