@@ -279,7 +279,8 @@ class PatchedH2Connection(h2.connection.H2Connection):
         its unparsed bytes in ``_data``), ``_receive_frame``, ``_terminate_connection`` and the
         outbound buffer ``_data_to_send`` (h2 4.4.1). Fails if changed:
         ``tests/test_h2core.py::test_oversized_frame_is_refused_at_its_header`` and
-        ``test_responses_before_a_protocol_error_are_kept``.
+        ``test_responses_before_a_protocol_error_are_kept``, and
+        ``tests/test_http2_attacks.py::test_informational_flood_costs_bounded_cpu_per_byte_at_the_core``.
         """
         events: list[Event] = []
         outbound = self._data_to_send  # pyright: ignore[reportPrivateUsage]

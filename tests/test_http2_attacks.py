@@ -1,4 +1,4 @@
-"""Attacks on the HTTP/2 client that its bounds and rules do not yet survive.
+"""Attacks on the HTTP/2 client beyond the first list of hostile servers, and what it does.
 
 Each test is one attack by a hostile (or faulty) server over real sockets on 127.0.0.1
 (port 0), or on the core without an event loop, and states what the connection should do.
