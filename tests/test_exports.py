@@ -1,6 +1,12 @@
-"""The public surface: the pinned names exist, and reprs name the public module."""
+"""The public surface: the pinned names exist, reprs name the public module, and importing the
+package for the generic pool loads no HTTP protocol library."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +66,57 @@ def test_top_level_names_say_trio_connpool() -> None:
     assert trio_connpool.PoolError.__module__ == "trio_connpool"
     assert repr(trio_connpool.Pool).startswith("<class 'trio_connpool.Pool'")
     assert trio_connpool.open_client is trio_connpool.http.open_client
+
+
+def _python(code: str) -> str:
+    """Run ``code`` in a fresh interpreter that imports this very trio_connpool; its stdout."""
+    root = str(Path(trio_connpool.__file__).resolve().parent.parent)
+    path = [root, *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+_PROTOCOL_LIBRARIES = "{'h2', 'hpack', 'h11', 'hyperframe'}"
+
+
+def test_import_loads_no_protocol_library() -> None:
+    loaded = _python(
+        "import trio_connpool, sys; "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {_PROTOCOL_LIBRARIES}))"
+    )
+    assert loaded == "[]"
+
+
+def test_http_names_resolve_on_first_use() -> None:
+    code = """
+import sys
+import trio_connpool
+assert "trio_connpool.http" not in sys.modules
+assert "open_client" in dir(trio_connpool)
+from trio_connpool import open_client
+assert "h2" in sys.modules and "hpack" in sys.modules
+import trio_connpool.http
+assert open_client is trio_connpool.open_client is trio_connpool.http.open_client
+assert open_client.__module__ == "trio_connpool.http._client"
+try:
+    trio_connpool.open_clinet
+except AttributeError as exc:
+    print(exc)
+"""
+    assert _python(code) == "module 'trio_connpool' has no attribute 'open_clinet'"
+    # The subpackage is reachable as an attribute too, as it was when imported eagerly.
+    client = _python("import trio_connpool; print(trio_connpool.http.Client.__name__)")
+    assert client == "Client"
+
+
+def test_the_command_line_and_its_demo_need_no_h11() -> None:
+    # h11 is a test and benchmark reference only: the demo's server speaks HTTP/1.1 itself.
+    loaded = _python(
+        "import sys, trio_connpool._cli, trio_connpool._demo, trio_connpool.http; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'h11'))"
+    )
+    assert loaded == "[]"

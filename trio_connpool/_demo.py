@@ -1,7 +1,8 @@
 """``python -m trio_connpool demo``: the client against an embedded HTTP/1.1 and HTTP/2 server.
 
 The server runs on 127.0.0.1 (a port from 0) in the same trio run as the client, so the demo
-needs no network and nothing but the library's own dependencies. It speaks HTTP/1.1 (h11),
+needs no network and nothing but the library's own dependencies. It speaks HTTP/1.1 itself (a
+small keep-alive server for the demo's requests: Content-Length bodies, no chunked requests),
 and HTTP/2 (h2) to a client that opens with the HTTP/2 preface (h2c with prior knowledge). It
 counts the connections it accepts, so the demo can show what the pool saved: thousands of
 requests over a handful of HTTP/1.1 connections, or over one multiplexed HTTP/2 connection.
@@ -11,13 +12,13 @@ from __future__ import annotations
 
 import math
 import sys
+from http import HTTPStatus
 from typing import TextIO
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
-import h11
 import trio
 
 from ._commands import percentile
@@ -27,6 +28,16 @@ __all__ = ["DemoServer", "run_demo"]
 
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_MAX_HEAD = 64 * 1024  # an HTTP/1.1 request head, up to its blank line
+_MAX_BODY = 1024 * 1024  # an HTTP/1.1 request body (read and dropped)
+
+
+class _BadRequest(Exception):
+    """An HTTP/1.1 request the demo server answers with ``status`` and then closes."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 class DemoServer:
@@ -65,27 +76,25 @@ class DemoServer:
                 else:
                     self.by_protocol["HTTP/1.1"] += 1
                     await self._serve_h11(stream, first)
-        except (trio.BrokenResourceError, h11.RemoteProtocolError, h2.exceptions.ProtocolError):
+        except (trio.BrokenResourceError, h2.exceptions.ProtocolError):
             return
 
     async def _serve_h11(self, stream: trio.SocketStream, first: bytes) -> None:
-        connection = h11.Connection(h11.SERVER)
-        connection.receive_data(first)
+        buffer = bytearray(first)
         for _ in range(1_000_000):  # bounded: one iteration per request
-            request = await self._read_request(stream, connection)
+            try:
+                request = await self._read_request(stream, buffer)
+            except _BadRequest as exc:
+                await stream.send_all(_response(exc.status, str(exc).encode(), close=True))
+                return
             if request is None:
                 return
+            method, target, close = request
             self.requests += 1
-            status, body = self._route(request.target)
-            headers = [("content-length", str(len(body))), ("content-type", "text/plain")]
-            data = connection.send(h11.Response(status_code=status, headers=headers))
-            assert data is not None
-            data += connection.send(h11.Data(data=body)) or b""
-            data += connection.send(h11.EndOfMessage()) or b""
-            await stream.send_all(data)
-            if connection.our_state is not h11.DONE:
+            status, body = self._route(target)
+            await stream.send_all(_response(status, body, close=close, head=method == b"HEAD"))
+            if close:
                 return
-            connection.start_next_cycle()
 
     async def _serve_h2(self, stream: trio.SocketStream, first: bytes) -> None:
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
@@ -149,21 +158,55 @@ class DemoServer:
 
     @staticmethod
     async def _read_request(
-        stream: trio.SocketStream, connection: h11.Connection
-    ) -> h11.Request | None:
-        request: h11.Request | None = None
-        while True:
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
-                connection.receive_data(data)
-                continue
-            if isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.EndOfMessage):
-                return request
-            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+        stream: trio.SocketStream, buffer: bytearray
+    ) -> tuple[bytes, bytes, bool] | None:
+        """Read one request from ``buffer`` and the stream: (method, target, close after it).
+
+        None when the peer closed between requests. The body, if any, is read and dropped.
+        """
+        searched = 0
+        end = buffer.find(b"\r\n\r\n")
+        while end < 0:  # bounded: the head may grow to _MAX_HEAD only
+            if len(buffer) > _MAX_HEAD:
+                raise _BadRequest(431, "request head too large")
+            searched = max(0, len(buffer) - 3)
+            data = await stream.receive_some(65536)
+            if not data:
+                if buffer:
+                    raise _BadRequest(400, "incomplete request")
                 return None
+            buffer += data
+            end = buffer.find(b"\r\n\r\n", searched)
+        lines = bytes(buffer[:end]).split(b"\r\n")
+        del buffer[: end + 4]
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or not parts[0].isalpha() or not parts[1].startswith(b"/"):
+            raise _BadRequest(400, "bad request line")
+        method, target, version = parts
+        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+            raise _BadRequest(505, "HTTP/1.1 only")
+        headers: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name != name.strip() or name.lower() in headers:
+                raise _BadRequest(400, "bad or repeated header")
+            headers[name.lower()] = value.strip()
+        if b"transfer-encoding" in headers:
+            raise _BadRequest(501, "no request bodies but Content-Length ones")
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > _MAX_BODY:
+            raise _BadRequest(400, "bad or too large Content-Length")
+        for _ in range(int(length) + 1):  # bounded: each read brings at least one byte
+            if len(buffer) >= int(length):
+                break
+            data = await stream.receive_some(65536)
+            if not data:
+                return None
+            buffer += data
+        del buffer[: int(length)]
+        tokens = {token.strip().lower() for token in headers.get(b"connection", b"").split(b",")}
+        close = version == b"HTTP/1.0" or b"close" in tokens
+        return method, target, close
 
     @staticmethod
     def _route(raw_target: bytes) -> tuple[int, bytes]:
@@ -178,6 +221,17 @@ class DemoServer:
             if 0 <= size <= 64 * 1024 * 1024:
                 return 200, b"x" * size
         return 404, b"not found"
+
+
+def _response(status: int, body: bytes, *, close: bool, head: bool = False) -> bytes:
+    """An HTTP/1.1 response with a Content-Length body (none for HEAD)."""
+    lines = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        f"content-length: {len(body)}",
+        "content-type: text/plain",
+        *(["connection: close"] if close else []),
+    ]
+    return "\r\n".join(lines).encode() + b"\r\n\r\n" + (b"" if head else body)
 
 
 class _Phase:
