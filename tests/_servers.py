@@ -447,3 +447,15 @@ async def cancel_when(
     assert not finished
     assert scope.cancelled_caught
     return trio.current_time() - start
+
+
+@asynccontextmanager
+async def serving(script: Callable[[], Awaitable[object]]) -> AsyncIterator[trio.Nursery]:
+    """Run a scripted server's ``script`` beside the block, in a nursery of its own.
+
+    Leaving the block waits for the script to end, so what it asserts is checked and what it
+    records is complete; a script that never ends is cancelled through the yielded nursery.
+    """
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        yield nursery

@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from _servers import serving
 
 from trio_connpool._exceptions import (
     InvalidHeader,
@@ -150,8 +151,7 @@ async def test_get_round_trip(pair: tuple[HTTP11Connection, Server]) -> None:
         await server.receive_request()
         await server.respond(200, [("Content-Type", "text/plain"), ("X-A", "1")], b"hello")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         with trio.testing.assert_checkpoints():
             response = await connection.send_request(
                 Request("GET", URL, headers={"Accept": "*/*"})
@@ -186,8 +186,7 @@ async def test_keep_alive(pair: tuple[HTTP11Connection, Server]) -> None:
             await server.receive_request()
             await server.respond(200, body=f"reply {index}".encode())
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         for index in range(2):
             response = await connection.send_request(Request("GET", f"http://example.com/{index}"))
             assert await response.aread() == f"reply {index}".encode()
@@ -211,13 +210,12 @@ async def test_host_header(
     client_stream, server_stream = trio.testing.memory_stream_pair()
     connection = HTTP11Connection(client_stream, origin)
     server = Server(server_stream)
-    async with trio.open_nursery() as nursery:
 
-        async def serve() -> None:
-            await server.receive_request()
-            await server.respond()
+    async def serve() -> None:
+        await server.receive_request()
+        await server.respond()
 
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", url, headers=headers))
         await response.aread()
     assert header(server.requests[0][0], b"host") == [expected]
@@ -250,8 +248,7 @@ async def test_stray_bytes_refuse_the_next_request_unsent(
         await server.receive_request()
         await server.stream.send_all(b"HTTP/1.1 204 No Content\r\n\r\n" + b"HTTP/1.1 200 OK\r\n")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         assert response.status_code == 204
         assert await response.aread() == b""
@@ -305,8 +302,7 @@ async def test_post_bytes(pair: tuple[HTTP11Connection, Server], size: int) -> N
         await server.receive_request()
         await server.respond(201, body=b"created")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("POST", URL, content=payload))
         assert response.status_code == 201
         assert await response.aread() == b"created"
@@ -329,8 +325,7 @@ async def test_no_content(
         await server.receive_request()
         await server.respond()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request(method, URL))
         await response.aread()
     assert header(server.requests[0][0], b"content-length") == content_length
@@ -349,8 +344,7 @@ async def test_post_streamed_chunked(pair: tuple[HTTP11Connection, Server]) -> N
         await server.receive_request()
         await server.respond(body=b"ok")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         content = chunks(b"one,", b"", bytearray(b"two,"), b"three")  # type: ignore[arg-type]
         response = await connection.send_request(Request("POST", URL, content=content))
         assert await response.aread() == b"ok"
@@ -382,8 +376,7 @@ async def test_post_streamed_with_framing_of_its_own(
         await server.receive_request()
         await server.respond()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         request = Request("PUT", URL, headers=headers, content=chunks(b"abc", b"def"))
         await (await connection.send_request(request)).aread()
     received, body = server.requests[0]
@@ -448,8 +441,7 @@ async def test_streamed_large_response(pair: tuple[HTTP11Connection, Server]) ->
 
     received = 0
     reads = 0
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         async for chunk in response.aiter_bytes():
             assert chunk
@@ -485,8 +477,7 @@ async def test_no_body_responses(
         await server.receive_request()
         await server.respond(body=b"next")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request(method, URL))
         assert response.status_code == status
         assert await response.aread() == b""
@@ -507,8 +498,7 @@ async def test_informational_responses_skipped(pair: tuple[HTTP11Connection, Ser
         )
         await server.respond(200, body=b"final")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("POST", URL, content=b"x"))
         assert response.status_code == 200
         assert "link" not in response.headers
@@ -526,8 +516,7 @@ async def test_server_connection_close(pair: tuple[HTTP11Connection, Server]) ->
         await server.respond(200, [("Connection", "close")], b"bye")
         rest = await server.receive_until_eof()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         assert not connection.is_closed()
         assert await response.aread() == b"bye"
@@ -545,8 +534,7 @@ async def test_client_connection_close(pair: tuple[HTTP11Connection, Server]) ->
         await server.receive_request()
         await server.respond(body=b"ok")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         request = Request("GET", URL, headers={"Connection": "close"})
         await (await connection.send_request(request)).aread()
     assert connection.is_closed()
@@ -563,8 +551,7 @@ async def test_truncated_body(pair: tuple[HTTP11Connection, Server]) -> None:
         )
         await server.stream.aclose()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         with pytest.raises(RemoteProtocolError) as info:
             await response.aread()
@@ -586,8 +573,7 @@ async def test_garbage_response(pair: tuple[HTTP11Connection, Server], junk: byt
         await server.stream.send_all(junk)
         await server.stream.aclose()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         with pytest.raises(RemoteProtocolError) as info:
             await connection.send_request(Request("GET", URL))
     assert type(info.value) is RemoteProtocolError
@@ -613,8 +599,7 @@ async def test_invalid_chunk_in_the_body(
             await trio.sleep(0.01)
             await server.stream.send_all(body)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         with pytest.raises(RemoteProtocolError, match="illegal chunk header") as info:
             await response.aread()
@@ -632,8 +617,7 @@ async def test_head_too_large(pair: tuple[HTTP11Connection, Server]) -> None:
         await server.receive_head()
         await server.stream.send_all(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 100_000)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         with pytest.raises(RemoteProtocolError):
             await connection.send_request(Request("GET", URL))
     assert connection.is_closed()
@@ -647,8 +631,7 @@ async def test_truncated_head_is_not_disconnect(pair: tuple[HTTP11Connection, Se
         await server.stream.send_all(b"HTTP/1.1 200 OK\r\n")
         await server.stream.aclose()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         with pytest.raises(RemoteProtocolError) as info:
             await connection.send_request(Request("GET", URL))
     assert type(info.value) is RemoteProtocolError
@@ -716,8 +699,7 @@ async def test_early_response_while_uploading(pair: tuple[HTTP11Connection, Serv
         yield b"second"
         yield b"third"  # pragma: no cover (the write of "second" fails)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("POST", URL, content=upload()))
         assert response.status_code == 413
         assert await response.aread() == b"too big!"
@@ -728,13 +710,12 @@ async def test_read_timeout_waiting_for_head(
     pair: tuple[HTTP11Connection, Server], autojump_clock: trio.testing.MockClock
 ) -> None:
     connection, server = pair
-    async with trio.open_nursery() as nursery:
 
-        async def serve() -> None:
-            await server.receive_request()
-            await trio.sleep_forever()
+    async def serve() -> None:
+        await server.receive_request()
+        await trio.sleep_forever()
 
-        nursery.start_soon(serve)
+    async with serving(serve) as nursery:
         start = trio.current_time()
         with pytest.raises(ReadTimeout) as info:
             await connection.send_request(Request("GET", URL))
@@ -748,17 +729,16 @@ async def test_read_timeout_in_body(
     pair: tuple[HTTP11Connection, Server], autojump_clock: trio.testing.MockClock
 ) -> None:
     connection, server = pair
-    async with trio.open_nursery() as nursery:
 
-        async def serve() -> None:
-            await server.receive_request()
-            await server.send(
-                h11.Response(status_code=200, headers=[("Content-Length", "10")]),
-                h11.Data(data=b"123"),
-            )
-            await trio.sleep_forever()
+    async def serve() -> None:
+        await server.receive_request()
+        await server.send(
+            h11.Response(status_code=200, headers=[("Content-Length", "10")]),
+            h11.Data(data=b"123"),
+        )
+        await trio.sleep_forever()
 
-        nursery.start_soon(serve)
+    async with serving(serve) as nursery:
         response = await connection.send_request(Request("GET", URL))
         iterator = response.aiter_bytes()
         assert await iterator.__anext__() == b"123"
@@ -806,8 +786,7 @@ async def test_timeouts_bound_each_operation_not_the_exchange(
         await server.send(h11.EndOfMessage())
         server.h11.start_next_cycle()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         start = trio.current_time()
         response = await connection.send_request(Request("POST", URL, content=upload()))
         assert await response.aread() == b"xy"
@@ -825,8 +804,7 @@ async def test_no_timeouts(pair: tuple[HTTP11Connection, Server]) -> None:
         await server.receive_request()
         await server.respond(body=b"ok")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         assert await (await connection.send_request(Request("GET", URL))).aread() == b"ok"
     await connection.aclose()
 
@@ -847,8 +825,7 @@ async def test_early_close_small_remainder_drains(pair: tuple[HTTP11Connection, 
         await server.receive_request()
         await server.respond(body=b"second")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         iterator = response.aiter_bytes()
         assert await iterator.__anext__() == b"a" * 1000
@@ -879,8 +856,7 @@ async def test_early_close_large_or_unknown_remainder_closes(
         await server.send(h11.Response(status_code=200, headers=headers), h11.Data(data=b"a"))
         rest = await server.receive_until_eof()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         with trio.testing.assert_checkpoints():
             await response.aclose()
@@ -893,17 +869,16 @@ async def test_early_close_drain_timeout_closes(
     pair: tuple[HTTP11Connection, Server], autojump_clock: trio.testing.MockClock
 ) -> None:
     connection, server = pair
-    async with trio.open_nursery() as nursery:
 
-        async def serve() -> None:
-            await server.receive_request()
-            await server.send(
-                h11.Response(status_code=200, headers=[("Content-Length", "100")]),
-                h11.Data(data=b"a"),
-            )
-            await trio.sleep_forever()
+    async def serve() -> None:
+        await server.receive_request()
+        await server.send(
+            h11.Response(status_code=200, headers=[("Content-Length", "100")]),
+            h11.Data(data=b"a"),
+        )
+        await trio.sleep_forever()
 
-        nursery.start_soon(serve)
+    async with serving(serve) as nursery:
         response = await connection.send_request(Request("GET", URL))
         start = trio.current_time()
         await response.aclose()  # does not raise
@@ -922,8 +897,7 @@ async def test_early_close_drain_hits_garbage(pair: tuple[HTTP11Connection, Serv
         await trio.testing.wait_all_tasks_blocked()
         await server.stream.aclose()  # truncated: the drain fails
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         await response.aclose()
     assert connection.is_closed()
@@ -933,17 +907,16 @@ async def test_cancel_during_drain(
     pair: tuple[HTTP11Connection, Server], autojump_clock: trio.testing.MockClock
 ) -> None:
     connection, server = pair
-    async with trio.open_nursery() as nursery:
 
-        async def serve() -> None:
-            await server.receive_request()
-            await server.send(
-                h11.Response(status_code=200, headers=[("Content-Length", "100")]),
-                h11.Data(data=b"a"),
-            )
-            await trio.sleep_forever()
+    async def serve() -> None:
+        await server.receive_request()
+        await server.send(
+            h11.Response(status_code=200, headers=[("Content-Length", "100")]),
+            h11.Data(data=b"a"),
+        )
+        await trio.sleep_forever()
 
-        nursery.start_soon(serve)
+    async with serving(serve) as nursery:
         response = await connection.send_request(Request("GET", URL))
         with trio.move_on_after(0.05) as scope:  # within the drain's own 0.1 s
             await response.aclose()
@@ -959,8 +932,7 @@ async def test_busy_and_closed_refuse(pair: tuple[HTTP11Connection, Server]) -> 
         await server.receive_request()
         await server.respond(body=b"x")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         with pytest.raises(RuntimeError, match="not ready"):
             await connection.send_request(Request("GET", URL))
@@ -984,8 +956,7 @@ async def test_stale_response_object(pair: tuple[HTTP11Connection, Server]) -> N
             h11.Data(data=b"a"),
         )
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
     await connection.aclose()
     with pytest.raises(TransportError, match="closed locally"):
@@ -1002,8 +973,7 @@ async def test_trailing_junk_after_response_marks_closed(
         await server.receive_request()
         await server.stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokJUNK")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         assert await response.aread() == b"ok"
     with trio.testing.assert_no_checkpoints():
@@ -1024,8 +994,7 @@ async def test_body_reads_are_checkpoints(pair: tuple[HTTP11Connection, Server])
             h11.EndOfMessage(),
         )
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         await trio.testing.wait_all_tasks_blocked()
     iterator = response.aiter_bytes()
@@ -1152,13 +1121,12 @@ async def test_cancel_at_every_stream_operation() -> None:
 
 async def test_cancel_while_waiting_for_head(pair: tuple[HTTP11Connection, Server]) -> None:
     connection, server = pair
-    async with trio.open_nursery() as nursery:
 
-        async def serve() -> None:
-            await server.receive_request()
-            await trio.sleep_forever()
+    async def serve() -> None:
+        await server.receive_request()
+        await trio.sleep_forever()
 
-        nursery.start_soon(serve)
+    async with serving(serve) as nursery:
         with trio.CancelScope() as scope:
             nursery.start_soon(_cancel_when_blocked, scope)
             await connection.send_request(Request("GET", URL))
@@ -1259,13 +1227,12 @@ async def test_is_closed_after_exchange_on_socket() -> None:
     connection = HTTP11Connection(client, Origin("http", "127.0.0.1", 80))
     server = Server(server_stream)
     try:
-        async with trio.open_nursery() as nursery:
 
-            async def serve() -> None:
-                await server.receive_request()
-                await server.respond(body=b"ok")
+        async def serve() -> None:
+            await server.receive_request()
+            await server.respond(body=b"ok")
 
-            nursery.start_soon(serve)
+        async with serving(serve):
             await (await connection.send_request(Request("GET", "http://127.0.0.1/"))).aread()
         await trio.sleep(0.02)
         assert not connection.is_closed()  # idle and quiet: still usable
@@ -1302,8 +1269,7 @@ async def test_is_closed_over_tls() -> None:
             await stream.aclose()
 
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve)
+        async with serving(serve):
             stream, _ = await open_stream(origin, ssl_context=client_context, connect_timeout=5)
             connection = HTTP11Connection(stream, origin)
             try:
