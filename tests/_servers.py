@@ -450,12 +450,23 @@ async def cancel_when(
 
 
 @asynccontextmanager
-async def serving(script: Callable[[], Awaitable[object]]) -> AsyncIterator[trio.Nursery]:
+async def serving(
+    script: Callable[[], Awaitable[object]], *, hold: bool = False
+) -> AsyncIterator[trio.Nursery]:
     """Run a scripted server's ``script`` beside the block, in a nursery of its own.
 
     Leaving the block waits for the script to end, so what it asserts is checked and what it
-    records is complete; a script that never ends is cancelled through the yielded nursery.
+    records is complete. With ``hold`` the server says nothing more once the script is done
+    and keeps the connection open until the block ends; leaving the block then cancels it.
     """
+
+    async def run() -> None:
+        await script()
+        if hold:
+            await trio.sleep_forever()
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(script)
+        nursery.start_soon(run)
         yield nursery
+        if hold:
+            nursery.cancel_scope.cancel()

@@ -112,6 +112,21 @@ class Server:
         if next_cycle and self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
             self.h11.start_next_cycle()
 
+    async def reply(
+        self, status: int = 200, headers: Sequence[tuple[str, str]] = (), body: bytes = b""
+    ) -> None:
+        """The plain exchange: read one request, then answer it."""
+        await self.receive_request()
+        await self.respond(status, headers, body)
+
+    async def reply_partly(self, length: int, part: bytes) -> None:
+        """Read one request, then send a head declaring ``length`` bytes and only ``part``."""
+        await self.receive_request()
+        await self.send(
+            h11.Response(status_code=200, headers=[("Content-Length", str(length))]),
+            h11.Data(data=part),
+        )
+
     async def receive_until_eof(self) -> bytes:
         """Everything the client sends until it closes the connection."""
         received = bytearray()
@@ -147,11 +162,9 @@ async def test_get_round_trip(pair: tuple[HTTP11Connection, Server]) -> None:
     assert connection.http_version == "HTTP/1.1"
     assert connection.origin == ORIGIN
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.respond(200, [("Content-Type", "text/plain"), ("X-A", "1")], b"hello")
-
-    async with serving(serve):
+    async with serving(
+        lambda: server.reply(200, [("Content-Type", "text/plain"), ("X-A", "1")], b"hello")
+    ):
         with trio.testing.assert_checkpoints():
             response = await connection.send_request(
                 Request("GET", URL, headers={"Accept": "*/*"})
@@ -211,11 +224,7 @@ async def test_host_header(
     connection = HTTP11Connection(client_stream, origin)
     server = Server(server_stream)
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.respond()
-
-    async with serving(serve):
+    async with serving(server.reply):
         response = await connection.send_request(Request("GET", url, headers=headers))
         await response.aread()
     assert header(server.requests[0][0], b"host") == [expected]
@@ -298,11 +307,7 @@ async def test_post_bytes(pair: tuple[HTTP11Connection, Server], size: int) -> N
     connection, server = pair
     payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.respond(201, body=b"created")
-
-    async with serving(serve):
+    async with serving(lambda: server.reply(201, body=b"created")):
         response = await connection.send_request(Request("POST", URL, content=payload))
         assert response.status_code == 201
         assert await response.aread() == b"created"
@@ -321,11 +326,7 @@ async def test_no_content(
 ) -> None:
     connection, server = pair
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.respond()
-
-    async with serving(serve):
+    async with serving(server.reply):
         response = await connection.send_request(Request(method, URL))
         await response.aread()
     assert header(server.requests[0][0], b"content-length") == content_length
@@ -340,11 +341,7 @@ async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
 async def test_post_streamed_chunked(pair: tuple[HTTP11Connection, Server]) -> None:
     connection, server = pair
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.respond(body=b"ok")
-
-    async with serving(serve):
+    async with serving(lambda: server.reply(body=b"ok")):
         content = chunks(b"one,", b"", bytearray(b"two,"), b"three")  # type: ignore[arg-type]
         response = await connection.send_request(Request("POST", URL, content=content))
         assert await response.aread() == b"ok"
@@ -372,11 +369,7 @@ async def test_post_streamed_with_framing_of_its_own(
 ) -> None:
     connection, server = pair
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.respond()
-
-    async with serving(serve):
+    async with serving(server.reply):
         request = Request("PUT", URL, headers=headers, content=chunks(b"abc", b"def"))
         await (await connection.send_request(request)).aread()
     received, body = server.requests[0]
@@ -530,11 +523,7 @@ async def test_server_connection_close(pair: tuple[HTTP11Connection, Server]) ->
 async def test_client_connection_close(pair: tuple[HTTP11Connection, Server]) -> None:
     connection, server = pair
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.respond(body=b"ok")
-
-    async with serving(serve):
+    async with serving(lambda: server.reply(body=b"ok")):
         request = Request("GET", URL, headers={"Connection": "close"})
         await (await connection.send_request(request)).aread()
     assert connection.is_closed()
@@ -544,11 +533,7 @@ async def test_truncated_body(pair: tuple[HTTP11Connection, Server]) -> None:
     connection, server = pair
 
     async def serve() -> None:
-        await server.receive_request()
-        await server.send(
-            h11.Response(status_code=200, headers=[("Content-Length", "10")]),
-            h11.Data(data=b"12345"),
-        )
+        await server.reply_partly(10, b"12345")
         await server.stream.aclose()
 
     async with serving(serve):
@@ -711,16 +696,11 @@ async def test_read_timeout_waiting_for_head(
 ) -> None:
     connection, server = pair
 
-    async def serve() -> None:
-        await server.receive_request()
-        await trio.sleep_forever()
-
-    async with serving(serve) as nursery:
+    async with serving(server.receive_request, hold=True):
         start = trio.current_time()
         with pytest.raises(ReadTimeout) as info:
             await connection.send_request(Request("GET", URL))
         assert trio.current_time() - start == pytest.approx(2.5, abs=1e-9)
-        nursery.cancel_scope.cancel()
     assert info.value.url == "http://example.com/path?q=1"
     assert connection.is_closed()
 
@@ -730,15 +710,7 @@ async def test_read_timeout_in_body(
 ) -> None:
     connection, server = pair
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.send(
-            h11.Response(status_code=200, headers=[("Content-Length", "10")]),
-            h11.Data(data=b"123"),
-        )
-        await trio.sleep_forever()
-
-    async with serving(serve) as nursery:
+    async with serving(lambda: server.reply_partly(10, b"123"), hold=True):
         response = await connection.send_request(Request("GET", URL))
         iterator = response.aiter_bytes()
         assert await iterator.__anext__() == b"123"
@@ -746,7 +718,6 @@ async def test_read_timeout_in_body(
         with pytest.raises(ReadTimeout):
             await iterator.__anext__()
         assert trio.current_time() - start == pytest.approx(2.5, abs=1e-9)
-        nursery.cancel_scope.cancel()
     assert connection.is_closed()
     assert response.is_closed
 
@@ -800,11 +771,7 @@ async def test_no_timeouts(pair: tuple[HTTP11Connection, Server]) -> None:
     connection = HTTP11Connection(client_stream, ORIGIN, timeouts=Timeouts(read=None, write=None))
     server = Server(server_stream)
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.respond(body=b"ok")
-
-    async with serving(serve):
+    async with serving(lambda: server.reply(body=b"ok")):
         assert await (await connection.send_request(Request("GET", URL))).aread() == b"ok"
     await connection.aclose()
 
@@ -814,11 +781,7 @@ async def test_early_close_small_remainder_drains(pair: tuple[HTTP11Connection, 
     first_read = trio.Event()
 
     async def serve() -> None:
-        await server.receive_request()
-        await server.send(
-            h11.Response(status_code=200, headers=[("Content-Length", "10000")]),
-            h11.Data(data=b"a" * 1000),
-        )
+        await server.reply_partly(10000, b"a" * 1000)
         await first_read.wait()
         await server.send(h11.Data(data=b"b" * 9000), h11.EndOfMessage())
         server.h11.start_next_cycle()
@@ -870,22 +833,13 @@ async def test_early_close_drain_timeout_closes(
 ) -> None:
     connection, server = pair
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.send(
-            h11.Response(status_code=200, headers=[("Content-Length", "100")]),
-            h11.Data(data=b"a"),
-        )
-        await trio.sleep_forever()
-
-    async with serving(serve) as nursery:
+    async with serving(lambda: server.reply_partly(100, b"a"), hold=True):
         response = await connection.send_request(Request("GET", URL))
         start = trio.current_time()
         await response.aclose()  # does not raise
         # A short bound (0.1 s), not the read timeout (2.5 s): aclose() often runs shielded.
         assert trio.current_time() - start == pytest.approx(0.1, abs=1e-9)
         assert connection.is_closed()
-        nursery.cancel_scope.cancel()
 
 
 async def test_early_close_drain_hits_garbage(pair: tuple[HTTP11Connection, Server]) -> None:
@@ -908,31 +862,18 @@ async def test_cancel_during_drain(
 ) -> None:
     connection, server = pair
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.send(
-            h11.Response(status_code=200, headers=[("Content-Length", "100")]),
-            h11.Data(data=b"a"),
-        )
-        await trio.sleep_forever()
-
-    async with serving(serve) as nursery:
+    async with serving(lambda: server.reply_partly(100, b"a"), hold=True):
         response = await connection.send_request(Request("GET", URL))
         with trio.move_on_after(0.05) as scope:  # within the drain's own 0.1 s
             await response.aclose()
         assert scope.cancelled_caught
         assert connection.is_closed()
-        nursery.cancel_scope.cancel()
 
 
 async def test_busy_and_closed_refuse(pair: tuple[HTTP11Connection, Server]) -> None:
     connection, server = pair
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.respond(body=b"x")
-
-    async with serving(serve):
+    async with serving(lambda: server.reply(body=b"x")):
         response = await connection.send_request(Request("GET", URL))
         with pytest.raises(RuntimeError, match="not ready"):
             await connection.send_request(Request("GET", URL))
@@ -949,14 +890,7 @@ async def test_stale_response_object(pair: tuple[HTTP11Connection, Server]) -> N
     """A response whose connection was closed under it reports it, not a silent end."""
     connection, server = pair
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.send(
-            h11.Response(status_code=200, headers=[("Content-Length", "10")]),
-            h11.Data(data=b"a"),
-        )
-
-    async with serving(serve):
+    async with serving(lambda: server.reply_partly(10, b"a")):
         response = await connection.send_request(Request("GET", URL))
     await connection.aclose()
     with pytest.raises(TransportError, match="closed locally"):
@@ -1122,17 +1056,12 @@ async def test_cancel_at_every_stream_operation() -> None:
 async def test_cancel_while_waiting_for_head(pair: tuple[HTTP11Connection, Server]) -> None:
     connection, server = pair
 
-    async def serve() -> None:
-        await server.receive_request()
-        await trio.sleep_forever()
-
-    async with serving(serve) as nursery:
+    async with serving(server.receive_request, hold=True) as nursery:
         with trio.CancelScope() as scope:
             nursery.start_soon(_cancel_when_blocked, scope)
             await connection.send_request(Request("GET", URL))
         assert scope.cancelled_caught
         assert connection.is_closed()
-        nursery.cancel_scope.cancel()
 
 
 async def test_cancel_while_uploading(pair: tuple[HTTP11Connection, Server]) -> None:
@@ -1227,12 +1156,7 @@ async def test_is_closed_after_exchange_on_socket() -> None:
     connection = HTTP11Connection(client, Origin("http", "127.0.0.1", 80))
     server = Server(server_stream)
     try:
-
-        async def serve() -> None:
-            await server.receive_request()
-            await server.respond(body=b"ok")
-
-        async with serving(serve):
+        async with serving(lambda: server.reply(body=b"ok")):
             await (await connection.send_request(Request("GET", "http://127.0.0.1/"))).aread()
         await trio.sleep(0.02)
         assert not connection.is_closed()  # idle and quiet: still usable
