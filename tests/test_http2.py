@@ -118,11 +118,7 @@ async def assert_usable(harness: Harness) -> None:
     assert client.is_ready()
     assert not client._core.streams  # pyright: ignore[reportPrivateUsage]
 
-    async def answer() -> None:
-        request = await server.wait_request()
-        await server.respond(request.stream_id, body=b"again")
-
-    async with serving(answer):
+    async with serving(lambda: server.reply(body=b"again")):
         response = await get(client)
         assert await response.aread() == b"again"
     assert client.is_clean()
@@ -140,13 +136,9 @@ async def test_get_round_trip() -> None:
         assert client.weight == 1
         assert client.capacity == 100
 
-        async def answer() -> None:
-            request = await server.wait_request()
-            await server.respond(
-                request.stream_id, headers=[(b"content-type", b"text/plain")], body=b"hi"
-            )
-
-        async with serving(answer):
+        async with serving(
+            lambda: server.reply(headers=[(b"content-type", b"text/plain")], body=b"hi")
+        ):
             with trio.testing.assert_checkpoints():
                 response = await get(
                     client,
@@ -201,11 +193,7 @@ async def test_credentials_are_never_indexed_and_headers_lower_cased() -> None:
     async with connected() as harness:
         client, server = harness.client, harness.server
 
-        async def answer() -> None:
-            request = await server.wait_request()
-            await server.respond(request.stream_id)
-
-        async with serving(answer):
+        async with serving(server.reply):
             headers = {"Authorization": "Bearer secret", "Cookie": "a=1", "X-Plain": "yes"}
             response = await client.send_request(Request("GET", URL, headers=headers))
             await response.aread()
@@ -296,11 +284,7 @@ async def test_large_bodies_both_ways(streamed: bool) -> None:
     async with connected() as harness:
         client, server = harness.client, harness.server
 
-        async def answer() -> None:
-            request = await server.wait_request()
-            await server.respond(request.stream_id, body=download)
-
-        async with serving(answer):
+        async with serving(lambda: server.reply(body=download)):
             content = _upload_chunks(upload) if streamed else upload
             response = await client.send_request(Request("PUT", URL, content=content))
             received = await response.aread()
@@ -469,12 +453,7 @@ async def test_cancel_reading_the_body_resets_the_stream() -> None:
     async with connected() as harness:
         client, server = harness.client, harness.server
 
-        async def answer() -> None:
-            request = await server.wait_request()
-            await server.send_headers(request.stream_id)
-            await server.send_data(request.stream_id, b"part")
-
-        async with serving(answer):
+        async with serving(lambda: server.reply_partly(b"part")):
             response = await get(client)
         chunks = response.aiter_bytes()
         assert await chunks.__anext__() == b"part"
@@ -489,12 +468,7 @@ async def test_response_aclose_before_the_end_resets_and_returns_the_window() ->
     async with connected() as harness:
         client, server = harness.client, harness.server
 
-        async def answer() -> None:
-            request = await server.wait_request()
-            await server.send_headers(request.stream_id)
-            await server.send_data(request.stream_id, b"y" * 200_000)
-
-        async with serving(answer):
+        async with serving(lambda: server.reply_partly(b"y" * 200_000)):
             response = await get(client)
         await trio.testing.wait_all_tasks_blocked()
         with trio.testing.assert_checkpoints():
@@ -539,9 +513,7 @@ async def test_server_reset_in_the_body() -> None:
         client, server = harness.client, harness.server
 
         async def answer() -> None:
-            request = await server.wait_request()
-            await server.send_headers(request.stream_id)
-            await server.send_data(request.stream_id, b"part")
+            request = await server.reply_partly(b"part")
             await trio.testing.wait_all_tasks_blocked()
             await server.reset(request.stream_id)
 
