@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import select
 import ssl
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import h11
@@ -145,15 +146,24 @@ def header(request: h11.Request, name: bytes) -> list[bytes]:
     return [value for key, value in request.headers if key == name]
 
 
-@pytest.fixture
-async def pair() -> AsyncIterator[tuple[HTTP11Connection, Server]]:
+@asynccontextmanager
+async def connected(
+    origin: Origin = ORIGIN, timeouts: Timeouts = TIMEOUTS
+) -> AsyncIterator[tuple[HTTP11Connection, Server]]:
+    """A connection and its scripted server at the two ends of a memory stream."""
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    connection = HTTP11Connection(client_stream, ORIGIN, timeouts=TIMEOUTS)
+    connection = HTTP11Connection(client_stream, origin, timeouts=timeouts)
     try:
         yield connection, Server(server_stream)
     finally:
         await connection.aclose()
         await server_stream.aclose()
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[HTTP11Connection, Server]]:
+    async with connected() as (connection, server):
+        yield connection, server
 
 
 async def test_get_round_trip(pair: tuple[HTTP11Connection, Server]) -> None:
@@ -220,15 +230,10 @@ async def test_keep_alive(pair: tuple[HTTP11Connection, Server]) -> None:
 async def test_host_header(
     origin: Origin, url: str, headers: dict[str, str], expected: bytes
 ) -> None:
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    connection = HTTP11Connection(client_stream, origin)
-    server = Server(server_stream)
-
-    async with serving(server.reply):
+    async with connected(origin, Timeouts()) as (connection, server), serving(server.reply):
         response = await connection.send_request(Request("GET", url, headers=headers))
         await response.aread()
     assert header(server.requests[0][0], b"host") == [expected]
-    await connection.aclose()
 
 
 @pytest.mark.parametrize(
@@ -765,15 +770,12 @@ async def test_timeouts_bound_each_operation_not_the_exchange(
     assert connection.is_ready()
 
 
-async def test_no_timeouts(pair: tuple[HTTP11Connection, Server]) -> None:
-    _, server = pair
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    connection = HTTP11Connection(client_stream, ORIGIN, timeouts=Timeouts(read=None, write=None))
-    server = Server(server_stream)
-
-    async with serving(lambda: server.reply(body=b"ok")):
+async def test_no_timeouts() -> None:
+    async with (
+        connected(timeouts=Timeouts(read=None, write=None)) as (connection, server),
+        serving(lambda: server.reply(body=b"ok")),
+    ):
         assert await (await connection.send_request(Request("GET", URL))).aread() == b"ok"
-    await connection.aclose()
 
 
 async def test_early_close_small_remainder_drains(pair: tuple[HTTP11Connection, Server]) -> None:
@@ -1090,41 +1092,39 @@ async def _cancel_when_blocked(scope: trio.CancelScope) -> None:
 
 
 async def test_is_closed_when_the_socket_was_closed_under_it() -> None:
-    listener, client, server = await _loopback()
-    try:
-        connection = HTTP11Connection(client, Origin("http", "127.0.0.1", 80))
+    async with over_loopback() as (connection, _):
         assert not connection.is_closed()
+        client = connection._stream  # pyright: ignore[reportPrivateUsage]
+        assert isinstance(client, trio.SocketStream)
         client.socket.close()
         assert connection.is_closed()
         # Built on a socket that is closed already.
         assert HTTP11Connection(client, Origin("http", "127.0.0.1", 80)).is_closed()
-    finally:
-        await server.aclose()
-        await listener.aclose()
 
 
 async def test_is_closed_without_poll(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where select.poll is missing (Windows), select.select does the same check."""
     monkeypatch.delattr(select, "poll")
-    listener, client, server = await _loopback()
-    connection = HTTP11Connection(client, Origin("http", "127.0.0.1", 80))
-    try:
+    async with over_loopback() as (connection, server):
         assert not connection.is_closed()
         await server.send_all(b"junk")
         assert await _wait_closed(connection)
+
+
+@asynccontextmanager
+async def over_loopback() -> AsyncIterator[tuple[HTTP11Connection, trio.SocketStream]]:
+    """A connection over a real TCP socket on 127.0.0.1, and the server's end of it."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server = await listener.accept()
+    connection = HTTP11Connection(client, Origin("http", "127.0.0.1", 80))
+    try:
+        yield connection, server
     finally:
         await connection.aclose()
         await server.aclose()
         await listener.aclose()
-
-
-async def _loopback() -> tuple[trio.SocketListener, trio.SocketStream, trio.SocketStream]:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    listener = listeners[0]
-    port = listener.socket.getsockname()[1]
-    client = await trio.open_tcp_stream("127.0.0.1", port)
-    server = await listener.accept()
-    return listener, client, server
 
 
 async def _wait_closed(connection: HTTP11Connection) -> bool:
@@ -1137,25 +1137,17 @@ async def _wait_closed(connection: HTTP11Connection) -> bool:
 
 
 async def test_is_closed_sees_server_close_on_socket() -> None:
-    listener, client, server = await _loopback()
-    connection = HTTP11Connection(client, Origin("http", "127.0.0.1", 80))
-    try:
+    async with over_loopback() as (connection, server):
         with trio.testing.assert_no_checkpoints():
             assert not connection.is_closed()
         await server.aclose()
         assert await _wait_closed(connection)
         assert not connection.is_ready()
-    finally:
-        await connection.aclose()
-        await server.aclose()
-        await listener.aclose()
 
 
 async def test_is_closed_after_exchange_on_socket() -> None:
-    listener, client, server_stream = await _loopback()
-    connection = HTTP11Connection(client, Origin("http", "127.0.0.1", 80))
-    server = Server(server_stream)
-    try:
+    async with over_loopback() as (connection, server_stream):
+        server = Server(server_stream)
         async with serving(lambda: server.reply(body=b"ok")):
             await (await connection.send_request(Request("GET", "http://127.0.0.1/"))).aread()
         await trio.sleep(0.02)
@@ -1163,10 +1155,6 @@ async def test_is_closed_after_exchange_on_socket() -> None:
         assert connection.is_ready()
         await server_stream.send_all(b"junk")
         assert await _wait_closed(connection)
-    finally:
-        await connection.aclose()
-        await server_stream.aclose()
-        await listener.aclose()
 
 
 async def test_is_closed_over_tls() -> None:
