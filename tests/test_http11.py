@@ -1073,8 +1073,7 @@ async def test_cancel_while_uploading(pair: tuple[HTTP11Connection, Server]) -> 
         yield b"start"
         await trio.sleep_forever()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.receive_head)
+    async with serving(server.receive_head) as nursery:
         with trio.CancelScope() as scope:
             nursery.start_soon(_cancel_when_blocked, scope)
             await connection.send_request(Request("POST", URL, content=forever()))
@@ -1246,8 +1245,7 @@ async def test_reset_in_the_middle_of_the_body() -> None:
 async def test_closed_locally_while_waiting(pair: tuple[HTTP11Connection, Server]) -> None:
     """The pool closing a connection that a request task is using ends that request."""
     connection, server = pair
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.receive_request)
+    async with serving(server.receive_request) as nursery:
 
         async def close_when_blocked() -> None:
             await trio.testing.wait_all_tasks_blocked()

@@ -748,14 +748,14 @@ async def test_server_ping_is_answered() -> None:
 
 
 async def test_ping_measures_the_round_trip(autojump_clock: object) -> None:
-    async with connected() as harness, trio.open_nursery() as nursery:
+    async with connected() as harness:
 
         async def slow_server() -> None:
             await trio.sleep(0.25)
             await harness.server.receive()
 
-        nursery.start_soon(slow_server)
-        assert await harness.client.ping() == 0.25
+        async with serving(slow_server):
+            assert await harness.client.ping() == 0.25
 
 
 async def test_ping_without_answer_times_out(autojump_clock: object) -> None:
@@ -863,8 +863,7 @@ async def test_response_stream_ends_with_state_callback_untouched() -> None:
 async def test_server_sees_client_stream_ids_in_order_with_serve() -> None:
     async with connected() as harness:
         client, server = harness.client, harness.server
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.serve, lambda s: bytes(s.body) or b"empty")
+        async with serving(lambda: server.serve(lambda s: bytes(s.body) or b"empty")):
             for i in range(3):
                 response = await client.send_request(Request("POST", URL, content=str(i).encode()))
                 assert await response.aread() == str(i).encode()
