@@ -233,6 +233,21 @@ class H2Server:
         if body:
             await self.send_data(stream_id, body, end_stream=True)
 
+    async def reply(
+        self, status: int = 200, headers: Sequence[tuple[bytes, bytes]] = (), body: bytes = b""
+    ) -> ServerStream:
+        """The plain exchange: wait for the next request, then answer it whole."""
+        request = await self.wait_request()
+        await self.respond(request.stream_id, status, headers, body)
+        return request
+
+    async def reply_partly(self, part: bytes) -> ServerStream:
+        """Wait for the next request, then send a head and ``part`` of a body, not its end."""
+        request = await self.wait_request()
+        await self.send_headers(request.stream_id)
+        await self.send_data(request.stream_id, part)
+        return request
+
     async def reset(self, stream_id: int, code: ErrorCodes = ErrorCodes.INTERNAL_ERROR) -> None:
         """Send RST_STREAM."""
         self.streams[stream_id].responded = True

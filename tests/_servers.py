@@ -447,3 +447,26 @@ async def cancel_when(
     assert not finished
     assert scope.cancelled_caught
     return trio.current_time() - start
+
+
+@asynccontextmanager
+async def serving(
+    script: Callable[[], Awaitable[object]], *, hold: bool = False
+) -> AsyncIterator[trio.Nursery]:
+    """Run a scripted server's ``script`` beside the block, in a nursery of its own.
+
+    Leaving the block waits for the script to end, so what it asserts is checked and what it
+    records is complete. With ``hold`` the server says nothing more once the script is done
+    and keeps the connection open until the block ends; leaving the block then cancels it.
+    """
+
+    async def run() -> None:
+        await script()
+        if hold:
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        yield nursery
+        if hold:
+            nursery.cancel_scope.cancel()

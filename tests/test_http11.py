@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import select
 import ssl
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import h11
@@ -16,6 +17,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from _servers import serving
 
 from trio_connpool._exceptions import (
     InvalidHeader,
@@ -111,6 +113,21 @@ class Server:
         if next_cycle and self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
             self.h11.start_next_cycle()
 
+    async def reply(
+        self, status: int = 200, headers: Sequence[tuple[str, str]] = (), body: bytes = b""
+    ) -> None:
+        """The plain exchange: read one request, then answer it."""
+        await self.receive_request()
+        await self.respond(status, headers, body)
+
+    async def reply_partly(self, length: int, part: bytes) -> None:
+        """Read one request, then send a head declaring ``length`` bytes and only ``part``."""
+        await self.receive_request()
+        await self.send(
+            h11.Response(status_code=200, headers=[("Content-Length", str(length))]),
+            h11.Data(data=part),
+        )
+
     async def receive_until_eof(self) -> bytes:
         """Everything the client sends until it closes the connection."""
         received = bytearray()
@@ -129,15 +146,24 @@ def header(request: h11.Request, name: bytes) -> list[bytes]:
     return [value for key, value in request.headers if key == name]
 
 
-@pytest.fixture
-async def pair() -> AsyncIterator[tuple[HTTP11Connection, Server]]:
+@asynccontextmanager
+async def connected(
+    origin: Origin = ORIGIN, timeouts: Timeouts = TIMEOUTS
+) -> AsyncIterator[tuple[HTTP11Connection, Server]]:
+    """A connection and its scripted server at the two ends of a memory stream."""
     client_stream, server_stream = trio.testing.memory_stream_pair()
-    connection = HTTP11Connection(client_stream, ORIGIN, timeouts=TIMEOUTS)
+    connection = HTTP11Connection(client_stream, origin, timeouts=timeouts)
     try:
         yield connection, Server(server_stream)
     finally:
         await connection.aclose()
         await server_stream.aclose()
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[HTTP11Connection, Server]]:
+    async with connected() as (connection, server):
+        yield connection, server
 
 
 async def test_get_round_trip(pair: tuple[HTTP11Connection, Server]) -> None:
@@ -146,12 +172,9 @@ async def test_get_round_trip(pair: tuple[HTTP11Connection, Server]) -> None:
     assert connection.http_version == "HTTP/1.1"
     assert connection.origin == ORIGIN
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.respond(200, [("Content-Type", "text/plain"), ("X-A", "1")], b"hello")
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(
+        lambda: server.reply(200, [("Content-Type", "text/plain"), ("X-A", "1")], b"hello")
+    ):
         with trio.testing.assert_checkpoints():
             response = await connection.send_request(
                 Request("GET", URL, headers={"Accept": "*/*"})
@@ -186,8 +209,7 @@ async def test_keep_alive(pair: tuple[HTTP11Connection, Server]) -> None:
             await server.receive_request()
             await server.respond(200, body=f"reply {index}".encode())
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         for index in range(2):
             response = await connection.send_request(Request("GET", f"http://example.com/{index}"))
             assert await response.aread() == f"reply {index}".encode()
@@ -208,20 +230,10 @@ async def test_keep_alive(pair: tuple[HTTP11Connection, Server]) -> None:
 async def test_host_header(
     origin: Origin, url: str, headers: dict[str, str], expected: bytes
 ) -> None:
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    connection = HTTP11Connection(client_stream, origin)
-    server = Server(server_stream)
-    async with trio.open_nursery() as nursery:
-
-        async def serve() -> None:
-            await server.receive_request()
-            await server.respond()
-
-        nursery.start_soon(serve)
+    async with connected(origin, Timeouts()) as (connection, server), serving(server.reply):
         response = await connection.send_request(Request("GET", url, headers=headers))
         await response.aread()
     assert header(server.requests[0][0], b"host") == [expected]
-    await connection.aclose()
 
 
 @pytest.mark.parametrize(
@@ -250,8 +262,7 @@ async def test_stray_bytes_refuse_the_next_request_unsent(
         await server.receive_request()
         await server.stream.send_all(b"HTTP/1.1 204 No Content\r\n\r\n" + b"HTTP/1.1 200 OK\r\n")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         assert response.status_code == 204
         assert await response.aread() == b""
@@ -301,12 +312,7 @@ async def test_post_bytes(pair: tuple[HTTP11Connection, Server], size: int) -> N
     connection, server = pair
     payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.respond(201, body=b"created")
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(lambda: server.reply(201, body=b"created")):
         response = await connection.send_request(Request("POST", URL, content=payload))
         assert response.status_code == 201
         assert await response.aread() == b"created"
@@ -325,12 +331,7 @@ async def test_no_content(
 ) -> None:
     connection, server = pair
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.respond()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(server.reply):
         response = await connection.send_request(Request(method, URL))
         await response.aread()
     assert header(server.requests[0][0], b"content-length") == content_length
@@ -345,12 +346,7 @@ async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
 async def test_post_streamed_chunked(pair: tuple[HTTP11Connection, Server]) -> None:
     connection, server = pair
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.respond(body=b"ok")
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(lambda: server.reply(body=b"ok")):
         content = chunks(b"one,", b"", bytearray(b"two,"), b"three")  # type: ignore[arg-type]
         response = await connection.send_request(Request("POST", URL, content=content))
         assert await response.aread() == b"ok"
@@ -378,12 +374,7 @@ async def test_post_streamed_with_framing_of_its_own(
 ) -> None:
     connection, server = pair
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.respond()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(server.reply):
         request = Request("PUT", URL, headers=headers, content=chunks(b"abc", b"def"))
         await (await connection.send_request(request)).aread()
     received, body = server.requests[0]
@@ -448,8 +439,7 @@ async def test_streamed_large_response(pair: tuple[HTTP11Connection, Server]) ->
 
     received = 0
     reads = 0
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         async for chunk in response.aiter_bytes():
             assert chunk
@@ -485,8 +475,7 @@ async def test_no_body_responses(
         await server.receive_request()
         await server.respond(body=b"next")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request(method, URL))
         assert response.status_code == status
         assert await response.aread() == b""
@@ -507,8 +496,7 @@ async def test_informational_responses_skipped(pair: tuple[HTTP11Connection, Ser
         )
         await server.respond(200, body=b"final")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("POST", URL, content=b"x"))
         assert response.status_code == 200
         assert "link" not in response.headers
@@ -526,8 +514,7 @@ async def test_server_connection_close(pair: tuple[HTTP11Connection, Server]) ->
         await server.respond(200, [("Connection", "close")], b"bye")
         rest = await server.receive_until_eof()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         assert not connection.is_closed()
         assert await response.aread() == b"bye"
@@ -541,12 +528,7 @@ async def test_server_connection_close(pair: tuple[HTTP11Connection, Server]) ->
 async def test_client_connection_close(pair: tuple[HTTP11Connection, Server]) -> None:
     connection, server = pair
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.respond(body=b"ok")
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(lambda: server.reply(body=b"ok")):
         request = Request("GET", URL, headers={"Connection": "close"})
         await (await connection.send_request(request)).aread()
     assert connection.is_closed()
@@ -556,15 +538,10 @@ async def test_truncated_body(pair: tuple[HTTP11Connection, Server]) -> None:
     connection, server = pair
 
     async def serve() -> None:
-        await server.receive_request()
-        await server.send(
-            h11.Response(status_code=200, headers=[("Content-Length", "10")]),
-            h11.Data(data=b"12345"),
-        )
+        await server.reply_partly(10, b"12345")
         await server.stream.aclose()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         with pytest.raises(RemoteProtocolError) as info:
             await response.aread()
@@ -586,8 +563,7 @@ async def test_garbage_response(pair: tuple[HTTP11Connection, Server], junk: byt
         await server.stream.send_all(junk)
         await server.stream.aclose()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         with pytest.raises(RemoteProtocolError) as info:
             await connection.send_request(Request("GET", URL))
     assert type(info.value) is RemoteProtocolError
@@ -613,8 +589,7 @@ async def test_invalid_chunk_in_the_body(
             await trio.sleep(0.01)
             await server.stream.send_all(body)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         with pytest.raises(RemoteProtocolError, match="illegal chunk header") as info:
             await response.aread()
@@ -632,8 +607,7 @@ async def test_head_too_large(pair: tuple[HTTP11Connection, Server]) -> None:
         await server.receive_head()
         await server.stream.send_all(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 100_000)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         with pytest.raises(RemoteProtocolError):
             await connection.send_request(Request("GET", URL))
     assert connection.is_closed()
@@ -647,8 +621,7 @@ async def test_truncated_head_is_not_disconnect(pair: tuple[HTTP11Connection, Se
         await server.stream.send_all(b"HTTP/1.1 200 OK\r\n")
         await server.stream.aclose()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         with pytest.raises(RemoteProtocolError) as info:
             await connection.send_request(Request("GET", URL))
     assert type(info.value) is RemoteProtocolError
@@ -716,8 +689,7 @@ async def test_early_response_while_uploading(pair: tuple[HTTP11Connection, Serv
         yield b"second"
         yield b"third"  # pragma: no cover (the write of "second" fails)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("POST", URL, content=upload()))
         assert response.status_code == 413
         assert await response.aread() == b"too big!"
@@ -728,18 +700,12 @@ async def test_read_timeout_waiting_for_head(
     pair: tuple[HTTP11Connection, Server], autojump_clock: trio.testing.MockClock
 ) -> None:
     connection, server = pair
-    async with trio.open_nursery() as nursery:
 
-        async def serve() -> None:
-            await server.receive_request()
-            await trio.sleep_forever()
-
-        nursery.start_soon(serve)
+    async with serving(server.receive_request, hold=True):
         start = trio.current_time()
         with pytest.raises(ReadTimeout) as info:
             await connection.send_request(Request("GET", URL))
         assert trio.current_time() - start == pytest.approx(2.5, abs=1e-9)
-        nursery.cancel_scope.cancel()
     assert info.value.url == "http://example.com/path?q=1"
     assert connection.is_closed()
 
@@ -748,17 +714,8 @@ async def test_read_timeout_in_body(
     pair: tuple[HTTP11Connection, Server], autojump_clock: trio.testing.MockClock
 ) -> None:
     connection, server = pair
-    async with trio.open_nursery() as nursery:
 
-        async def serve() -> None:
-            await server.receive_request()
-            await server.send(
-                h11.Response(status_code=200, headers=[("Content-Length", "10")]),
-                h11.Data(data=b"123"),
-            )
-            await trio.sleep_forever()
-
-        nursery.start_soon(serve)
+    async with serving(lambda: server.reply_partly(10, b"123"), hold=True):
         response = await connection.send_request(Request("GET", URL))
         iterator = response.aiter_bytes()
         assert await iterator.__anext__() == b"123"
@@ -766,7 +723,6 @@ async def test_read_timeout_in_body(
         with pytest.raises(ReadTimeout):
             await iterator.__anext__()
         assert trio.current_time() - start == pytest.approx(2.5, abs=1e-9)
-        nursery.cancel_scope.cancel()
     assert connection.is_closed()
     assert response.is_closed
 
@@ -806,8 +762,7 @@ async def test_timeouts_bound_each_operation_not_the_exchange(
         await server.send(h11.EndOfMessage())
         server.h11.start_next_cycle()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         start = trio.current_time()
         response = await connection.send_request(Request("POST", URL, content=upload()))
         assert await response.aread() == b"xy"
@@ -815,20 +770,12 @@ async def test_timeouts_bound_each_operation_not_the_exchange(
     assert connection.is_ready()
 
 
-async def test_no_timeouts(pair: tuple[HTTP11Connection, Server]) -> None:
-    _, server = pair
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    connection = HTTP11Connection(client_stream, ORIGIN, timeouts=Timeouts(read=None, write=None))
-    server = Server(server_stream)
-
-    async def serve() -> None:
-        await server.receive_request()
-        await server.respond(body=b"ok")
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+async def test_no_timeouts() -> None:
+    async with (
+        connected(timeouts=Timeouts(read=None, write=None)) as (connection, server),
+        serving(lambda: server.reply(body=b"ok")),
+    ):
         assert await (await connection.send_request(Request("GET", URL))).aread() == b"ok"
-    await connection.aclose()
 
 
 async def test_early_close_small_remainder_drains(pair: tuple[HTTP11Connection, Server]) -> None:
@@ -836,19 +783,14 @@ async def test_early_close_small_remainder_drains(pair: tuple[HTTP11Connection, 
     first_read = trio.Event()
 
     async def serve() -> None:
-        await server.receive_request()
-        await server.send(
-            h11.Response(status_code=200, headers=[("Content-Length", "10000")]),
-            h11.Data(data=b"a" * 1000),
-        )
+        await server.reply_partly(10000, b"a" * 1000)
         await first_read.wait()
         await server.send(h11.Data(data=b"b" * 9000), h11.EndOfMessage())
         server.h11.start_next_cycle()
         await server.receive_request()
         await server.respond(body=b"second")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         iterator = response.aiter_bytes()
         assert await iterator.__anext__() == b"a" * 1000
@@ -879,8 +821,7 @@ async def test_early_close_large_or_unknown_remainder_closes(
         await server.send(h11.Response(status_code=200, headers=headers), h11.Data(data=b"a"))
         rest = await server.receive_until_eof()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         with trio.testing.assert_checkpoints():
             await response.aclose()
@@ -893,24 +834,14 @@ async def test_early_close_drain_timeout_closes(
     pair: tuple[HTTP11Connection, Server], autojump_clock: trio.testing.MockClock
 ) -> None:
     connection, server = pair
-    async with trio.open_nursery() as nursery:
 
-        async def serve() -> None:
-            await server.receive_request()
-            await server.send(
-                h11.Response(status_code=200, headers=[("Content-Length", "100")]),
-                h11.Data(data=b"a"),
-            )
-            await trio.sleep_forever()
-
-        nursery.start_soon(serve)
+    async with serving(lambda: server.reply_partly(100, b"a"), hold=True):
         response = await connection.send_request(Request("GET", URL))
         start = trio.current_time()
         await response.aclose()  # does not raise
         # A short bound (0.1 s), not the read timeout (2.5 s): aclose() often runs shielded.
         assert trio.current_time() - start == pytest.approx(0.1, abs=1e-9)
         assert connection.is_closed()
-        nursery.cancel_scope.cancel()
 
 
 async def test_early_close_drain_hits_garbage(pair: tuple[HTTP11Connection, Server]) -> None:
@@ -922,8 +853,7 @@ async def test_early_close_drain_hits_garbage(pair: tuple[HTTP11Connection, Serv
         await trio.testing.wait_all_tasks_blocked()
         await server.stream.aclose()  # truncated: the drain fails
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         await response.aclose()
     assert connection.is_closed()
@@ -933,34 +863,19 @@ async def test_cancel_during_drain(
     pair: tuple[HTTP11Connection, Server], autojump_clock: trio.testing.MockClock
 ) -> None:
     connection, server = pair
-    async with trio.open_nursery() as nursery:
 
-        async def serve() -> None:
-            await server.receive_request()
-            await server.send(
-                h11.Response(status_code=200, headers=[("Content-Length", "100")]),
-                h11.Data(data=b"a"),
-            )
-            await trio.sleep_forever()
-
-        nursery.start_soon(serve)
+    async with serving(lambda: server.reply_partly(100, b"a"), hold=True):
         response = await connection.send_request(Request("GET", URL))
         with trio.move_on_after(0.05) as scope:  # within the drain's own 0.1 s
             await response.aclose()
         assert scope.cancelled_caught
         assert connection.is_closed()
-        nursery.cancel_scope.cancel()
 
 
 async def test_busy_and_closed_refuse(pair: tuple[HTTP11Connection, Server]) -> None:
     connection, server = pair
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.respond(body=b"x")
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(lambda: server.reply(body=b"x")):
         response = await connection.send_request(Request("GET", URL))
         with pytest.raises(RuntimeError, match="not ready"):
             await connection.send_request(Request("GET", URL))
@@ -977,15 +892,7 @@ async def test_stale_response_object(pair: tuple[HTTP11Connection, Server]) -> N
     """A response whose connection was closed under it reports it, not a silent end."""
     connection, server = pair
 
-    async def serve() -> None:
-        await server.receive_request()
-        await server.send(
-            h11.Response(status_code=200, headers=[("Content-Length", "10")]),
-            h11.Data(data=b"a"),
-        )
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(lambda: server.reply_partly(10, b"a")):
         response = await connection.send_request(Request("GET", URL))
     await connection.aclose()
     with pytest.raises(TransportError, match="closed locally"):
@@ -1002,8 +909,7 @@ async def test_trailing_junk_after_response_marks_closed(
         await server.receive_request()
         await server.stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokJUNK")
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         assert await response.aread() == b"ok"
     with trio.testing.assert_no_checkpoints():
@@ -1024,8 +930,7 @@ async def test_body_reads_are_checkpoints(pair: tuple[HTTP11Connection, Server])
             h11.EndOfMessage(),
         )
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
+    async with serving(serve):
         response = await connection.send_request(Request("GET", URL))
         await trio.testing.wait_all_tasks_blocked()
     iterator = response.aiter_bytes()
@@ -1152,19 +1057,13 @@ async def test_cancel_at_every_stream_operation() -> None:
 
 async def test_cancel_while_waiting_for_head(pair: tuple[HTTP11Connection, Server]) -> None:
     connection, server = pair
-    async with trio.open_nursery() as nursery:
 
-        async def serve() -> None:
-            await server.receive_request()
-            await trio.sleep_forever()
-
-        nursery.start_soon(serve)
+    async with serving(server.receive_request, hold=True) as nursery:
         with trio.CancelScope() as scope:
             nursery.start_soon(_cancel_when_blocked, scope)
             await connection.send_request(Request("GET", URL))
         assert scope.cancelled_caught
         assert connection.is_closed()
-        nursery.cancel_scope.cancel()
 
 
 async def test_cancel_while_uploading(pair: tuple[HTTP11Connection, Server]) -> None:
@@ -1174,8 +1073,7 @@ async def test_cancel_while_uploading(pair: tuple[HTTP11Connection, Server]) -> 
         yield b"start"
         await trio.sleep_forever()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.receive_head)
+    async with serving(server.receive_head) as nursery:
         with trio.CancelScope() as scope:
             nursery.start_soon(_cancel_when_blocked, scope)
             await connection.send_request(Request("POST", URL, content=forever()))
@@ -1193,41 +1091,39 @@ async def _cancel_when_blocked(scope: trio.CancelScope) -> None:
 
 
 async def test_is_closed_when_the_socket_was_closed_under_it() -> None:
-    listener, client, server = await _loopback()
-    try:
-        connection = HTTP11Connection(client, Origin("http", "127.0.0.1", 80))
+    async with over_loopback() as (connection, _):
         assert not connection.is_closed()
+        client = connection._stream  # pyright: ignore[reportPrivateUsage]
+        assert isinstance(client, trio.SocketStream)
         client.socket.close()
         assert connection.is_closed()
         # Built on a socket that is closed already.
         assert HTTP11Connection(client, Origin("http", "127.0.0.1", 80)).is_closed()
-    finally:
-        await server.aclose()
-        await listener.aclose()
 
 
 async def test_is_closed_without_poll(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where select.poll is missing (Windows), select.select does the same check."""
     monkeypatch.delattr(select, "poll")
-    listener, client, server = await _loopback()
-    connection = HTTP11Connection(client, Origin("http", "127.0.0.1", 80))
-    try:
+    async with over_loopback() as (connection, server):
         assert not connection.is_closed()
         await server.send_all(b"junk")
         assert await _wait_closed(connection)
+
+
+@asynccontextmanager
+async def over_loopback() -> AsyncIterator[tuple[HTTP11Connection, trio.SocketStream]]:
+    """A connection over a real TCP socket on 127.0.0.1, and the server's end of it."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server = await listener.accept()
+    connection = HTTP11Connection(client, Origin("http", "127.0.0.1", 80))
+    try:
+        yield connection, server
     finally:
         await connection.aclose()
         await server.aclose()
         await listener.aclose()
-
-
-async def _loopback() -> tuple[trio.SocketListener, trio.SocketStream, trio.SocketStream]:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    listener = listeners[0]
-    port = listener.socket.getsockname()[1]
-    client = await trio.open_tcp_stream("127.0.0.1", port)
-    server = await listener.accept()
-    return listener, client, server
 
 
 async def _wait_closed(connection: HTTP11Connection) -> bool:
@@ -1240,42 +1136,24 @@ async def _wait_closed(connection: HTTP11Connection) -> bool:
 
 
 async def test_is_closed_sees_server_close_on_socket() -> None:
-    listener, client, server = await _loopback()
-    connection = HTTP11Connection(client, Origin("http", "127.0.0.1", 80))
-    try:
+    async with over_loopback() as (connection, server):
         with trio.testing.assert_no_checkpoints():
             assert not connection.is_closed()
         await server.aclose()
         assert await _wait_closed(connection)
         assert not connection.is_ready()
-    finally:
-        await connection.aclose()
-        await server.aclose()
-        await listener.aclose()
 
 
 async def test_is_closed_after_exchange_on_socket() -> None:
-    listener, client, server_stream = await _loopback()
-    connection = HTTP11Connection(client, Origin("http", "127.0.0.1", 80))
-    server = Server(server_stream)
-    try:
-        async with trio.open_nursery() as nursery:
-
-            async def serve() -> None:
-                await server.receive_request()
-                await server.respond(body=b"ok")
-
-            nursery.start_soon(serve)
+    async with over_loopback() as (connection, server_stream):
+        server = Server(server_stream)
+        async with serving(lambda: server.reply(body=b"ok")):
             await (await connection.send_request(Request("GET", "http://127.0.0.1/"))).aread()
         await trio.sleep(0.02)
         assert not connection.is_closed()  # idle and quiet: still usable
         assert connection.is_ready()
         await server_stream.send_all(b"junk")
         assert await _wait_closed(connection)
-    finally:
-        await connection.aclose()
-        await server_stream.aclose()
-        await listener.aclose()
 
 
 async def test_is_closed_over_tls() -> None:
@@ -1302,8 +1180,7 @@ async def test_is_closed_over_tls() -> None:
             await stream.aclose()
 
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve)
+        async with serving(serve):
             stream, _ = await open_stream(origin, ssl_context=client_context, connect_timeout=5)
             connection = HTTP11Connection(stream, origin)
             try:
@@ -1368,8 +1245,7 @@ async def test_reset_in_the_middle_of_the_body() -> None:
 async def test_closed_locally_while_waiting(pair: tuple[HTTP11Connection, Server]) -> None:
     """The pool closing a connection that a request task is using ends that request."""
     connection, server = pair
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.receive_request)
+    async with serving(server.receive_request) as nursery:
 
         async def close_when_blocked() -> None:
             await trio.testing.wait_all_tasks_blocked()

@@ -20,6 +20,7 @@ import pytest
 import trio
 import trio.testing
 from _h2server import ClientGone, H2Server, ServerStream
+from _servers import serving
 from h2.errors import ErrorCodes
 
 from trio_connpool._exceptions import (
@@ -116,13 +117,8 @@ async def assert_usable(harness: Harness) -> None:
     assert client.is_clean()
     assert client.is_ready()
     assert not client._core.streams  # pyright: ignore[reportPrivateUsage]
-    async with trio.open_nursery() as nursery:
 
-        async def answer() -> None:
-            request = await server.wait_request()
-            await server.respond(request.stream_id, body=b"again")
-
-        nursery.start_soon(answer)
+    async with serving(lambda: server.reply(body=b"again")):
         response = await get(client)
         assert await response.aread() == b"again"
     assert client.is_clean()
@@ -139,15 +135,10 @@ async def test_get_round_trip() -> None:
         assert client.origin == ORIGIN
         assert client.weight == 1
         assert client.capacity == 100
-        async with trio.open_nursery() as nursery:
 
-            async def answer() -> None:
-                request = await server.wait_request()
-                await server.respond(
-                    request.stream_id, headers=[(b"content-type", b"text/plain")], body=b"hi"
-                )
-
-            nursery.start_soon(answer)
+        async with serving(
+            lambda: server.reply(headers=[(b"content-type", b"text/plain")], body=b"hi")
+        ):
             with trio.testing.assert_checkpoints():
                 response = await get(
                     client,
@@ -181,13 +172,12 @@ async def test_get_round_trip() -> None:
 async def test_host_header_becomes_authority_and_post_body() -> None:
     async with connected() as harness:
         client, server = harness.client, harness.server
-        async with trio.open_nursery() as nursery:
 
-            async def answer() -> None:
-                request = await server.wait_request()
-                await server.respond(request.stream_id, status=201, body=bytes(request.body))
+        async def answer() -> None:
+            request = await server.wait_request()
+            await server.respond(request.stream_id, status=201, body=bytes(request.body))
 
-            nursery.start_soon(answer)
+        async with serving(answer):
             response = await client.send_request(
                 Request("POST", URL, headers={"Host": "other:8443"}, content=b"payload")
             )
@@ -202,13 +192,8 @@ async def test_host_header_becomes_authority_and_post_body() -> None:
 async def test_credentials_are_never_indexed_and_headers_lower_cased() -> None:
     async with connected() as harness:
         client, server = harness.client, harness.server
-        async with trio.open_nursery() as nursery:
 
-            async def answer() -> None:
-                request = await server.wait_request()
-                await server.respond(request.stream_id)
-
-            nursery.start_soon(answer)
+        async with serving(server.reply):
             headers = {"Authorization": "Bearer secret", "Cookie": "a=1", "X-Plain": "yes"}
             response = await client.send_request(Request("GET", URL, headers=headers))
             await response.aread()
@@ -237,14 +222,13 @@ async def test_capacity_before_settings_and_callback_on_settings() -> None:
 async def test_interim_responses_are_skipped_and_receive_buffered() -> None:
     async with connected() as harness:
         client, server = harness.client, harness.server
-        async with trio.open_nursery() as nursery:
 
-            async def answer() -> None:
-                request = await server.wait_request()
-                server.h2.send_headers(request.stream_id, [(b":status", b"103")])
-                await server.respond(request.stream_id, body=b"abc")
+        async def answer() -> None:
+            request = await server.wait_request()
+            server.h2.send_headers(request.stream_id, [(b":status", b"103")])
+            await server.respond(request.stream_id, body=b"abc")
 
-            nursery.start_soon(answer)
+        async with serving(answer):
             response = await get(client)
         await trio.testing.wait_all_tasks_blocked()
         assert response.status_code == 200
@@ -270,17 +254,15 @@ async def test_100_concurrent_requests_on_one_connection() -> None:
             response = await get(client, f"https://example.com/{i}")
             results[i] = await response.aread()
 
-        async with trio.open_nursery() as nursery:
+        async def answer_all_at_once() -> None:
+            # All 100 requests are open at the same time before any response.
+            requests = await server.wait_requests(100)
+            for request in requests:
+                path = request.header(b":path")
+                assert path is not None
+                await server.respond(request.stream_id, body=b"r" + path)
 
-            async def answer_all_at_once() -> None:
-                # All 100 requests are open at the same time before any response.
-                requests = await server.wait_requests(100)
-                for request in requests:
-                    path = request.header(b":path")
-                    assert path is not None
-                    await server.respond(request.stream_id, body=b"r" + path)
-
-            nursery.start_soon(answer_all_at_once)
+        async with serving(answer_all_at_once) as nursery:
             for i in range(100):
                 nursery.start_soon(one, i)
         assert results == {i: f"r/{i}".encode() for i in range(100)}
@@ -301,13 +283,8 @@ async def test_large_bodies_both_ways(streamed: bool) -> None:
     download = bytes(reversed(range(256))) * (5 * MiB // 256)
     async with connected() as harness:
         client, server = harness.client, harness.server
-        async with trio.open_nursery() as nursery:
 
-            async def answer() -> None:
-                request = await server.wait_request()
-                await server.respond(request.stream_id, body=download)
-
-            nursery.start_soon(answer)
+        async with serving(lambda: server.reply(body=download)):
             content = _upload_chunks(upload) if streamed else upload
             response = await client.send_request(Request("PUT", URL, content=content))
             received = await response.aread()
@@ -327,20 +304,19 @@ async def test_slow_consumer_does_not_stall_another_stream() -> None:
     big = b"x" * (3 * MiB)
     async with connected() as harness:
         client, server = harness.client, harness.server
-        async with trio.open_nursery() as nursery:
 
-            async def answer() -> None:
-                slow = await server.wait_request()
-                await server.send_headers(slow.stream_id)
-                sent = await server.send_available(slow.stream_id, big)
-                assert sent == 1 * MiB  # the slow stream's whole window
-                fast = await server.wait_request()
-                await server.send_headers(fast.stream_id)
-                await server.send_data(fast.stream_id, big, end_stream=True)
-                # Only now, with the fast response done, does the slow one go on.
-                await server.send_data(slow.stream_id, big[sent:], end_stream=True)
+        async def answer() -> None:
+            slow = await server.wait_request()
+            await server.send_headers(slow.stream_id)
+            sent = await server.send_available(slow.stream_id, big)
+            assert sent == 1 * MiB  # the slow stream's whole window
+            fast = await server.wait_request()
+            await server.send_headers(fast.stream_id)
+            await server.send_data(fast.stream_id, big, end_stream=True)
+            # Only now, with the fast response done, does the slow one go on.
+            await server.send_data(slow.stream_id, big[sent:], end_stream=True)
 
-            nursery.start_soon(answer)
+        async with serving(answer):
             slow_response = await get(client, "https://example.com/slow")
             fast_response = await get(client, "https://example.com/fast")
             assert await fast_response.aread() == big  # while nobody reads the slow one
@@ -476,14 +452,8 @@ async def test_cancel_while_the_batched_write_is_due() -> None:
 async def test_cancel_reading_the_body_resets_the_stream() -> None:
     async with connected() as harness:
         client, server = harness.client, harness.server
-        async with trio.open_nursery() as nursery:
 
-            async def answer() -> None:
-                request = await server.wait_request()
-                await server.send_headers(request.stream_id)
-                await server.send_data(request.stream_id, b"part")
-
-            nursery.start_soon(answer)
+        async with serving(lambda: server.reply_partly(b"part")):
             response = await get(client)
         chunks = response.aiter_bytes()
         assert await chunks.__anext__() == b"part"
@@ -497,14 +467,8 @@ async def test_cancel_reading_the_body_resets_the_stream() -> None:
 async def test_response_aclose_before_the_end_resets_and_returns_the_window() -> None:
     async with connected() as harness:
         client, server = harness.client, harness.server
-        async with trio.open_nursery() as nursery:
 
-            async def answer() -> None:
-                request = await server.wait_request()
-                await server.send_headers(request.stream_id)
-                await server.send_data(request.stream_id, b"y" * 200_000)
-
-            nursery.start_soon(answer)
+        async with serving(lambda: server.reply_partly(b"y" * 200_000)):
             response = await get(client)
         await trio.testing.wait_all_tasks_blocked()
         with trio.testing.assert_checkpoints():
@@ -529,13 +493,12 @@ async def test_server_reset_raises_remote_protocol_error(
 ) -> None:
     async with connected() as harness:
         client, server = harness.client, harness.server
-        async with trio.open_nursery() as nursery:
 
-            async def answer() -> None:
-                request = await server.wait_request()
-                await server.reset(request.stream_id, code)
+        async def answer() -> None:
+            request = await server.wait_request()
+            await server.reset(request.stream_id, code)
 
-            nursery.start_soon(answer)
+        async with serving(answer):
             with pytest.raises(RemoteProtocolError, match=code.name) as info:
                 await get(client)
         assert getattr(info.value, "retryable", False) is retryable
@@ -548,16 +511,13 @@ async def test_server_reset_raises_remote_protocol_error(
 async def test_server_reset_in_the_body() -> None:
     async with connected() as harness:
         client, server = harness.client, harness.server
-        async with trio.open_nursery() as nursery:
 
-            async def answer() -> None:
-                request = await server.wait_request()
-                await server.send_headers(request.stream_id)
-                await server.send_data(request.stream_id, b"part")
-                await trio.testing.wait_all_tasks_blocked()
-                await server.reset(request.stream_id)
+        async def answer() -> None:
+            request = await server.reply_partly(b"part")
+            await trio.testing.wait_all_tasks_blocked()
+            await server.reset(request.stream_id)
 
-            nursery.start_soon(answer)
+        async with serving(answer):
             response = await get(client)
             with pytest.raises(RemoteProtocolError, match="INTERNAL_ERROR"):
                 await response.aread()
@@ -600,17 +560,16 @@ async def test_connection_error_fails_every_stream_at_once(autojump_clock: objec
 async def test_protocol_error_fails_every_stream() -> None:
     async with connected() as harness:
         client, server = harness.client, harness.server
-        async with trio.open_nursery() as nursery:
 
-            async def answer() -> None:
-                await server.wait_requests(2)
-                await server.send_raw(b"\x00\x00\x04\x09\x00\x00\x00\x00\x01junk")
+        async def answer() -> None:
+            await server.wait_requests(2)
+            await server.send_raw(b"\x00\x00\x04\x09\x00\x00\x00\x00\x01junk")
 
-            async def one() -> None:
-                with pytest.raises(RemoteProtocolError, match="protocol"):
-                    await get(client)
+        async def one() -> None:
+            with pytest.raises(RemoteProtocolError, match="protocol"):
+                await get(client)
 
-            nursery.start_soon(answer)
+        async with serving(answer) as nursery:
             nursery.start_soon(one)
             nursery.start_soon(one)
         await harness.reader_done.wait()
@@ -715,17 +674,16 @@ async def test_goaway_lets_open_streams_finish_then_closes() -> None:
     go = trio.Event()
     async with connected() as harness:
         client, server = harness.client, harness.server
-        async with trio.open_nursery() as nursery:
 
-            async def answer() -> None:
-                request = await server.wait_request()
-                await server.send_goaway(last_stream_id=request.stream_id)
-                await server.send_headers(request.stream_id)
-                await server.send_data(request.stream_id, b"a" * 100_000)
-                await go.wait()
-                await server.send_data(request.stream_id, b"b" * 100_000, end_stream=True)
+        async def answer() -> None:
+            request = await server.wait_request()
+            await server.send_goaway(last_stream_id=request.stream_id)
+            await server.send_headers(request.stream_id)
+            await server.send_data(request.stream_id, b"a" * 100_000)
+            await go.wait()
+            await server.send_data(request.stream_id, b"b" * 100_000, end_stream=True)
 
-            nursery.start_soon(answer)
+        async with serving(answer):
             response = await get(client)
             await trio.testing.wait_all_tasks_blocked()
             assert not client.is_ready()
@@ -790,14 +748,14 @@ async def test_server_ping_is_answered() -> None:
 
 
 async def test_ping_measures_the_round_trip(autojump_clock: object) -> None:
-    async with connected() as harness, trio.open_nursery() as nursery:
+    async with connected() as harness:
 
         async def slow_server() -> None:
             await trio.sleep(0.25)
             await harness.server.receive()
 
-        nursery.start_soon(slow_server)
-        assert await harness.client.ping() == 0.25
+        async with serving(slow_server):
+            assert await harness.client.ping() == 0.25
 
 
 async def test_ping_without_answer_times_out(autojump_clock: object) -> None:
@@ -844,15 +802,14 @@ async def test_read_timeout_waiting_for_the_head(autojump_clock: object) -> None
 async def test_read_timeout_between_body_chunks(autojump_clock: object) -> None:
     async with connected() as harness:
         client, server = harness.client, harness.server
-        async with trio.open_nursery() as nursery:
 
-            async def answer() -> None:
-                request = await server.wait_request()
-                await server.send_headers(request.stream_id)
-                await trio.sleep(2)
-                await server.send_data(request.stream_id, b"chunk")
+        async def answer() -> None:
+            request = await server.wait_request()
+            await server.send_headers(request.stream_id)
+            await trio.sleep(2)
+            await server.send_data(request.stream_id, b"chunk")
 
-            nursery.start_soon(answer)
+        async with serving(answer):
             response = await get(client)
             chunks = response.aiter_bytes()
             assert await chunks.__anext__() == b"chunk"
@@ -881,15 +838,14 @@ async def test_server_complete_response_then_reset_stops_the_upload() -> None:
     """RFC 9113 8.1: a full response followed by RST_STREAM(NO_ERROR) ends the upload."""
     async with connected(auto_ack=False) as harness:
         client, server = harness.client, harness.server
-        async with trio.open_nursery() as nursery:
 
-            async def answer() -> None:
-                request = await server.wait_request(complete=False)
-                await server.wait_until(lambda: len(request.body) == 65535)
-                await server.respond(request.stream_id, status=413, body=b"too big")
-                await server.reset(request.stream_id, ErrorCodes.NO_ERROR)
+        async def answer() -> None:
+            request = await server.wait_request(complete=False)
+            await server.wait_until(lambda: len(request.body) == 65535)
+            await server.respond(request.stream_id, status=413, body=b"too big")
+            await server.reset(request.stream_id, ErrorCodes.NO_ERROR)
 
-            nursery.start_soon(answer)
+        async with serving(answer):
             response = await client.send_request(Request("POST", URL, content=b"q" * 200_000))
         assert response.status_code == 413
         assert await response.aread() == b"too big"
@@ -907,8 +863,7 @@ async def test_response_stream_ends_with_state_callback_untouched() -> None:
 async def test_server_sees_client_stream_ids_in_order_with_serve() -> None:
     async with connected() as harness:
         client, server = harness.client, harness.server
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.serve, lambda s: bytes(s.body) or b"empty")
+        async with serving(lambda: server.serve(lambda s: bytes(s.body) or b"empty")):
             for i in range(3):
                 response = await client.send_request(Request("POST", URL, content=str(i).encode()))
                 assert await response.aread() == str(i).encode()
@@ -991,14 +946,13 @@ async def test_post_without_content_and_bad_streamed_chunks() -> None:
         with pytest.raises(TypeError, match="bytes"):
             await client.send_request(Request("POST", URL, content=bad_body()))
         await server.wait_until(lambda: 1 in resets(server))
-        async with trio.open_nursery() as nursery:
 
-            async def answer() -> None:
-                request = await server.wait_request()
-                assert request.header(b"content-length") == b"0"
-                await server.respond(request.stream_id, status=204)
+        async def answer() -> None:
+            request = await server.wait_request()
+            assert request.header(b"content-length") == b"0"
+            await server.respond(request.stream_id, status=204)
 
-            nursery.start_soon(answer)
+        async with serving(answer):
             response = await client.send_request(Request("POST", URL))
         assert response.status_code == 204
         assert await response.aread() == b""
