@@ -299,20 +299,13 @@ class Pool(Generic[K, C]):
             # other waiter's timeout, a string would fail after the task joined the line.
             _check_timeout("timeout", timeout)
         await trio.lowlevel.checkpoint_if_cancelled()
-        state = self._state
-        if state.closed or self._nursery is None:
-            raise PoolClosed(
-                "the pool is closed" if state.closed else "the pool is not running", key=key
-            )
-        lease = state.acquire_nowait(key)
-        if state.effects:
-            self._apply()
+        lease = self.try_acquire(key)
         if lease is not None:
-            if self._instruments:
-                self._hook("lease_acquired", key, lease.connection)
             await trio.lowlevel.cancel_shielded_checkpoint()
             return lease
-        return await self._wait(key, self.acquire_timeout if timeout is _DEFAULT else timeout)
+        return await self.acquire_in_line(
+            key, self.acquire_timeout if timeout is _DEFAULT else timeout
+        )
 
     def acquire_nowait(self, key: K) -> Lease[K, C]:
         """Lease an available connection for ``key`` without waiting.
@@ -324,14 +317,23 @@ class Pool(Generic[K, C]):
             trio.WouldBlock: No connection of ``key`` is available right now.
             PoolClosed: The pool is closed.
         """
-        lease = self._try_acquire(key)
+        lease = self.try_acquire(key)
         if lease is None:
             raise trio.WouldBlock
         return lease
 
-    def _try_acquire(self, key: K) -> Lease[K, C] | None:
-        """`acquire_nowait` returning None instead of raising WouldBlock (which costs more
-        than the rest of it, on the path of every request that has to wait)."""
+    def try_acquire(self, key: K) -> Lease[K, C] | None:
+        """:meth:`acquire_nowait`, returning None instead of raising `trio.WouldBlock`.
+
+        The first half of :meth:`acquire`, for a caller that does I/O on the connection next
+        (that I/O is its checkpoint; the HTTP client is one): check for cancellation first
+        (``trio.lowlevel.checkpoint_if_cancelled``), call this, and on None wait with
+        :meth:`acquire_in_line`. Raising `trio.WouldBlock` would cost more than the rest of
+        it, on the path of every request that has to wait.
+
+        Raises:
+            PoolClosed: The pool is closed.
+        """
         state = self._state
         if state.closed or self._nursery is None:
             raise PoolClosed(
@@ -460,22 +462,37 @@ class Pool(Generic[K, C]):
 
     # ------------------------------------------------------------------ waiting
 
-    async def _wait(
+    async def acquire_in_line(
         self,
         key: K,
         timeout: float | None,  # noqa: ASYNC109
         deadline: float | None = None,
     ) -> Lease[K, C]:
-        """Wait in ``key``'s line for a lease, at most ``timeout`` seconds (None: no limit).
+        """Join ``key``'s line and wait for a lease: the second half of :meth:`acquire`.
 
-        ``deadline``, when given, is when those seconds end (a caller that waits more than
-        once for one budget passes it, and spares a clock read); ``timeout`` then only names
-        the budget in the `PoolTimeout` message. Both are checked values (see
-        `_check_timeout`); the deadline is known before the task joins the line, so nothing
-        can fail between joining and parking.
+        For a caller that tried :meth:`try_acquire` first (see there). It waits at most
+        ``timeout`` seconds (None: no limit). ``deadline``, when given, is when those seconds
+        end, on ``trio.current_time()``: a caller that waits more than once within one
+        budget (retries) passes it and spares a clock read; ``timeout`` then only names the
+        budget in the `PoolTimeout` message. (Called without :meth:`try_acquire` first, it
+        still takes an idle connection, the slower way, through the line.)
+
+        Always a checkpoint: it parks, or, if it is served as it joins the line, checks for
+        cancellation (giving the lease back if cancelled) and yields.
+
+        Raises:
+            PoolTimeout: No connection became available in time.
+            TooManyWaiters: ``max_waiters`` tasks already wait for this key.
+            ConnectError: The connect started for this task failed.
+            PoolClosed: The pool is closed, or closed while this task waited.
         """
-        if timeout is not None and deadline is None:
-            deadline = trio.current_time() + timeout
+        if timeout is not None:
+            # Checked before it can reach the deadline heap (see acquire).
+            _check_timeout("timeout", timeout)
+            if deadline is None:
+                deadline = trio.current_time() + timeout
+            elif deadline != deadline:  # NaN, which would hold up every other timeout
+                raise ValueError("deadline must be a time, not NaN")
         state = self._state
         waiter = state.enqueue(key)  # May raise TooManyWaiters: nothing was changed then.
         if self._instruments:
@@ -485,6 +502,14 @@ class Pool(Generic[K, C]):
             self._apply()
         early = self._early.pop(waiter, None)
         if early is not None:
+            # Served as it joined (rare: an idle connection and nobody ahead). Still a
+            # checkpoint; a lease handed to a task that is cancelled meanwhile goes back.
+            try:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            except BaseException:
+                if isinstance(early, outcome.Value):
+                    self.release(early.value)
+                raise
             await trio.lowlevel.cancel_shielded_checkpoint()
             return self._unwrap(early, key)
         waiter.token = trio.lowlevel.current_task()
@@ -518,7 +543,7 @@ class Pool(Generic[K, C]):
 
     def _wake(self, waiter: Waiter[K, C], result: outcome.Outcome[Lease[K, C]]) -> None:
         if waiter.token is None:
-            self._early[waiter] = result  # Served before it could park: see _wait.
+            self._early[waiter] = result  # Served before it could park: see acquire_in_line.
         else:
             trio.lowlevel.reschedule(waiter.token, result)
 

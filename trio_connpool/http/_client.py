@@ -478,10 +478,10 @@ class PoolSender:
         await trio.lowlevel.checkpoint_if_cancelled()
         retries = replays = 0
         while True:
-            lease = pool._try_acquire(key)
+            lease = pool.try_acquire(key)
             if lease is None:
                 # Straight to the line: acquire() would only try the same miss again.
-                lease = await pool._wait(key, timeout, deadline)
+                lease = await pool.acquire_in_line(key, timeout, deadline)
             connection = lease.connection
             try:
                 # (_healthy is awaited only when there is something to check: a coroutine
