@@ -359,13 +359,13 @@ class Pool(Generic[K, C]):
             return
         state = self._state
         now = trio.current_time()
-        state.release(lease, now, discard=discard)
+        idle = state.release(lease, now, discard=discard)
         if self._instruments:
             self._hook("lease_released", lease.key, lease.connection)
         if state.effects:
             self._apply()
         idle_timeout = state.idle_timeout
-        if idle_timeout is not None and not lease._record.leases:
+        if idle and idle_timeout is not None:
             # The connection went idle: its expiry may be the timer's next wake-up. (Idle
             # deadlines only grow, so this is the one case that can move the timer earlier.)
             deadline = now + idle_timeout

@@ -499,24 +499,26 @@ class PoolState(Generic[K, C]):
 
     # ------------------------------------------------------------------ release
 
-    def release(self, lease: Lease[K, C], now: float, *, discard: bool = False) -> None:
-        """Give a lease back. With ``discard`` (or if the connection is dead) close it."""
+    def release(self, lease: Lease[K, C], now: float, *, discard: bool = False) -> bool:
+        """Give a lease back. With ``discard`` (or if the connection is retiring) close it.
+
+        Returns True if the connection is now idle (its idle expiry is ``now`` plus the idle
+        timeout, which may be the earliest deadline the driver's timer knows of).
+        """
         if lease.released:
-            return
+            return False
         lease.released = True
-        record = lease._record
+        record = lease._record  # pyright: ignore[reportPrivateUsage]
         if record.state is not _RecState.OPEN:
-            return  # Dropped meanwhile (closed pool, dead connection): nothing to give back.
+            return False  # Dropped meanwhile (closed pool, dead connection): nothing to return.
         record.leases -= 1
         sub = record.sub
         # No liveness probe here: the connection is checked when it is next handed out
         # (a probe costs a syscall, so only the connection being handed out is ever probed).
         if discard or (record.retiring and record.leases == 0):
             self._drop(record)
-            self._pump(sub)
-            self._unblock()
-            self._forget_if_empty(sub)
-            return
+            self._after_drop(sub)
+            return False
         if record.leases == 0:
             record.idle_since = now
             self._idle[record] = None
@@ -530,9 +532,10 @@ class PoolState(Generic[K, C]):
                 sub.available[record] = None
             if sub.waiters:
                 self._pump(sub)  # Serve; and take the key off the blocked list if served.
-                return
+                return record.leases == 0
         if self._blocked and record.leases == 0:
             self._unblock()
+        return record.leases == 0
 
     # ------------------------------------------------------------------ connects
 
@@ -629,9 +632,7 @@ class PoolState(Generic[K, C]):
         sub = record.sub
         if closed:
             self._drop(record)
-            self._pump(sub)
-            self._unblock()
-            self._forget_if_empty(sub)
+            self._after_drop(sub)
             return
         record.ready = ready
         record.capacity = max(capacity, 0)
