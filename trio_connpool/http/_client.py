@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import ssl
-from collections.abc import AsyncGenerator, Callable, Hashable
+from collections.abc import AsyncGenerator, Hashable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, runtime_checkable
 
@@ -60,7 +60,7 @@ from .._pool import Pool, open_pool
 from ._connect import create_ssl_context, open_stream
 from ._http2 import HTTP2Connection
 from ._http11 import HTTP11Connection
-from ._models import URL, Headers, Origin, Request, Response, Timeouts
+from ._models import URL, Headers, Origin, Request, Response, ResponseStream, Timeouts
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -347,18 +347,21 @@ class _LeasedBody:
 
     __slots__ = ("_inner", "_inner_buffered", "_lease", "_pool")
 
-    def __init__(self, inner: Any, pool: Pool[HTTPKey, HTTPConnection], lease: Any) -> None:
+    def __init__(
+        self,
+        inner: ResponseStream,
+        pool: Pool[HTTPKey, HTTPConnection],
+        lease: Lease[HTTPKey, HTTPConnection],
+    ) -> None:
         self._inner = inner
         self._pool = pool
-        self._lease: Lease[HTTPKey, HTTPConnection] = lease
-        # Looked up once: reading a body asks for buffered chunks several times.
-        self._inner_buffered: Callable[[], bytes | None] | None = getattr(
-            inner, "receive_buffered", None
-        )
+        self._lease = lease
+        # Bound once: reading a body asks for buffered chunks several times.
+        self._inner_buffered = inner.receive_buffered
 
     async def receive_some(self) -> bytes:
         try:
-            data: bytes = await self._inner.receive_some()
+            data = await self._inner.receive_some()
         except BaseException:
             self._release()
             raise
@@ -367,10 +370,7 @@ class _LeasedBody:
         return data
 
     def receive_buffered(self) -> bytes | None:
-        receive_buffered = self._inner_buffered
-        if receive_buffered is None:
-            return None
-        data = receive_buffered()
+        data = self._inner_buffered()
         if data == b"":
             self._release()
         return data
@@ -523,7 +523,7 @@ class PoolSender:
             except BaseException:
                 pool.release(lease, discard=not connection.is_clean())
                 raise
-            response._stream = _LeasedBody(response._stream, pool, lease)
+            response.replace_stream(_LeasedBody(response.stream, pool, lease))
             return response
 
 
@@ -532,13 +532,13 @@ class _ClosingBody:
 
     __slots__ = ("_connection", "_inner")
 
-    def __init__(self, inner: Any, connection: HTTPConnection) -> None:
+    def __init__(self, inner: ResponseStream, connection: HTTPConnection) -> None:
         self._inner = inner
         self._connection = connection
 
     async def receive_some(self) -> bytes:
         try:
-            data: bytes = await self._inner.receive_some()
+            data = await self._inner.receive_some()
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._connection.aclose()
@@ -546,6 +546,12 @@ class _ClosingBody:
         if not data:
             await self._connection.aclose()
         return data
+
+    def receive_buffered(self) -> bytes | None:
+        data = self._inner.receive_buffered()
+        # The end is for receive_some to report: the connection is closed there, and closing
+        # takes an await this synchronous method cannot make.
+        return None if data == b"" else data
 
     async def aclose(self) -> None:
         # The connection is closed either way: draining the rest of the body first would
@@ -585,7 +591,7 @@ class NoPoolSender:
             with trio.CancelScope(shield=True):
                 await connection.aclose()
             raise
-        response._stream = _ClosingBody(response._stream, connection)
+        response.replace_stream(_ClosingBody(response.stream, connection))
         return response
 
 
@@ -677,7 +683,7 @@ class Client:
         try:
             await response._read_all()  # no extra checkpoint for what is already buffered
         finally:
-            if not response._closed:
+            if not response.is_closed:
                 with trio.CancelScope(shield=True):
                     await response.aclose()
         return response
