@@ -64,8 +64,14 @@ from ._state import (
     PoolStatistics,
     StartConnect,
     Waiter,
-    _Record,
+    _Record,  # pyright: ignore[reportPrivateUsage]
 )
+
+# Private names used across this package's own layers, on purpose (each use silences
+# pyright's reportPrivateUsage, and nothing else here does): ``_Record`` is the state
+# machine's handle for one connection, which the driver only hands back to it; and a Pool is
+# run only by open_pool and create_pool, through its ``_serve`` and ``_aclose_shielded``,
+# which are not API.
 
 __all__ = [
     "Connection",
@@ -743,7 +749,7 @@ async def create_pool(
     closes it). Takes the same options as :func:`open_pool`.
     """
     pool: Pool[K, C] = Pool(connector, options=options, **keywords)
-    await nursery.start(pool._serve)
+    await nursery.start(pool._serve)  # pyright: ignore[reportPrivateUsage]
     return pool
 
 
@@ -810,14 +816,14 @@ async def _run_owned(pool: Pool[K, C]) -> AsyncGenerator[Pool[K, C], None]:
     raised: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(pool._serve)
+            await nursery.start(pool._serve)  # pyright: ignore[reportPrivateUsage]
             try:
                 yield pool
             except BaseException as exc:
                 raised = exc
                 raise
             finally:
-                await pool._aclose_shielded()
+                await pool._aclose_shielded()  # pyright: ignore[reportPrivateUsage]
     except BaseExceptionGroup as group:
         # The block's own exception is one member of the group. If it is a group itself (the
         # block's own nursery), trio may have rebuilt it on the way out, so it is recognised

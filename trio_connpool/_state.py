@@ -79,6 +79,10 @@ from ._options import (
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+# One private name is used across classes here, on purpose (that use silences pyright's
+# reportPrivateUsage): ``Lease._record``, the state machine's handle that a lease carries back
+# to `PoolState.release`; it is not for users.
+
 __all__ = [
     "Close",
     "Deliver",

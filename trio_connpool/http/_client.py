@@ -68,6 +68,11 @@ if TYPE_CHECKING:
     from .._state import Lease
     from ._models import HeaderTypes, RequestContent
 
+# Private names shared with the layers below, on purpose (each use silences pyright's
+# reportPrivateUsage): ``Request._with_own_headers`` builds a request around headers made
+# for it alone, without copying them; ``Response._read_all`` reads a body without the extra
+# yield `Response.aread` makes, which the request's own I/O has made already.
+
 __all__ = [
     "CLIENT_POOL_OPTIONS",
     "Client",
@@ -653,7 +658,9 @@ class Client:
                     del merged[name]
             for name, value in given:
                 merged.add(name, value)
-        return Request._with_own_headers(method, url, merged, content)
+        return Request._with_own_headers(  # pyright: ignore[reportPrivateUsage]
+            method, url, merged, content
+        )
 
     async def request(
         self,
@@ -681,7 +688,8 @@ class Client:
         request = self.build_request(method, url, headers=headers, content=content)
         response = await self.sender.send_request(request)  # a checkpoint (it did I/O)
         try:
-            await response._read_all()  # no extra checkpoint for what is already buffered
+            # No extra checkpoint for what is already buffered.
+            await response._read_all()  # pyright: ignore[reportPrivateUsage]
         finally:
             if not response.is_closed:
                 with trio.CancelScope(shield=True):

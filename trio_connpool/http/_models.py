@@ -27,6 +27,10 @@ import trio
 from .._exceptions import InvalidHeader, InvalidURL, LocalProtocolError
 from .._options import check_duration
 
+# Private names used across classes here, on purpose (each use silences pyright's
+# reportPrivateUsage): `_BodyIterator` is the response's own iterator and calls its
+# underscored methods, which are not API.
+
 __all__ = [
     "Headers",
     "HeaderTypes",
