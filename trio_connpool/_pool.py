@@ -42,8 +42,17 @@ if TYPE_CHECKING:
 
     from typing_extensions import Unpack
 
-if sys.version_info < (3, 11):  # pragma: no cover - exercised on Python 3.10 only
+if sys.version_info >= (3, 11):
+    from typing import assert_never
+else:  # pragma: no cover - exercised on Python 3.10 only
+    from typing import NoReturn
+
     from exceptiongroup import BaseExceptionGroup
+
+    def assert_never(value: NoReturn, /) -> NoReturn:
+        """`typing.assert_never`, new in Python 3.11."""
+        raise AssertionError(f"unhandled value: {value!r}")
+
 
 from ._exceptions import ConnectError, PoolClosed, PoolError, PoolTimeout
 from ._options import (
@@ -58,6 +67,7 @@ from ._state import (
     Close,
     Deliver,
     Effect,
+    Fail,
     FailReason,
     Lease,
     PoolState,
@@ -563,38 +573,45 @@ class Pool(Generic[K, C]):
                 self._do(effect)
 
     def _do(self, effect: Effect[K, C]) -> None:
-        if isinstance(effect, Deliver):
-            self._wake(effect.waiter, outcome.Value(effect.lease))
-        elif isinstance(effect, StartConnect):
-            if self._instruments:
-                self._hook("connect_started", effect.key)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._connect, effect.record)
-        elif isinstance(effect, Close):
-            scope = self._background.get(id(effect.connection))
-            if scope is not None:
-                scope.cancel()
-            if self._instruments:
-                self._hook("connection_closed", effect.key, effect.connection)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._close_gracefully, effect)
-        else:
-            error: PoolError
-            key = effect.waiter.key
-            if effect.reason is FailReason.POOL_CLOSED:
-                error = PoolClosed("the pool closed while this task waited", key=key)
-            else:
-                cause = effect.cause
-                message = "connect failed" if cause is not None else "connect was cancelled"
-                error_type = ConnectError
-                if isinstance(cause, ConnectError):
-                    # The connector already said what went wrong (ConnectTimeout, say): keep
-                    # its type and words. Each waiter gets an exception object of its own.
-                    message = str(cause.args[0]) if cause.args else message
-                    error_type = type(cause)
-                error = error_type(message, key=key)
-                error.__cause__ = cause
-            self._wake(effect.waiter, outcome.Error(error))
+        # Exhaustive: an effect type the state machine gains and this misses fails type
+        # checking at assert_never. Deliver first: it is the one on every hand-off.
+        match effect:
+            case Deliver():
+                self._wake(effect.waiter, outcome.Value(effect.lease))
+            case StartConnect():
+                if self._instruments:
+                    self._hook("connect_started", effect.key)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._connect, effect.record)
+            case Close():
+                scope = self._background.get(id(effect.connection))
+                if scope is not None:
+                    scope.cancel()
+                if self._instruments:
+                    self._hook("connection_closed", effect.key, effect.connection)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._close_gracefully, effect)
+            case Fail():
+                self._wake(effect.waiter, outcome.Error(self._failure(effect)))
+            case _:  # pragma: no cover - unreachable while every effect type is handled
+                assert_never(effect)
+
+    def _failure(self, fail: Fail[K, C]) -> PoolError:
+        """The error a failed waiter is woken with."""
+        key = fail.waiter.key
+        if fail.reason is FailReason.POOL_CLOSED:
+            return PoolClosed("the pool closed while this task waited", key=key)
+        cause = fail.cause
+        message = "connect failed" if cause is not None else "connect was cancelled"
+        error_type = ConnectError
+        if isinstance(cause, ConnectError):
+            # The connector already said what went wrong (ConnectTimeout, say): keep its type
+            # and words. Each waiter gets an exception object of its own.
+            message = str(cause.args[0]) if cause.args else message
+            error_type = type(cause)
+        error = error_type(message, key=key)
+        error.__cause__ = cause
+        return error
 
     # ------------------------------------------------------------------ connections
 
