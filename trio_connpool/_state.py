@@ -719,7 +719,9 @@ class PoolState(Generic[K, C]):
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot of every counter."""
         keys: dict[Hashable, KeyStatistics] = {}
-        totals = [0, 0, 0, 0, 0, 0]
+        # The pool's figures: each key's, added up.
+        total_idle = total_in_use = total_connecting = total_waiting = 0
+        total_leases = total_weight = 0
         for key, sub in self._subpools.items():
             idle = in_use = leases = 0
             for record in sub.records:
@@ -737,19 +739,19 @@ class PoolState(Generic[K, C]):
                 weight=sub.usage,
             )
             keys[key] = stats
-            totals[0] += idle
-            totals[1] += in_use
-            totals[2] += stats.connecting
-            totals[3] += stats.waiting
-            totals[4] += leases
-            totals[5] += sub.usage
+            total_idle += idle
+            total_in_use += in_use
+            total_connecting += stats.connecting
+            total_waiting += stats.waiting
+            total_leases += leases
+            total_weight += stats.weight
         return PoolStatistics(
-            idle=totals[0],
-            in_use=totals[1],
-            connecting=totals[2],
-            waiting=totals[3],
-            leases=totals[4],
-            weight=totals[5],
+            idle=total_idle,
+            in_use=total_in_use,
+            connecting=total_connecting,
+            waiting=total_waiting,
+            leases=total_leases,
+            weight=total_weight,
             max_connections=self.max_connections,
             keys=MappingProxyType(keys),
             closed=self.closed,
