@@ -848,8 +848,10 @@ async def test_try_acquire_then_acquire_in_line_by_a_deadline(
         with pytest.raises(PoolTimeout, match="within 10 s"):
             await pool.acquire_in_line("a", 10, start + 3)  # The deadline decides.
         assert trio.current_time() == start + 3
-        with pytest.raises(ValueError, match="NaN"):
+        with pytest.raises(TypeError, match="NaN"):
             await pool.acquire_in_line("a", 10, float("nan"))
+        with pytest.raises(TypeError, match="not NaN"):
+            await pool.acquire_in_line("a", 10, "soon")  # type: ignore[arg-type]
         with pytest.raises(TypeError):
             await pool.acquire_in_line("a", "10")  # type: ignore[arg-type]
         assert_stats(pool, waiting=0)

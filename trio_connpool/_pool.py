@@ -501,14 +501,15 @@ class Pool(Generic[K, C]):
             TooManyWaiters: ``max_waiters`` tasks already wait for this key.
             ConnectError: The connect started for this task failed.
             PoolClosed: The pool is closed, or closed while this task waited.
+            ValueError, TypeError: ``timeout`` or ``deadline`` is not a valid number.
         """
         if timeout is not None:
-            # Checked before it can reach the deadline heap (see acquire).
-            _check_timeout("timeout", timeout)
+            # Checked before the task joins the line and its deadline the heap (see acquire).
             if deadline is None:
+                _check_timeout("timeout", timeout)
                 deadline = trio.current_time() + timeout
-            elif deadline != deadline:  # NaN, which would hold up every other timeout
-                raise ValueError("deadline must be a time, not NaN")
+            elif deadline != deadline or not isinstance(deadline, (int, float)):
+                raise TypeError(f"deadline must be a time (a number, not NaN), not {deadline!r}")
         state = self._state
         waiter = state.enqueue(key)  # May raise TooManyWaiters: nothing was changed then.
         if self._instruments:
