@@ -370,3 +370,26 @@ async def test_default_headers_and_client_type(served: Served) -> None:
         with pytest.raises(InvalidURL):
             client.build_request("GET", b"http://h/")  # type: ignore[arg-type]
         assert (await client.get(served.base + "/")).status_code == 200
+
+
+async def test_wrapped_bodies_keep_the_buffered_fast_path() -> None:
+    """The body a sender wraps (to give the lease back, or close its connection, at the end)
+    still hands over what arrived with the head without a checkpoint."""
+    async with run_fault_server() as server:
+        async with open_client() as client, client.stream("GET", server.url("/")) as response:
+            stream = response.stream
+            with trio.testing.assert_no_checkpoints():
+                assert stream.receive_buffered() == b"ok"  # Came in the head's packet.
+                assert stream.receive_buffered() == b""  # The end: the lease is back.
+            assert_pool_balanced(client.pool, idle=1)
+        async with (
+            open_client(pool=NoPoolSender()) as client,
+            client.stream("GET", server.url("/")) as response,
+        ):
+            stream = response.stream
+            with trio.testing.assert_no_checkpoints():
+                assert stream.receive_buffered() == b"ok"
+                # Closing the connection takes an await: the end is receive_some's.
+                assert stream.receive_buffered() is None
+            assert await stream.receive_some() == b""
+            await server.wait_peer_closed(2)

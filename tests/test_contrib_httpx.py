@@ -710,6 +710,9 @@ class _Body:
             raise self.error
         return b""
 
+    def receive_buffered(self) -> bytes | None:
+        return None  # Only receive_some tells: every part is read through it.
+
     async def aclose(self) -> None:
         self.closed += 1
         await trio.lowlevel.checkpoint()

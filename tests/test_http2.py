@@ -233,7 +233,7 @@ async def test_interim_responses_are_skipped_and_receive_buffered() -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert response.status_code == 200
         stream = response._stream
-        receive_buffered = stream.receive_buffered  # type: ignore[attr-defined]
+        receive_buffered = stream.receive_buffered
         with trio.testing.assert_no_checkpoints():
             assert receive_buffered() == b"abc"
             assert receive_buffered() == b""

@@ -409,6 +409,9 @@ class ChunkStream:
             raise OSError("boom")
         return self.chunks.pop(0) if self.chunks else b""
 
+    def receive_buffered(self) -> bytes | None:
+        return None  # Only receive_some tells: every chunk is read through it.
+
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
         self.closes += 1
@@ -511,3 +514,34 @@ async def test_response_text(content_type: str | None, body: bytes, text: str) -
     response = Response(200, request=REQUEST, headers=headers, stream=ChunkStream(body))
     await response.aread()
     assert response.text == text
+
+
+async def test_response_replace_stream_wraps_the_body_until_it_is_read() -> None:
+    inner = ChunkStream(b"ab")
+    response = Response(200, request=REQUEST, stream=inner)
+    before: object = response.stream
+    assert before is inner
+
+    class Upper:
+        async def receive_some(self) -> bytes:
+            return (await inner.receive_some()).upper()
+
+        def receive_buffered(self) -> bytes | None:
+            return inner.receive_buffered()
+
+        async def aclose(self) -> None:
+            await inner.aclose()
+
+    wrapper = Upper()
+    with trio.testing.assert_no_checkpoints():
+        response.replace_stream(wrapper)
+    after: object = response.stream
+    assert after is wrapper
+    assert await response.aread() == b"AB"
+    assert inner.closes == 1
+    with pytest.raises(RuntimeError, match="cannot be replaced"):
+        response.replace_stream(inner)
+    closed = Response(200, request=REQUEST, stream=ChunkStream(b"x"))
+    await closed.aclose()
+    with pytest.raises(RuntimeError, match="cannot be replaced"):
+        closed.replace_stream(inner)

@@ -825,3 +825,50 @@ async def test_checkpoints() -> None:
         with trio.testing.assert_checkpoints():
             await pool.aclose()  # Already closed.
     assert_balanced(pool, connector)
+
+
+# ---------------------------------------------------------------------- the two halves of acquire
+
+
+async def test_try_acquire_then_acquire_in_line_by_a_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The halves a caller that does I/O next uses: no checkpoint on a hit, a wait by the
+    caller's own deadline (one budget for several waits) on a miss."""
+    connector = FakeConnector()
+    async with open_pool(connector, max_connections=1) as pool:
+        with trio.testing.assert_no_checkpoints():
+            assert pool.try_acquire("a") is None  # Nothing idle: nothing started either.
+        assert_stats(pool, connecting=0, waiting=0)
+        with trio.testing.assert_checkpoints():
+            lease = await pool.acquire_in_line("a", None)  # Connects for it.
+        with trio.testing.assert_no_checkpoints():
+            assert pool.try_acquire("a") is None  # Leased: none idle.
+        start = trio.current_time()
+        with pytest.raises(PoolTimeout, match="within 10 s"):
+            await pool.acquire_in_line("a", 10, start + 3)  # The deadline decides.
+        assert trio.current_time() == start + 3
+        with pytest.raises(TypeError, match="NaN"):
+            await pool.acquire_in_line("a", 10, float("nan"))
+        with pytest.raises(TypeError, match="not NaN"):
+            await pool.acquire_in_line("a", 10, "soon")  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            await pool.acquire_in_line("a", "10")  # type: ignore[arg-type]
+        assert_stats(pool, waiting=0)
+        pool.release(lease)
+        with trio.testing.assert_no_checkpoints():
+            again = pool.try_acquire("a")
+        assert again is not None and again.connection is lease.connection
+        pool.release(again)
+        with trio.testing.assert_checkpoints():
+            third = await pool.acquire_in_line("a", 5)  # Idle: served through the line.
+        assert third.connection is lease.connection
+        pool.release(third)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await pool.acquire_in_line("a", 5)  # Served as it joins, but cancelled: given back.
+        assert scope.cancelled_caught
+        assert_stats(pool, idle=1, in_use=0, leases=0, waiting=0)
+    with pytest.raises(PoolClosed):
+        pool.try_acquire("a")
+    assert_balanced(pool, connector)

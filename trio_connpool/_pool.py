@@ -42,8 +42,17 @@ if TYPE_CHECKING:
 
     from typing_extensions import Unpack
 
-if sys.version_info < (3, 11):  # pragma: no cover - exercised on Python 3.10 only
+if sys.version_info >= (3, 11):
+    from typing import assert_never
+else:  # pragma: no cover - exercised on Python 3.10 only
+    from typing import NoReturn
+
     from exceptiongroup import BaseExceptionGroup
+
+    def assert_never(value: NoReturn, /) -> NoReturn:
+        """`typing.assert_never`, new in Python 3.11."""
+        raise AssertionError(f"unhandled value: {value!r}")
+
 
 from ._exceptions import ConnectError, PoolClosed, PoolError, PoolTimeout
 from ._options import (
@@ -58,14 +67,21 @@ from ._state import (
     Close,
     Deliver,
     Effect,
+    Fail,
     FailReason,
     Lease,
     PoolState,
     PoolStatistics,
     StartConnect,
     Waiter,
-    _Record,
+    _Record,  # pyright: ignore[reportPrivateUsage]
 )
+
+# Private names used across this package's own layers, on purpose (each use silences
+# pyright's reportPrivateUsage, and nothing else here does): ``_Record`` is the state
+# machine's handle for one connection, which the driver only hands back to it; and a Pool is
+# run only by open_pool and create_pool, through its ``_serve`` and ``_aclose_shielded``,
+# which are not API.
 
 __all__ = [
     "Connection",
@@ -299,20 +315,13 @@ class Pool(Generic[K, C]):
             # other waiter's timeout, a string would fail after the task joined the line.
             _check_timeout("timeout", timeout)
         await trio.lowlevel.checkpoint_if_cancelled()
-        state = self._state
-        if state.closed or self._nursery is None:
-            raise PoolClosed(
-                "the pool is closed" if state.closed else "the pool is not running", key=key
-            )
-        lease = state.acquire_nowait(key)
-        if state.effects:
-            self._apply()
+        lease = self.try_acquire(key)
         if lease is not None:
-            if self._instruments:
-                self._hook("lease_acquired", key, lease.connection)
             await trio.lowlevel.cancel_shielded_checkpoint()
             return lease
-        return await self._wait(key, self.acquire_timeout if timeout is _DEFAULT else timeout)
+        return await self.acquire_in_line(
+            key, self.acquire_timeout if timeout is _DEFAULT else timeout
+        )
 
     def acquire_nowait(self, key: K) -> Lease[K, C]:
         """Lease an available connection for ``key`` without waiting.
@@ -324,14 +333,23 @@ class Pool(Generic[K, C]):
             trio.WouldBlock: No connection of ``key`` is available right now.
             PoolClosed: The pool is closed.
         """
-        lease = self._try_acquire(key)
+        lease = self.try_acquire(key)
         if lease is None:
             raise trio.WouldBlock
         return lease
 
-    def _try_acquire(self, key: K) -> Lease[K, C] | None:
-        """`acquire_nowait` returning None instead of raising WouldBlock (which costs more
-        than the rest of it, on the path of every request that has to wait)."""
+    def try_acquire(self, key: K) -> Lease[K, C] | None:
+        """:meth:`acquire_nowait`, returning None instead of raising `trio.WouldBlock`.
+
+        The first half of :meth:`acquire`, for a caller that does I/O on the connection next
+        (that I/O is its checkpoint; the HTTP client is one): check for cancellation first
+        (``trio.lowlevel.checkpoint_if_cancelled``), call this, and on None wait with
+        :meth:`acquire_in_line`. Raising `trio.WouldBlock` would cost more than the rest of
+        it, on the path of every request that has to wait.
+
+        Raises:
+            PoolClosed: The pool is closed.
+        """
         state = self._state
         if state.closed or self._nursery is None:
             raise PoolClosed(
@@ -357,13 +375,13 @@ class Pool(Generic[K, C]):
             return
         state = self._state
         now = trio.current_time()
-        state.release(lease, now, discard=discard)
+        idle = state.release(lease, now, discard=discard)
         if self._instruments:
             self._hook("lease_released", lease.key, lease.connection)
         if state.effects:
             self._apply()
         idle_timeout = state.idle_timeout
-        if idle_timeout is not None and not lease._record.leases:
+        if idle and idle_timeout is not None:
             # The connection went idle: its expiry may be the timer's next wake-up. (Idle
             # deadlines only grow, so this is the one case that can move the timer earlier.)
             deadline = now + idle_timeout
@@ -460,22 +478,38 @@ class Pool(Generic[K, C]):
 
     # ------------------------------------------------------------------ waiting
 
-    async def _wait(
+    async def acquire_in_line(
         self,
         key: K,
         timeout: float | None,  # noqa: ASYNC109
         deadline: float | None = None,
     ) -> Lease[K, C]:
-        """Wait in ``key``'s line for a lease, at most ``timeout`` seconds (None: no limit).
+        """Join ``key``'s line and wait for a lease: the second half of :meth:`acquire`.
 
-        ``deadline``, when given, is when those seconds end (a caller that waits more than
-        once for one budget passes it, and spares a clock read); ``timeout`` then only names
-        the budget in the `PoolTimeout` message. Both are checked values (see
-        `_check_timeout`); the deadline is known before the task joins the line, so nothing
-        can fail between joining and parking.
+        For a caller that tried :meth:`try_acquire` first (see there). It waits at most
+        ``timeout`` seconds (None: no limit). ``deadline``, when given, is when those seconds
+        end, on ``trio.current_time()``: a caller that waits more than once within one
+        budget (retries) passes it and spares a clock read; ``timeout`` then only names the
+        budget in the `PoolTimeout` message. (Called without :meth:`try_acquire` first, it
+        still takes an idle connection, the slower way, through the line.)
+
+        Always a checkpoint: it parks, or, if it is served as it joins the line, checks for
+        cancellation (giving the lease back if cancelled) and yields.
+
+        Raises:
+            PoolTimeout: No connection became available in time.
+            TooManyWaiters: ``max_waiters`` tasks already wait for this key.
+            ConnectError: The connect started for this task failed.
+            PoolClosed: The pool is closed, or closed while this task waited.
+            ValueError, TypeError: ``timeout`` or ``deadline`` is not a valid number.
         """
-        if timeout is not None and deadline is None:
-            deadline = trio.current_time() + timeout
+        if timeout is not None:
+            # Checked before the task joins the line and its deadline the heap (see acquire).
+            if deadline is None:
+                _check_timeout("timeout", timeout)
+                deadline = trio.current_time() + timeout
+            elif deadline != deadline or not isinstance(deadline, (int, float)):
+                raise TypeError(f"deadline must be a time (a number, not NaN), not {deadline!r}")
         state = self._state
         waiter = state.enqueue(key)  # May raise TooManyWaiters: nothing was changed then.
         if self._instruments:
@@ -485,6 +519,14 @@ class Pool(Generic[K, C]):
             self._apply()
         early = self._early.pop(waiter, None)
         if early is not None:
+            # Served as it joined (rare: an idle connection and nobody ahead). Still a
+            # checkpoint; a lease handed to a task that is cancelled meanwhile goes back.
+            try:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            except BaseException:
+                if isinstance(early, outcome.Value):
+                    self.release(early.value)
+                raise
             await trio.lowlevel.cancel_shielded_checkpoint()
             return self._unwrap(early, key)
         waiter.token = trio.lowlevel.current_task()
@@ -518,7 +560,7 @@ class Pool(Generic[K, C]):
 
     def _wake(self, waiter: Waiter[K, C], result: outcome.Outcome[Lease[K, C]]) -> None:
         if waiter.token is None:
-            self._early[waiter] = result  # Served before it could park: see _wait.
+            self._early[waiter] = result  # Served before it could park: see acquire_in_line.
         else:
             trio.lowlevel.reschedule(waiter.token, result)
 
@@ -532,38 +574,45 @@ class Pool(Generic[K, C]):
                 self._do(effect)
 
     def _do(self, effect: Effect[K, C]) -> None:
-        if isinstance(effect, Deliver):
-            self._wake(effect.waiter, outcome.Value(effect.lease))
-        elif isinstance(effect, StartConnect):
-            if self._instruments:
-                self._hook("connect_started", effect.key)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._connect, effect.record)
-        elif isinstance(effect, Close):
-            scope = self._background.get(id(effect.connection))
-            if scope is not None:
-                scope.cancel()
-            if self._instruments:
-                self._hook("connection_closed", effect.key, effect.connection)
-            assert self._nursery is not None
-            self._nursery.start_soon(self._close_gracefully, effect)
-        else:
-            error: PoolError
-            key = effect.waiter.key
-            if effect.reason is FailReason.POOL_CLOSED:
-                error = PoolClosed("the pool closed while this task waited", key=key)
-            else:
-                cause = effect.cause
-                message = "connect failed" if cause is not None else "connect was cancelled"
-                error_type = ConnectError
-                if isinstance(cause, ConnectError):
-                    # The connector already said what went wrong (ConnectTimeout, say): keep
-                    # its type and words. Each waiter gets an exception object of its own.
-                    message = str(cause.args[0]) if cause.args else message
-                    error_type = type(cause)
-                error = error_type(message, key=key)
-                error.__cause__ = cause
-            self._wake(effect.waiter, outcome.Error(error))
+        # Exhaustive: an effect type the state machine gains and this misses fails type
+        # checking at assert_never. Deliver first: it is the one on every hand-off.
+        match effect:
+            case Deliver():
+                self._wake(effect.waiter, outcome.Value(effect.lease))
+            case StartConnect():
+                if self._instruments:
+                    self._hook("connect_started", effect.key)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._connect, effect.record)
+            case Close():
+                scope = self._background.get(id(effect.connection))
+                if scope is not None:
+                    scope.cancel()
+                if self._instruments:
+                    self._hook("connection_closed", effect.key, effect.connection)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._close_gracefully, effect)
+            case Fail():
+                self._wake(effect.waiter, outcome.Error(self._failure(effect)))
+            case _:  # pragma: no cover - unreachable while every effect type is handled
+                assert_never(effect)
+
+    def _failure(self, fail: Fail[K, C]) -> PoolError:
+        """The error a failed waiter is woken with."""
+        key = fail.waiter.key
+        if fail.reason is FailReason.POOL_CLOSED:
+            return PoolClosed("the pool closed while this task waited", key=key)
+        cause = fail.cause
+        message = "connect failed" if cause is not None else "connect was cancelled"
+        error_type = ConnectError
+        if isinstance(cause, ConnectError):
+            # The connector already said what went wrong (ConnectTimeout, say): keep its type
+            # and words. Each waiter gets an exception object of its own.
+            message = str(cause.args[0]) if cause.args else message
+            error_type = type(cause)
+        error = error_type(message, key=key)
+        error.__cause__ = cause
+        return error
 
     # ------------------------------------------------------------------ connections
 
@@ -718,7 +767,7 @@ async def create_pool(
     closes it). Takes the same options as :func:`open_pool`.
     """
     pool: Pool[K, C] = Pool(connector, options=options, **keywords)
-    await nursery.start(pool._serve)
+    await nursery.start(pool._serve)  # pyright: ignore[reportPrivateUsage]
     return pool
 
 
@@ -785,14 +834,14 @@ async def _run_owned(pool: Pool[K, C]) -> AsyncGenerator[Pool[K, C], None]:
     raised: BaseException | None = None
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(pool._serve)
+            await nursery.start(pool._serve)  # pyright: ignore[reportPrivateUsage]
             try:
                 yield pool
             except BaseException as exc:
                 raised = exc
                 raise
             finally:
-                await pool._aclose_shielded()
+                await pool._aclose_shielded()  # pyright: ignore[reportPrivateUsage]
     except BaseExceptionGroup as group:
         # The block's own exception is one member of the group. If it is a group itself (the
         # block's own nursery), trio may have rebuilt it on the way out, so it is recognised

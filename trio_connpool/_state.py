@@ -79,6 +79,10 @@ from ._options import (
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+# One private name is used across classes here, on purpose (that use silences pyright's
+# reportPrivateUsage): ``Lease._record``, the state machine's handle that a lease carries back
+# to `PoolState.release`; it is not for users.
+
 __all__ = [
     "Close",
     "Deliver",
@@ -499,24 +503,26 @@ class PoolState(Generic[K, C]):
 
     # ------------------------------------------------------------------ release
 
-    def release(self, lease: Lease[K, C], now: float, *, discard: bool = False) -> None:
-        """Give a lease back. With ``discard`` (or if the connection is dead) close it."""
+    def release(self, lease: Lease[K, C], now: float, *, discard: bool = False) -> bool:
+        """Give a lease back. With ``discard`` (or if the connection is retiring) close it.
+
+        Returns True if the connection is now idle (its idle expiry is ``now`` plus the idle
+        timeout, which may be the earliest deadline the driver's timer knows of).
+        """
         if lease.released:
-            return
+            return False
         lease.released = True
-        record = lease._record
+        record = lease._record  # pyright: ignore[reportPrivateUsage]
         if record.state is not _RecState.OPEN:
-            return  # Dropped meanwhile (closed pool, dead connection): nothing to give back.
+            return False  # Dropped meanwhile (closed pool, dead connection): nothing to return.
         record.leases -= 1
         sub = record.sub
         # No liveness probe here: the connection is checked when it is next handed out
         # (a probe costs a syscall, so only the connection being handed out is ever probed).
         if discard or (record.retiring and record.leases == 0):
             self._drop(record)
-            self._pump(sub)
-            self._unblock()
-            self._forget_if_empty(sub)
-            return
+            self._after_drop(sub)
+            return False
         if record.leases == 0:
             record.idle_since = now
             self._idle[record] = None
@@ -530,9 +536,10 @@ class PoolState(Generic[K, C]):
                 sub.available[record] = None
             if sub.waiters:
                 self._pump(sub)  # Serve; and take the key off the blocked list if served.
-                return
+                return record.leases == 0
         if self._blocked and record.leases == 0:
             self._unblock()
+        return record.leases == 0
 
     # ------------------------------------------------------------------ connects
 
@@ -629,9 +636,7 @@ class PoolState(Generic[K, C]):
         sub = record.sub
         if closed:
             self._drop(record)
-            self._pump(sub)
-            self._unblock()
-            self._forget_if_empty(sub)
+            self._after_drop(sub)
             return
         record.ready = ready
         record.capacity = max(capacity, 0)
@@ -714,7 +719,9 @@ class PoolState(Generic[K, C]):
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot of every counter."""
         keys: dict[Hashable, KeyStatistics] = {}
-        totals = [0, 0, 0, 0, 0, 0]
+        # The pool's figures: each key's, added up.
+        total_idle = total_in_use = total_connecting = total_waiting = 0
+        total_leases = total_weight = 0
         for key, sub in self._subpools.items():
             idle = in_use = leases = 0
             for record in sub.records:
@@ -732,19 +739,19 @@ class PoolState(Generic[K, C]):
                 weight=sub.usage,
             )
             keys[key] = stats
-            totals[0] += idle
-            totals[1] += in_use
-            totals[2] += stats.connecting
-            totals[3] += stats.waiting
-            totals[4] += leases
-            totals[5] += sub.usage
+            total_idle += idle
+            total_in_use += in_use
+            total_connecting += stats.connecting
+            total_waiting += stats.waiting
+            total_leases += leases
+            total_weight += stats.weight
         return PoolStatistics(
-            idle=totals[0],
-            in_use=totals[1],
-            connecting=totals[2],
-            waiting=totals[3],
-            leases=totals[4],
-            weight=totals[5],
+            idle=total_idle,
+            in_use=total_in_use,
+            connecting=total_connecting,
+            waiting=total_waiting,
+            leases=total_leases,
+            weight=total_weight,
             max_connections=self.max_connections,
             keys=MappingProxyType(keys),
             closed=self.closed,

@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import ssl
-from collections.abc import AsyncGenerator, Callable, Hashable
+from collections.abc import AsyncGenerator, Hashable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, runtime_checkable
 
@@ -60,13 +60,18 @@ from .._pool import Pool, open_pool
 from ._connect import create_ssl_context, open_stream
 from ._http2 import HTTP2Connection
 from ._http11 import HTTP11Connection
-from ._models import URL, Headers, Origin, Request, Response, Timeouts
+from ._models import URL, Headers, Origin, Request, Response, ResponseStream, Timeouts
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from .._state import Lease
     from ._models import HeaderTypes, RequestContent
+
+# Private names shared with the layers below, on purpose (each use silences pyright's
+# reportPrivateUsage): ``Request._with_own_headers`` builds a request around headers made
+# for it alone, without copying them; ``Response._read_all`` reads a body without the extra
+# yield `Response.aread` makes, which the request's own I/O has made already.
 
 __all__ = [
     "CLIENT_POOL_OPTIONS",
@@ -347,18 +352,21 @@ class _LeasedBody:
 
     __slots__ = ("_inner", "_inner_buffered", "_lease", "_pool")
 
-    def __init__(self, inner: Any, pool: Pool[HTTPKey, HTTPConnection], lease: Any) -> None:
+    def __init__(
+        self,
+        inner: ResponseStream,
+        pool: Pool[HTTPKey, HTTPConnection],
+        lease: Lease[HTTPKey, HTTPConnection],
+    ) -> None:
         self._inner = inner
         self._pool = pool
-        self._lease: Lease[HTTPKey, HTTPConnection] = lease
-        # Looked up once: reading a body asks for buffered chunks several times.
-        self._inner_buffered: Callable[[], bytes | None] | None = getattr(
-            inner, "receive_buffered", None
-        )
+        self._lease = lease
+        # Bound once: reading a body asks for buffered chunks several times.
+        self._inner_buffered = inner.receive_buffered
 
     async def receive_some(self) -> bytes:
         try:
-            data: bytes = await self._inner.receive_some()
+            data = await self._inner.receive_some()
         except BaseException:
             self._release()
             raise
@@ -367,10 +375,7 @@ class _LeasedBody:
         return data
 
     def receive_buffered(self) -> bytes | None:
-        receive_buffered = self._inner_buffered
-        if receive_buffered is None:
-            return None
-        data = receive_buffered()
+        data = self._inner_buffered()
         if data == b"":
             self._release()
         return data
@@ -478,10 +483,10 @@ class PoolSender:
         await trio.lowlevel.checkpoint_if_cancelled()
         retries = replays = 0
         while True:
-            lease = pool._try_acquire(key)
+            lease = pool.try_acquire(key)
             if lease is None:
                 # Straight to the line: acquire() would only try the same miss again.
-                lease = await pool._wait(key, timeout, deadline)
+                lease = await pool.acquire_in_line(key, timeout, deadline)
             connection = lease.connection
             try:
                 # (_healthy is awaited only when there is something to check: a coroutine
@@ -523,7 +528,7 @@ class PoolSender:
             except BaseException:
                 pool.release(lease, discard=not connection.is_clean())
                 raise
-            response._stream = _LeasedBody(response._stream, pool, lease)
+            response.replace_stream(_LeasedBody(response.stream, pool, lease))
             return response
 
 
@@ -532,13 +537,13 @@ class _ClosingBody:
 
     __slots__ = ("_connection", "_inner")
 
-    def __init__(self, inner: Any, connection: HTTPConnection) -> None:
+    def __init__(self, inner: ResponseStream, connection: HTTPConnection) -> None:
         self._inner = inner
         self._connection = connection
 
     async def receive_some(self) -> bytes:
         try:
-            data: bytes = await self._inner.receive_some()
+            data = await self._inner.receive_some()
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._connection.aclose()
@@ -546,6 +551,12 @@ class _ClosingBody:
         if not data:
             await self._connection.aclose()
         return data
+
+    def receive_buffered(self) -> bytes | None:
+        data = self._inner.receive_buffered()
+        # The end is for receive_some to report: the connection is closed there, and closing
+        # takes an await this synchronous method cannot make.
+        return None if data == b"" else data
 
     async def aclose(self) -> None:
         # The connection is closed either way: draining the rest of the body first would
@@ -585,7 +596,7 @@ class NoPoolSender:
             with trio.CancelScope(shield=True):
                 await connection.aclose()
             raise
-        response._stream = _ClosingBody(response._stream, connection)
+        response.replace_stream(_ClosingBody(response.stream, connection))
         return response
 
 
@@ -647,7 +658,9 @@ class Client:
                     del merged[name]
             for name, value in given:
                 merged.add(name, value)
-        return Request._with_own_headers(method, url, merged, content)
+        return Request._with_own_headers(  # pyright: ignore[reportPrivateUsage]
+            method, url, merged, content
+        )
 
     async def request(
         self,
@@ -675,9 +688,10 @@ class Client:
         request = self.build_request(method, url, headers=headers, content=content)
         response = await self.sender.send_request(request)  # a checkpoint (it did I/O)
         try:
-            await response._read_all()  # no extra checkpoint for what is already buffered
+            # No extra checkpoint for what is already buffered.
+            await response._read_all()  # pyright: ignore[reportPrivateUsage]
         finally:
-            if not response._closed:
+            if not response.is_closed:
                 with trio.CancelScope(shield=True):
                     await response.aclose()
         return response

@@ -71,6 +71,12 @@ if TYPE_CHECKING:
     import ssl
     from collections.abc import AsyncIterable, Callable
 
+# Private names used across classes and modules of this package, on purpose (each use
+# silences pyright's reportPrivateUsage): ``Headers._items`` and ``Headers._from_trusted`` read
+# and build headers without a copy or a second check of what the HTTP/1.1 core checked; and
+# `_HTTP11Body` is the connection's own body stream, calling the connection's underscored
+# methods, which are not API.
+
 __all__ = ["HTTP11Connection"]
 
 _READ_SIZE: Final = 64 * 1024

@@ -67,6 +67,11 @@ from ._models import Headers, Origin, Request, Response, Timeouts, format_author
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable, Callable
 
+# Private names used across classes and modules of this package, on purpose (each use
+# silences pyright's reportPrivateUsage): ``Headers._from_trusted`` builds headers without a
+# second check of what h2 checked; and `_HTTP2Body` is the connection's own body stream,
+# calling the connection's underscored methods, which are not API.
+
 __all__ = ["HTTP2Connection"]
 
 _READ_SIZE: Final = 64 * 1024

@@ -27,6 +27,10 @@ import trio
 from .._exceptions import InvalidHeader, InvalidURL, LocalProtocolError
 from .._options import check_duration
 
+# Private names used across classes here, on purpose (each use silences pyright's
+# reportPrivateUsage): `_BodyIterator` is the response's own iterator and calls its
+# underscored methods, which are not API.
+
 __all__ = [
     "Headers",
     "HeaderTypes",
@@ -624,18 +628,23 @@ class Timeouts:
 class ResponseStream(Protocol):
     """The body of a response, as supplied by the connection that received it.
 
-    Implementations must make both methods checkpoints, keep `receive_some` returning ``b""``
-    once the body has ended, and make `aclose` idempotent and quick (it is also called, under a
-    shield, after `receive_some` raised).
-
-    A stream may also offer ``receive_buffered() -> bytes | None``, synchronous: the next
-    chunk if it is already at hand without I/O, ``b""`` if the body has ended *and the
-    stream has released everything it held* (so `aclose` is not needed), or ``None`` if
-    only `receive_some` can tell. It must never raise; errors surface from `receive_some`.
+    Implementations must make both async methods checkpoints, keep `receive_some` returning
+    ``b""`` once the body has ended, and make `aclose` idempotent and quick (it is also called,
+    under a shield, after `receive_some` raised). A stream that wraps another forwards
+    `receive_buffered` to it, or the fast path of reading a body is lost.
     """
 
     async def receive_some(self) -> bytes:
         """Return the next chunk of the body, or ``b""`` at its end."""
+        ...
+
+    def receive_buffered(self) -> bytes | None:
+        """Synchronously, the next chunk if it is already at hand without I/O; ``b""`` if the
+        body has ended *and the stream has released everything it held* (so `aclose` is not
+        needed); or ``None`` if only `receive_some` can tell (always a correct answer).
+
+        It must never raise: errors surface from `receive_some`.
+        """
         ...
 
     async def aclose(self) -> None:
@@ -648,6 +657,9 @@ class _EmptyStream:
     async def receive_some(self) -> bytes:
         await trio.lowlevel.checkpoint()
         return b""
+
+    def receive_buffered(self) -> bytes | None:
+        return None
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -747,6 +759,23 @@ class Response:
     def is_closed(self) -> bool:
         """Whether the body has ended or `aclose` was called (the stream is released)."""
         return self._closed
+
+    @property
+    def stream(self) -> ResponseStream:
+        """The `ResponseStream` the body comes from. Read the body through the response
+        (`aread`, `aiter_bytes`), not from this."""
+        return self._stream
+
+    def replace_stream(self, stream: ResponseStream) -> None:
+        """Read the body from ``stream`` from now on: a stream that wraps `stream`, say, to
+        give a connection back or close it when the body ends. Synchronous.
+
+        Raises:
+            RuntimeError: If the body is already being read, or the response is closed.
+        """
+        if self._stream_claimed or self._closed:
+            raise RuntimeError("the body is being read or closed: its stream cannot be replaced")
+        self._stream = stream
 
     @property
     def content(self) -> bytes:
@@ -854,6 +883,7 @@ class Response:
         """
         self._claim_stream()
         chunks: list[bytes] = []
+        # ResponseStream declares it; a stream written before it did is read without it.
         receive_buffered = getattr(self._stream, "receive_buffered", None)
         waited = False
         while True:
