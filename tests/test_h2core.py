@@ -465,7 +465,7 @@ def test_a_complete_response_ends_an_upload_only_when_the_window_is_spent() -> N
     pair.to_server()
     pair.respond(stream.stream_id, status=b"413", body=b"too big")
     pair.to_client()
-    assert stream.complete
+    assert stream.ended
     with pytest.raises(StopSending):
         pair.core.send_window(stream)
     pair.core.stop_upload(stream)
@@ -483,7 +483,7 @@ def test_a_complete_response_survives_the_connection_failing() -> None:
     pair.to_client()
     pair.core.fail("the connection broke", None)
     assert stream.error is None
-    assert stream.complete
+    assert stream.ended
 
 
 def test_close_fails_open_streams_once_and_queues_goaway() -> None:

@@ -60,7 +60,7 @@ from ._options import (
     PoolOptionArgs,
     PoolOptions,
     Reservation,
-    check_duration as _check_timeout,  # the package's one duration check
+    check_duration,
     resolve_options,
 )
 from ._state import (
@@ -283,7 +283,7 @@ class Pool(Generic[K, C]):
         reports ``is_clean()``.
         """
         if timeout is not _DEFAULT:
-            _check_timeout("timeout", timeout)
+            check_duration("timeout", timeout)
         return _Lessor(self, key, timeout)
 
     # A per-call bound that raises the typed PoolTimeout, like the pool-wide acquire_timeout.
@@ -313,7 +313,7 @@ class Pool(Generic[K, C]):
         if timeout is not _DEFAULT:
             # Checked before it can reach the deadline heap: a NaN there would hold up every
             # other waiter's timeout, a string would fail after the task joined the line.
-            _check_timeout("timeout", timeout)
+            check_duration("timeout", timeout)
         await trio.lowlevel.checkpoint_if_cancelled()
         lease = self.try_acquire(key)
         if lease is not None:
@@ -506,7 +506,7 @@ class Pool(Generic[K, C]):
         if timeout is not None:
             # Checked before the task joins the line and its deadline the heap (see acquire).
             if deadline is None:
-                _check_timeout("timeout", timeout)
+                check_duration("timeout", timeout)
                 deadline = trio.current_time() + timeout
             elif deadline != deadline or not isinstance(deadline, (int, float)):
                 raise TypeError(f"deadline must be a time (a number, not NaN), not {deadline!r}")

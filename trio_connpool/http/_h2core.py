@@ -58,7 +58,7 @@ from .._exceptions import (
     ServerDisconnected,
     TransportError,
 )
-from ._h2patches import PatchedH2Connection
+from ._h2patches import ENCODER_TABLE_LIMIT, PatchedH2Connection
 
 if TYPE_CHECKING:
     from collections.abc import Hashable
@@ -154,11 +154,6 @@ class H2Stream:
     def network_done(self) -> bool:
         """Whether nothing more is expected from or sent to the network for this stream."""
         return self.error is not None or (self.ended and self.local_closed)
-
-    @property
-    def complete(self) -> bool:
-        """Whether the whole response arrived (and no error ended the stream)."""
-        return self.ended
 
 
 @final
@@ -888,6 +883,6 @@ class H2Core:
             if self.closed:
                 assert stream.error is not None or stream.ended, stream_id
         assert self.unsent_replies <= MAX_UNSENT_REPLIES + 2 * 65536 or self.closed
-        assert self.h2.encoder.header_table_size <= 4096
+        assert self.h2.encoder.header_table_size <= ENCODER_TABLE_LIMIT
         if self.state is not State.ACTIVE:
             assert self.reason is not None

@@ -370,10 +370,10 @@ class HTTP2Connection:
             if stream.error is not None and stream.error is not exc:
                 # The stream's own end came first (GOAWAY, a reset): that is the cause.
                 raise stream.error from exc
-            if not stream.complete:
+            if not stream.ended:
                 raise
             # The write failed, but the server answered in full before: that answer counts.
-        if stream.complete and not stream.local_closed:
+        if stream.ended and not stream.local_closed:
             core.stop_upload(stream)
             await self._flush_unless_busy()
 
