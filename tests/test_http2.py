@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 from _h2server import ClientGone, H2Server, ServerStream
-from _servers import serving
+from _servers import WAIT, serving
 from h2.errors import ErrorCodes
 
 from trio_connpool._exceptions import (
@@ -1345,3 +1345,82 @@ def test_encoder_encodes_what_is_not_plain_every_time(monkeypatch: pytest.Monkey
     assert encoder.encode(list(plain)) == reference.encode(list(plain))
     assert encoder.encode(list(plain)) == reference.encode(list(plain))
     assert len(calls) == 7 + 2 + 1 + 2
+
+
+class _CancelAtStep(trio.abc.Instrument):
+    """Cancels ``scope`` when ``task`` is about to run its ``at``-th step."""
+
+    def __init__(self, task: trio.lowlevel.Task, at: int, scope: trio.CancelScope) -> None:
+        self.task, self.at, self.scope, self.steps = task, at, scope, 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+            if self.steps == self.at:
+                self.scope.cancel()
+
+
+async def _request_cancelled_at_step(kind: str, at: int) -> bool:
+    """One request on a fresh connection, cancelled at its ``at``-th step: whether it was.
+
+    Either way the connection must be left clean, with no stream behind, and serve on.
+    """
+    async with connected() as harness:
+        client, server = harness.client, harness.server
+
+        async def script() -> None:
+            request = await server.wait_request(complete=False)
+            if kind == "get":
+                await server.respond(request.stream_id, body=b"ok")
+            else:
+                await server.respond(request.stream_id, status=413, body=b"too big")
+
+        scope = trio.CancelScope()
+        body = b""
+        canceller = _CancelAtStep(trio.lowlevel.current_task(), at, scope)
+        with trio.fail_after(WAIT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(script)
+                trio.lowlevel.add_instrument(canceller)
+                response: Response | None = None
+                try:
+                    with scope:
+                        if kind == "get":
+                            response = await get(client)
+                        else:
+                            content = b"u" * (200 * 1024)
+                            response = await client.send_request(
+                                Request("POST", URL, content=content)
+                            )
+                        body = await response.aread()
+                finally:
+                    trio.lowlevel.remove_instrument(canceller)
+                    if response is not None:  # as `async with` or `client.request` would
+                        with trio.CancelScope(shield=True):
+                            await response.aclose()
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()  # a script still waiting for the request
+        if not scope.cancelled_caught:
+            assert body == (b"ok" if kind == "get" else b"too big")
+        await trio.testing.wait_all_tasks_blocked()
+        await assert_usable(harness)
+        return scope.cancelled_caught
+
+
+@pytest.mark.parametrize("kind", ["get", "upload-answered-early"])
+async def test_cancel_at_every_step_of_a_request_leaks_nothing(kind: str) -> None:
+    """Cancel a request at its 1st, 2nd, ... scheduling step until it runs to the end.
+
+    Every await of sending, uploading (stopped by a complete early response), waiting for
+    the head and reading the body is a point where the cancellation lands. Each cancelled
+    request (its response closed, as `async with` would) must leave no stream behind and the
+    connection clean and serving.
+    """
+    cancelled = 0
+    for at in range(1, 400):
+        if not await _request_cancelled_at_step(kind, at):
+            break
+        cancelled += 1
+    else:  # pragma: no cover
+        raise AssertionError("the request never completed")
+    assert cancelled >= 3, cancelled
