@@ -383,12 +383,16 @@ def test_a_flood_of_frames_that_carry_nothing_fails_the_connection(kind: str) ->
     else:
         frame = frame_header(0, 0x20, 0, 0)
     read = frame * (64 * 1024 // len(frame))
+    started = time.process_time()
     for _ in range(16):
         core.receive(read, 1.0)
         core.data_to_send()
         if core.is_closed():
             break
+    spent = time.process_time() - started
     assert core.is_closed(), f"1 MiB of {kind} frames taken in silence: {core!r}"
+    # Timed by size: the flood ends within a couple of 64 KiB reads, not after 1 MiB.
+    assert spent < 1.0, f"{spent:.1f} s of CPU before a flood of {kind} frames was refused"
 
 
 # ---- GOAWAY for a stream whose upload is stuck in a write ------------------------------------
