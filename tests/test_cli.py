@@ -649,7 +649,7 @@ def test_describe_is_one_line_with_the_os_reason() -> None:
             raise ConnectError("cannot connect\nto here", key="k") from exc
     except ConnectError as exc:
         text = describe(exc)
-    assert text == "ConnectError: cannot connect to here (" + os.strerror(111) + ")"
+    assert text == "ConnectError: cannot connect to here: " + os.strerror(111)
     assert describe(PoolError()) == "PoolError"
     assert describe(ValueError("plain")) == "ValueError: plain"
 

@@ -6,8 +6,8 @@ global limits, FIFO waiters, LIFO or FIFO reuse, timeouts and expiry, and nothin
 cancellation. See the README for concepts and recipes.
 
 The HTTP layer (:mod:`trio_connpool.http`, and with it h2, hpack and hyperframe) is imported
-the first time ``open_client`` or ``http`` is looked up here, so a program that uses only the
-generic pool never loads it.
+the first time ``open_client``, ``HTTPConnector``, ``Timeouts`` or ``http`` is looked up
+here, so a program that uses only the generic pool never loads it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ._exceptions import (
     ServerDisconnected as ServerDisconnected,
     TooManyWaiters as TooManyWaiters,
     TransportError as TransportError,
+    TrioRequiredError as TrioRequiredError,
     WriteTimeout as WriteTimeout,
 )
 from ._logging import LoggingInstrument as LoggingInstrument
@@ -51,10 +52,19 @@ from ._version import __version__ as __version__
 if TYPE_CHECKING:
     # The client, at the top for convenience; imported on first use (see __getattr__).
     from . import http as http
-    from .http import open_client as open_client
+    from .http import (
+        HTTPConnector as HTTPConnector,
+        Timeouts as Timeouts,
+        open_client as open_client,
+    )
 
 # The names __getattr__ imports on first use, and the module each comes from.
-_LAZY = {"open_client": ".http", "http": ".http"}
+_LAZY = {
+    "open_client": ".http",
+    "http": ".http",
+    "HTTPConnector": ".http",
+    "Timeouts": ".http",
+}
 
 
 if not TYPE_CHECKING:  # hidden from type checkers, so a misspelt name stays an error there
@@ -90,6 +100,7 @@ __all__ = [
     "ConnectError",
     "ConnectTimeout",
     "Connection",
+    "HTTPConnector",
     "Instrument",
     "LoggingInstrument",
     "InvalidHeader",
@@ -108,8 +119,10 @@ __all__ = [
     "RemoteProtocolError",
     "Reservation",
     "ServerDisconnected",
+    "Timeouts",
     "TooManyWaiters",
     "TransportError",
+    "TrioRequiredError",
     "WriteTimeout",
     "__version__",
     "create_pool",

@@ -109,7 +109,13 @@ def describe(exc: BaseException) -> str:
     (which repeats the URL the caller prints anyway); the operating system's reason for a
     failed connect is added when the message does not already say it.
     """
-    message = str(exc.args[0]) if isinstance(exc, PoolError) and exc.args else str(exc)
+    if isinstance(exc, PoolError):
+        # Its message and root cause (PoolError.reason says each once), without the key.
+        reason = exc.reason
+        message = f"{exc.message}: {reason}" if reason else exc.message
+        text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+        return " ".join(text.split())
+    message = str(exc)
     reason = _root_reason(exc)
     if reason is not None and reason.lower() not in message.lower():
         # "cannot connect to X: " ends where an error with no words of its own was put.

@@ -5,6 +5,18 @@ happened on (``.key``, ``None`` where no key applies); the HTTP errors also carr
 (``.url``). Errors that wrap a lower-level failure are raised ``from`` it, so the original
 (an ``OSError``, an ``ssl.SSLError``, an HTTP/1.1 or h2 protocol error) stays in ``__cause__``.
 
+A message says what failed, where, and why, in that order: ``str(error)`` is the message
+given when it was raised, then the URL (or the key's origin, or the key) unless the message
+names it already, then the root cause in words, found by walking ``__cause__`` and
+``__context__`` down to the innermost error (through exception groups, such as the one
+`trio.open_tcp_stream` raises with an error per address tried) and said once:
+
+    cannot connect to https://127.0.0.1:23443: certificate verify failed: unable to get
+    local issuer certificate
+
+`TrioRequiredError` stands apart from the hierarchy: it is a bug in the calling program (the
+library used outside a trio run), not a failure of the network.
+
 ::
 
     PoolError
@@ -25,7 +37,14 @@ happened on (``.key``, ``None`` where no key applies); the HTTP errors also carr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+import socket
+import ssl
+import sys
+from typing import TYPE_CHECKING, cast
+
+if sys.version_info < (3, 11):  # pragma: no cover - exercised on Python 3.10 only
+    from exceptiongroup import BaseExceptionGroup
 
 if TYPE_CHECKING:
     from collections.abc import Hashable
@@ -44,8 +63,115 @@ __all__ = [
     "ServerDisconnected",
     "TooManyWaiters",
     "TransportError",
+    "TrioRequiredError",
     "WriteTimeout",
+    "reason_of",
+    "words_for",
 ]
+
+# How deep a chain of causes is followed (chains are short; a cycle must not hang us).
+_MAX_DEPTH = 32
+
+
+def _words(exc: BaseException) -> tuple[str, str] | None:
+    """What ``exc`` itself says, as (the words to show, the words to look for in a message
+    that may say them already); None when it says nothing of its own."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        words = f"certificate verify failed: {exc.verify_message}"
+        return words, exc.verify_message
+    if isinstance(exc, ssl.SSLError):
+        # "[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)": keep the words.
+        text = str(exc.strerror or exc.reason or exc)
+        text = text.rpartition("] ")[2].partition(" (_ssl.c:")[0].strip() or text
+        return f"TLS error: {text}", text
+    if isinstance(exc, socket.gaierror) and exc.strerror:
+        # The resolver's own words: its codes are not the operating system's errno values.
+        return exc.strerror, exc.strerror
+    if isinstance(exc, OSError) and isinstance(exc.errno, int) and exc.errno > 0:
+        # "Connection refused", not trio's "Error connecting to ('127.0.0.1', 1): ...".
+        text = os.strerror(exc.errno)
+        return text, text
+    if isinstance(exc, PoolError):
+        text = exc.message
+        return (text, text) if text else None
+    text = str(exc)
+    if not text:
+        return None
+    if isinstance(exc, OSError):
+        return text, text
+    return f"{type(exc).__name__}: {text}", text
+
+
+def _reasons(exc: BaseException, seen: set[int], depth: int) -> list[tuple[str, str]]:
+    """The words of the innermost errors behind ``exc`` (one per leaf of a group)."""
+    if id(exc) in seen or depth > _MAX_DEPTH or not isinstance(exc, Exception):
+        # A cancellation (a timeout's trio.Cancelled in __context__), KeyboardInterrupt...:
+        # not the reason for anything.
+        return []
+    seen.add(id(exc))
+    if isinstance(exc, BaseExceptionGroup):
+        group = cast("BaseExceptionGroup[BaseException]", exc)
+        found: list[tuple[str, str]] = []
+        for inner in group.exceptions:
+            found += _reasons(inner, seen, depth + 1)
+        if found:
+            return found
+    else:
+        below = exc.__cause__
+        if below is None and not exc.__suppress_context__:
+            below = exc.__context__
+        if below is not None:
+            found = _reasons(below, seen, depth + 1)
+            if found:
+                return found
+    words = _words(exc)
+    return [] if words is None else [words]
+
+
+def reason_of(exc: BaseException, message: str = "") -> str | None:
+    """The root cause behind ``exc`` in words, or None if nothing below it says more.
+
+    ``__cause__`` (else ``__context__``) is followed down to the innermost error; an
+    exception group contributes each of its leaves. What an error says is its OS error
+    text for an ``OSError`` (``Connection refused``, not the errno's number or trio's
+    "Error connecting to ..."), the resolver's words for a `socket.gaierror`, ``certificate
+    verify failed: ...`` for a certificate error, OpenSSL's words for other TLS errors, and
+    ``Type: message`` for anything else. Words that ``message`` already contains (or that
+    another leaf said) are left out, so each reason is said once.
+
+    Args:
+        exc: The error; its own words count only if nothing below it says anything.
+        message: What the caller shows already.
+
+    Returns:
+        The reasons joined by ``"; "``, or None.
+    """
+    below = exc.__cause__
+    if below is None and not exc.__suppress_context__:
+        below = exc.__context__
+    if below is None:
+        return None
+    folded = message.casefold()
+    shown: list[str] = []
+    for words, probe in _reasons(below, {id(exc)}, 0):
+        if words in shown or (probe and probe.casefold() in folded):
+            continue
+        shown.append(words)
+    return "; ".join(shown) or None
+
+
+def words_for(exc: BaseException) -> str:
+    """``exc`` in words: its root cause as `reason_of` finds it, counting ``exc`` itself
+    (``Connection reset by peer`` for a reset socket); its type name if nothing says more.
+
+    For messages that must carry the reason without a ``__cause__`` (a connection's state,
+    told to the requests that meet it later).
+    """
+    found: list[str] = []
+    for words, _ in _reasons(exc, set(), 0):
+        if words not in found:
+            found.append(words)
+    return "; ".join(found) or type(exc).__name__
 
 
 class PoolError(Exception):
@@ -63,14 +189,45 @@ class PoolError(Exception):
         self.key = key
         self.url = url
 
-    def __str__(self) -> str:
-        text = super().__str__()
-        where: list[str] = []
+    @property
+    def message(self) -> str:
+        """The message given when the error was raised, without place or cause."""
+        args = self.args
+        return str(args[0]) if args else ""
+
+    @property
+    def reason(self) -> str | None:
+        """The root cause in words (see `reason_of`), or None; not repeating the message."""
+        return reason_of(self, self.message)
+
+    def _place(self, text: str) -> str | None:
+        # The URL where there is one, else the key's origin (an HTTP key), else the key;
+        # nothing when the message names it already.
         if self.url is not None:
-            where.append(f"url={self.url!r}")
-        elif self.key is not None:
-            where.append(f"key={self.key!r}")
-        return f"{text} ({', '.join(where)})" if where else text
+            return None if self.url in text else f"url={self.url}"
+        key = self.key
+        if key is None:
+            return None
+        origin = getattr(key, "origin", None)
+        kind = type(key)
+        if origin is not None:
+            name = str(origin)
+        elif kind.__module__ != "builtins" and kind.__str__ is not object.__str__:
+            name = str(key)  # a key that prints itself readably (an HTTP origin)
+        else:
+            name = f"key={key!r}"
+        return None if name in text else name
+
+    def __str__(self) -> str:
+        # Built when shown, never when raised: an error that is caught costs nothing here.
+        text = self.message
+        place = self._place(text)
+        if place is not None:
+            text = f"{text} ({place})" if text else place
+        reason = reason_of(self, text)
+        if reason is not None:
+            text = f"{text}: {reason}" if text else reason
+        return text
 
 
 class PoolClosed(PoolError):
@@ -150,3 +307,12 @@ class InvalidURL(LocalProtocolError, ValueError):
 
 class InvalidHeader(LocalProtocolError, ValueError):
     """A header name or value is malformed (CR, LF or NUL in it, or an empty name)."""
+
+
+class TrioRequiredError(RuntimeError):
+    """trio_connpool was used outside a trio run: from asyncio, say, or another event loop.
+
+    The pool and the client (and so the httpx transport) run under trio only: start the
+    program with ``trio.run(main)``. Raised by the entry points (`open_client`, `open_pool`,
+    `create_pool`), at once, instead of an error from deep inside.
+    """

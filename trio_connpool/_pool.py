@@ -54,7 +54,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
         raise AssertionError(f"unhandled value: {value!r}")
 
 
-from ._exceptions import ConnectError, PoolClosed, PoolError, PoolTimeout
+from ._exceptions import ConnectError, PoolClosed, PoolError, PoolTimeout, TrioRequiredError
 from ._options import (
     Instrument,
     PoolOptionArgs,
@@ -753,6 +753,36 @@ class Pool(Generic[K, C]):
                     self._hook("hook_failed", name, exc)
 
 
+def require_trio(entry: str) -> None:
+    """Raise `TrioRequiredError` unless the caller runs in a trio task.
+
+    Called once by each entry point (`open_pool`, `create_pool`, `open_client`, the httpx
+    transport), never per request. Outside trio an entry point would otherwise fail deep
+    inside, with a bare "must be called from async context" or worse.
+    """
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        raise TrioRequiredError(_not_trio_message(entry)) from None
+
+
+def _not_trio_message(entry: str) -> str:
+    where = "outside a trio run"
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is not None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            where = "under asyncio"
+    return (
+        f"{entry} was called {where}, but trio_connpool runs under trio only (its "
+        "httpx transport too): start the program with trio.run(main), or call it "
+        "from asyncio through trio-asyncio"
+    )
+
+
 async def create_pool(
     nursery: trio.Nursery,
     connector: Callable[[K], Awaitable[C]],
@@ -765,7 +795,12 @@ async def create_pool(
     For an application that keeps one pool for its whole life. The pool's tasks run in
     ``nursery``; close the pool with ``await pool.aclose()`` (cancelling the nursery also
     closes it). Takes the same options as :func:`open_pool`.
+
+    Raises:
+        TrioRequiredError: Not called from a trio task (from asyncio, say).
+        ValueError, TypeError: An option is out of range or of the wrong type.
     """
+    require_trio("create_pool()")
     pool: Pool[K, C] = Pool(connector, options=options, **keywords)
     await nursery.start(pool._serve)  # pyright: ignore[reportPrivateUsage]
     return pool
@@ -807,9 +842,11 @@ async def open_pool(
             ``open_pool(connect, options=PoolOptions(max_connections=10))``.
 
     Raises:
+        TrioRequiredError: Not entered in a trio task (from asyncio, say).
         ValueError, TypeError: An option is out of range or of the wrong type (at once), or
             both ``options`` and keywords were given.
     """
+    require_trio("open_pool()")
     pool: Pool[K, C] = Pool(connector, options=options, **keywords)
     async with _run_owned(pool) as running:
         yield running

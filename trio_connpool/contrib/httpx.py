@@ -88,6 +88,7 @@ from .._exceptions import (
     RemoteProtocolError,
     WriteTimeout,
 )
+from .._pool import require_trio
 from ..http import Client, Request, Response, Timeouts, open_client
 
 if TYPE_CHECKING:
@@ -350,9 +351,12 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
         """Open the client and its pool (the outermost entry only; a checkpoint otherwise).
 
         Raises:
+            TrioRequiredError: Not entered in a trio task: under asyncio, say (httpx runs
+                there, this transport does not).
             RuntimeError: The transport was closed already, or another task is opening it.
             ValueError, TypeError: An option is invalid.
         """
+        require_trio("AsyncPoolTransport.__aenter__()")
         if self._opening:
             raise RuntimeError("this AsyncPoolTransport is being opened by another task")
         if self._depth == 0 and self._opener is not None:

@@ -56,7 +56,7 @@ from .._options import (
     check_duration,
     resolve_options,
 )
-from .._pool import Pool, open_pool
+from .._pool import Pool, open_pool, require_trio
 from ._connect import create_ssl_context, open_stream
 from ._http2 import HTTP2Connection
 from ._http11 import HTTP11Connection
@@ -133,9 +133,16 @@ def _check_protocols(http1: bool, http2: bool) -> None:
         raise ValueError("http1=False and http2=False leave no protocol to speak")
 
 
+# What HTTPKey's repr calls the contexts made here (by identity: they live for ever, in
+# _default_context's cache); any other context is a caller's own, "custom".
+_CONTEXT_NAMES: dict[int, str] = {}
+
+
 @functools.cache
 def _default_context(verify: bool, http1: bool, http2: bool) -> ssl.SSLContext:
-    return create_ssl_context(verify, http1=http1, http2=http2)
+    context = create_ssl_context(verify, http1=http1, http2=http2)
+    _CONTEXT_NAMES[id(context)] = "default" if verify else "insecure"
+    return context
 
 
 def _shared_context(
@@ -215,7 +222,9 @@ class HTTPKey:
         return self._hash
 
     def __repr__(self) -> str:
-        tls = "" if self.tls is None else f", tls=<SSLContext at {id(self.tls):#x}>"
+        # tls=default (verified), insecure (verify=False) or custom (a caller's context):
+        # readable in an error message, where an address would say nothing.
+        tls = "" if self.tls is None else f", tls={_CONTEXT_NAMES.get(id(self.tls), 'custom')}"
         extra = "" if self.extra is None else f", extra={self.extra!r}"
         return f"HTTPKey({str(self.origin)!r}, {self.http_version}{tls}{extra})"
 
@@ -340,8 +349,9 @@ class HTTPConnector:
                     key=origin,
                 ) from exc
             if isinstance(exc, TransportError):
+                # Its message only: the root cause is added from the chain when shown.
                 raise ConnectError(
-                    f"cannot start HTTP/2 with {origin}: {exc}", key=origin
+                    f"cannot start HTTP/2 with {origin}: {exc.message}", key=origin
                 ) from exc
             raise
         return connection
@@ -811,9 +821,12 @@ async def open_client(
             the rest of :class:`~trio_connpool.PoolOptions`. Not with ``pool_options``.
 
     Raises:
+        TrioRequiredError: Not entered in a trio task (from asyncio, say): the client runs
+            under trio only.
         ValueError, TypeError: For invalid options, at once (and for ``pool_options``
             together with pool keywords).
     """
+    require_trio("open_client()")
     _check_protocols(http1, http2)
     if not isinstance(timeouts, Timeouts):
         raise TypeError("timeouts must be a trio_connpool.http.Timeouts")

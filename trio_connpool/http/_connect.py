@@ -4,7 +4,9 @@
 connect is bounded by the connect timeout as a whole (DNS, TCP and the TLS handshake
 together), and a half-open stream is closed on every failure or cancellation, never left to
 the garbage collector. Every failure comes out as `ConnectError` (or `ConnectTimeout`),
-raised ``from`` the original error so a certificate problem stays visible in the chain.
+raised ``from`` the original error so a certificate problem stays visible in the chain, and
+its message ends with the root cause in words (``Connection refused``, ``certificate verify
+failed: ...``), found in that chain when the message is shown.
 
 TLS verifies certificates and host names by default (`create_ssl_context`), and a caller's
 `ssl.SSLContext` is used as given, never modified: contexts are shared objects, and changing
@@ -117,5 +119,7 @@ async def open_stream(
                 f"connecting to {origin} took longer than {connect_timeout} s", key=origin
             ) from exc
         if isinstance(exc, (OSError, trio.BrokenResourceError, ssl.SSLError)):
-            raise ConnectError(f"cannot connect to {origin}: {exc}", key=origin) from exc
+            # No "{exc}" here: the words come from the chain when the error is shown (trio's
+            # "all attempts to connect ... failed" holds them one exception group further).
+            raise ConnectError(f"cannot connect to {origin}", key=origin) from exc
         raise

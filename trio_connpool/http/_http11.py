@@ -560,7 +560,7 @@ class HTTP11Connection:
                 url=self._url,
             )
         return RemoteProtocolError(
-            f"the connection broke in the middle of the response: {exc!r}",
+            "the connection broke in the middle of the response",
             key=self._origin,
             url=self._url,
         )

@@ -60,6 +60,7 @@ from .._exceptions import (
     RemoteProtocolError,
     TransportError,
     WriteTimeout,
+    words_for,
 )
 from ._h2core import H2Core, H2Stream, Received, State, StopSending
 from ._models import Headers, Origin, Request, Response, Timeouts, format_authority
@@ -649,9 +650,11 @@ class HTTP2Connection:
                         "the connection was closed locally while in use", key=self._origin
                     ) from exc
                 except (trio.BrokenResourceError, OSError) as exc:
-                    self._connection_failed(f"the connection broke while sending: {exc!r}", exc)
+                    self._connection_failed(
+                        f"the connection broke while sending: {words_for(exc)}", exc
+                    )
                     raise RemoteProtocolError(
-                        f"the connection broke while sending: {exc!r}", key=self._origin
+                        "the connection broke while sending", key=self._origin
                     ) from exc
                 finally:
                     self._write_scope = None
@@ -726,7 +729,7 @@ class HTTP2Connection:
         except trio.ClosedResourceError:
             return None  # closed by aclose()
         except (trio.BrokenResourceError, OSError) as exc:
-            self._connection_failed(f"the connection broke: {exc!r}", exc)
+            self._connection_failed(f"the connection broke: {words_for(exc)}", exc)
             return None
 
     def _wake(self, received: Received) -> None:

@@ -187,7 +187,7 @@ class URL:
             raise InvalidURL(f"invalid URL {text!r}: {exc}") from exc
         scheme = parts.scheme.lower()
         if scheme not in _DEFAULT_PORTS:
-            raise InvalidURL(f"unsupported URL scheme {parts.scheme!r} (use http or https)")
+            raise InvalidURL(_scheme_error(text, parts))
         if "@" in parts.netloc:
             raise InvalidURL("URL must not contain userinfo; send credentials in a header")
         host = _parse_host(parts, text)
@@ -238,6 +238,15 @@ class URL:
 
     def __repr__(self) -> str:
         return f"URL({str(self)!r})"
+
+
+def _scheme_error(text: str, parts: SplitResult) -> str:
+    """Why ``text`` has no usable scheme: none at all (``example.com/path``, or
+    ``localhost:8000``, which reads as scheme ``localhost``), or one we do not speak."""
+    after = text[len(parts.scheme) + 1 :] if parts.scheme else ""
+    if not parts.scheme or ("://" not in text and after[:1].isdigit()):
+        return f"URL has no scheme: {text!r} is missing 'http://' or 'https://' in front"
+    return f"unsupported URL scheme {parts.scheme!r} in {text!r} (use http or https)"
 
 
 def _quote_non_ascii(text: str) -> str:
