@@ -36,6 +36,9 @@ PINNED = {
         "WriteTimeout",
         "RemoteProtocolError",
         "LocalProtocolError",
+        "TrioRequiredError",
+        "Timeouts",
+        "HTTPConnector",
     ],
     trio_connpool.http: [
         "open_client",
@@ -108,6 +111,18 @@ except AttributeError as exc:
     print(exc)
 """
     assert _python(code) == "module 'trio_connpool' has no attribute 'open_clinet'"
+    # The names of the HTTP layer a recipe needs load it on first use too.
+    code = """
+import sys
+import trio_connpool
+assert "trio_connpool.http" not in sys.modules
+from trio_connpool import Timeouts, HTTPConnector
+import trio_connpool.http
+assert Timeouts is trio_connpool.http.Timeouts
+assert HTTPConnector is trio_connpool.http.HTTPConnector
+print("ok")
+"""
+    assert _python(code) == "ok"
     # The subpackage is reachable as an attribute too, as it was when imported eagerly.
     client = _python("import trio_connpool; print(trio_connpool.http.Client.__name__)")
     assert client == "Client"

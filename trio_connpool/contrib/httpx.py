@@ -60,6 +60,11 @@ trio_connpool                                     httpx
 any other (`TransportError`, `TooManyWaiters`)    `httpx.TransportError`
 ================================================  =============================================
 
+A proxy's error of ours (a class named ``ProxyError``) becomes `httpx.ProxyError`, ahead of
+the table. The message is ours in full, as ``str()`` shows it: what failed, the URL, and the
+root cause in words (``cannot connect to https://host:443: certificate verify failed:
+unable to get local issuer certificate``); ``__cause__`` is our exception.
+
 A URL whose scheme is neither http nor https raises `httpx.UnsupportedProtocol`. Using a
 transport that was never entered, or after its ``async with`` ended, raises `RuntimeError`
 (as httpx does for a closed client): that is a bug in the calling code, not a network
@@ -124,11 +129,20 @@ _ERRORS: Final[tuple[tuple[type[PoolError], type[httpx.TransportError]], ...]] =
 
 
 def _to_httpx(exc: PoolError, request: httpx.Request | None) -> httpx.TransportError:
-    """The httpx exception that stands for ``exc`` (the caller raises it ``from exc``)."""
+    """The httpx exception that stands for ``exc`` (the caller raises it ``from exc``).
+
+    Its message is ours in full: what failed, where, and the root cause in words
+    (``Connection refused``, ``certificate verify failed: ...``), as `str` shows it.
+    """
+    message = str(exc)
+    # A proxy's failure is httpx.ProxyError whatever our class derives from (it may be a
+    # ConnectError: the connect through the proxy failed), so it is looked for first.
+    if any(cls.__name__ == "ProxyError" for cls in type(exc).__mro__):
+        return httpx.ProxyError(message, request=request)
     for ours, theirs in _ERRORS:
         if isinstance(exc, ours):
-            return theirs(str(exc), request=request)
-    return httpx.TransportError(str(exc), request=request)
+            return theirs(message, request=request)
+    return httpx.TransportError(message, request=request)
 
 
 @final
