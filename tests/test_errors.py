@@ -116,6 +116,24 @@ async def test_untrusted_certificate_says_why(tmp_path: Path) -> None:
     assert any(isinstance(exc, ConnectError) for exc in chain)  # the connector's own
 
 
+async def test_hostname_mismatch_says_why(tmp_path: Path) -> None:
+    files = TLSFiles.create(tmp_path)
+    other = files.ca.issue_cert("other.example")  # trusted, but not for 127.0.0.1
+    other.private_key_and_cert_chain_pem.write_to_path(str(files.certfile))
+    other.private_key_pem.write_to_path(str(files.keyfile))
+    async with (
+        serve_hypercorn(CountingApp(), files) as base,
+        open_client(verify=files.client_context()) as client,
+    ):
+        with pytest.raises(ConnectError) as caught:
+            await client.get(base + "/")
+    assert str(caught.value) == (
+        f"cannot connect to {base}: certificate verify failed: "
+        "IP address mismatch, certificate is not valid for '127.0.0.1'."
+    )
+    assert repr(caught.value.key) == f"HTTPKey({base!r}, HTTP/1.1, tls=custom)"
+
+
 async def test_refused_port_says_connection_refused() -> None:
     port = _closed_port()
     async with open_client() as client:

@@ -243,7 +243,9 @@ class TooManyWaiters(PoolError):
 
 
 class ConnectError(PoolError):
-    """Opening a connection failed. The underlying error is in ``__cause__``."""
+    """Opening a connection failed. The underlying error is in ``__cause__``, and the
+    message ends with its words (``Connection refused``, ``Name or service not known``,
+    ``certificate verify failed: ...``)."""
 
 
 class ConnectTimeout(ConnectError):
