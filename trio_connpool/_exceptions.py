@@ -9,7 +9,7 @@ A message says what failed, where, and why, in that order: ``str(error)`` is the
 given when it was raised, then the URL (or the key's origin, or the key) unless the message
 names it already, then the root cause in words, found by walking ``__cause__`` and
 ``__context__`` down to the innermost error (through exception groups, such as the one
-`trio.open_tcp_stream` raises with an error per address tried) and said once:
+`trio.open_tcp_stream` raises with an error per address tried) and said once::
 
     cannot connect to https://127.0.0.1:23443: certificate verify failed: unable to get
     local issuer certificate
