@@ -24,11 +24,12 @@ from _servers import CountingApp, Receive, Scope, Send, serve_hypercorn
 from trio_connpool._commands import (
     UsageError,
     fetch_command,
+    get_command,
     parse_url,
     request_spec,
     url_file_name,
 )
-from trio_connpool.http import URL
+from trio_connpool.http import URL, open_client
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator
@@ -318,16 +319,13 @@ async def test_max_time_bounds_the_whole_command(tmp_path: Path) -> None:
 
 
 async def test_timeout_also_bounds_the_pool_wait(monkeypatch: pytest.MonkeyPatch) -> None:
-    import trio_connpool._commands as commands
-
     seen: list[Any] = []
-    real = commands.open_client
 
     def spy(**options: Any) -> Any:
         seen.append(options["timeouts"])
-        return real(**options)
+        return open_client(**options)
 
-    monkeypatch.setattr(commands, "open_client", spy)
+    monkeypatch.setattr("trio_connpool._commands.open_client", spy)
     url = parse_url("http://127.0.0.1:9/")
     out, err = io.BytesIO(), io.StringIO()
     with trio.fail_after(LIMIT):
@@ -335,8 +333,14 @@ async def test_timeout_also_bounds_the_pool_wait(monkeypatch: pytest.MonkeyPatch
     assert status == 1  # port 9 refuses
     assert out.getvalue() == b""
     assert err.getvalue().startswith("trio-connpool: GET u failed: ConnectError: ")
-    (timeouts,) = seen
-    assert (timeouts.connect, timeouts.read, timeouts.write, timeouts.pool) == (42.0,) * 4
+    with trio.fail_after(LIMIT):
+        status = await get_command(
+            [("u", url), ("v", url)], timeout=43.0, out=io.StringIO(), err=io.StringIO()
+        )
+    assert status == 1
+    one, several = seen
+    assert (one.connect, one.read, one.write, one.pool) == (42.0,) * 4
+    assert (several.connect, several.read, several.write, several.pool) == (43.0,) * 4
 
 
 async def test_several_urls_refuse_stdout_and_include() -> None:
