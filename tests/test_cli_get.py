@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -32,7 +33,7 @@ from trio_connpool._commands import (
 from trio_connpool.http import URL, open_client
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator
+    from collections.abc import AsyncGenerator, Awaitable, Callable
     from pathlib import Path
 
 LIMIT = 20.0
@@ -100,6 +101,21 @@ async def get(
     )
 
 
+async def concurrently(
+    *jobs: Callable[[], Awaitable[subprocess.CompletedProcess[bytes]]],
+) -> list[subprocess.CompletedProcess[bytes]]:
+    """Run the commands at once (each is a separate process); their results in order."""
+    results: list[subprocess.CompletedProcess[bytes] | None] = [None] * len(jobs)
+
+    async def run(index: int) -> None:
+        results[index] = await jobs[index]()
+
+    async with trio.open_nursery() as nursery:
+        for index in range(len(jobs)):
+            nursery.start_soon(run, index)
+    return [result for result in results if result is not None]
+
+
 def echoed(result: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
     assert result.returncode == 0, result.stderr
     answer: dict[str, Any] = json.loads(result.stdout)
@@ -123,8 +139,10 @@ def one_line(stderr: bytes) -> str:
 async def test_one_url_writes_the_body_to_stdout_byte_for_byte(tmp_path: Path) -> None:
     with trio.fail_after(LIMIT):
         async with server() as base:
-            plain = await get(f"{base}/binary", cwd=tmp_path)
-            dash = await get("-o", "-", f"{base}/binary", cwd=tmp_path)
+            plain, dash = await concurrently(
+                partial(get, f"{base}/binary", cwd=tmp_path),
+                partial(get, "-o", "-", f"{base}/binary", cwd=tmp_path),
+            )
     for result in (plain, dash):
         assert result.returncode == 0, result.stderr
         assert result.stdout == BINARY
@@ -137,9 +155,11 @@ async def test_output_file_and_directory_keep_the_right_names(tmp_path: Path) ->
     existing.mkdir()
     with trio.fail_after(LIMIT):
         async with server() as base:
-            to_file = await get("-o", "saved.bin", f"{base}/binary", cwd=tmp_path)
-            to_new_dir = await get("-o", "new/", f"{base}/files/report.txt", cwd=tmp_path)
-            to_old_dir = await get("-o", "existing", f"{base}/", cwd=tmp_path)
+            to_file, to_new_dir, to_old_dir = await concurrently(
+                partial(get, "-o", "saved.bin", f"{base}/binary", cwd=tmp_path),
+                partial(get, "-o", "new/", f"{base}/files/report.txt", cwd=tmp_path),
+                partial(get, "-o", "existing", f"{base}/", cwd=tmp_path),
+            )
             overwrite = await get("-o", "saved.bin", f"{base}/files/x", cwd=tmp_path)
     for result in (to_file, to_new_dir, to_old_dir, overwrite):
         assert result.returncode == 0, result.stderr
@@ -177,48 +197,86 @@ def test_url_file_name(url: str, name: str) -> None:
 # ---- what is sent ------------------------------------------------------------------------
 
 
-async def test_header_method_and_form_data(tmp_path: Path) -> None:
+async def test_header_method_and_form_data_from_the_command_line(tmp_path: Path) -> None:
     (tmp_path / "form.txt").write_bytes(b"a=1\r\n&b=2\n")
     with trio.fail_after(LIMIT):
         async with server() as base:
             url = f"{base}/echo-request"
-            plain = echoed(await get("-H", "X-One: 1", "-H", "X-Two:  two ", url))
-            put = echoed(await get("-X", "PUT", url))
-            form = echoed(await get("-d", "x=1", "-d", "y=2", url))
-            from_file = echoed(await get("-d", "@form.txt", url, cwd=tmp_path))
-            binary = echoed(await get("--data-binary", "@form.txt", url, cwd=tmp_path))
-            stdin = echoed(await get("-d", "@-", url, stdin=b"from=stdin\n"))
-            typed = echoed(await get("-d", "{}", "-H", "content-type: text/plain", url))
-            patch = echoed(await get("-X", "PATCH", "-d", "z", url))
-    assert plain["method"] == "GET"
-    assert plain["headers"]["x-one"] == "1"
-    assert plain["headers"]["x-two"] == "two"
+            results = await concurrently(
+                partial(
+                    get,
+                    "-H",
+                    "X-One: 1",
+                    "-H",
+                    "X-Two:  two ",
+                    "-X",
+                    "PUT",
+                    "-d",
+                    "@form.txt",
+                    "-d",
+                    "y=2",
+                    url,
+                    cwd=tmp_path,
+                ),
+                partial(get, "-d", "@-", url, stdin=b"from=stdin\n"),
+                partial(
+                    get,
+                    "--data-binary",
+                    "@form.txt",
+                    "-H",
+                    "content-type: text/plain",
+                    url,
+                    cwd=tmp_path,
+                ),
+                partial(get, "--json", '{"a": 1}', url),
+                partial(get, "--json", "{}", "-d", "x", url),
+            )
+    put, stdin, binary, inline = map(echoed, results[:4])
     assert put["method"] == "PUT"
-    assert form["method"] == "POST"
-    assert form["body"] == "x=1&y=2"
-    assert form["headers"]["content-type"] == "application/x-www-form-urlencoded"
-    assert from_file["body"] == "a=1&b=2"  # -d @FILE drops newlines, as curl does
-    assert binary["body"] == "a=1\r\n&b=2\n"
-    assert stdin["body"] == "from=stdin"
-    assert typed["headers"]["content-type"] == "text/plain"  # -H wins over -d's type
-    assert (patch["method"], patch["body"]) == ("PATCH", "z")
-
-
-async def test_json_sets_content_type_accept_and_post(tmp_path: Path) -> None:
-    (tmp_path / "body.json").write_bytes(b'{"from": "file"}\n')
-    with trio.fail_after(LIMIT):
-        async with server() as base:
-            url = f"{base}/echo-request"
-            inline = echoed(await get("--json", '{"a": 1}', url))
-            from_file = echoed(await get("--json", "@body.json", url, cwd=tmp_path))
-            mixed = await get("--json", "{}", "-d", "x", url)
+    assert put["headers"]["x-one"] == "1"
+    assert put["headers"]["x-two"] == "two"
+    assert put["body"] == "a=1&b=2&y=2"  # -d @FILE drops newlines, as curl does; & joins
+    assert put["headers"]["content-type"] == "application/x-www-form-urlencoded"
+    assert (stdin["method"], stdin["body"]) == ("POST", "from=stdin")
+    assert binary["body"] == "a=1\r\n&b=2\n"  # --data-binary sends the file as it is
+    assert binary["headers"]["content-type"] == "text/plain"  # -H wins over the implied type
     assert inline["method"] == "POST"
     assert json.loads(inline["body"]) == {"a": 1}
     assert inline["headers"]["content-type"] == "application/json"
     assert inline["headers"]["accept"] == "application/json"
-    assert from_file["body"] == '{"from": "file"}\n'  # sent as it is
+    mixed = results[4]
     assert mixed.returncode == 2
     assert "--json cannot be combined" in one_line(mixed.stderr)
+
+
+async def test_request_spec_is_what_the_server_receives(tmp_path: Path) -> None:
+    (tmp_path / "body.json").write_bytes(b'{"from": "file"}\n')
+    specs = [
+        request_spec(),
+        request_spec(data=["x=1"]),
+        request_spec(method="PATCH", data=["z"]),
+        request_spec(json=[f"@{tmp_path / 'body.json'}"]),
+        request_spec(data=["{}"], headers=["Content-Type:"]),
+    ]
+    received = []
+    with trio.fail_after(LIMIT):
+        async with server() as base:
+            url = parse_url(f"{base}/echo-request")
+            for spec in specs:
+                out = io.BytesIO()
+                assert await fetch_command("u", url, spec=spec, out=out, err=io.StringIO()) == 0
+                answer = json.loads(out.getvalue())
+                answer["headers"] = dict(answer["headers"])
+                received.append(answer)
+    plain, form, patch, from_file, untyped = received
+    assert plain["method"] == "GET"
+    assert plain["body"] == ""
+    assert "content-type" not in plain["headers"]
+    assert (form["method"], form["body"]) == ("POST", "x=1")
+    assert (patch["method"], patch["body"]) == ("PATCH", "z")
+    assert from_file["body"] == '{"from": "file"}\n'  # --json @FILE is sent as it is
+    assert from_file["headers"]["content-type"] == "application/json"
+    assert "content-type" not in untyped["headers"]  # -H 'Content-Type:' dropped it
 
 
 def test_request_spec_can_drop_an_implied_header() -> None:
@@ -235,8 +293,9 @@ async def test_location_follows_redirects() -> None:
     # Needs Client.request()/stream(follow_redirects=True).
     with trio.fail_after(LIMIT):
         async with server() as base:
-            unfollowed = await get(f"{base}/redirect")
-            followed = await get("-L", f"{base}/redirect")
+            unfollowed, followed = await concurrently(
+                partial(get, f"{base}/redirect"), partial(get, "-L", f"{base}/redirect")
+            )
     assert unfollowed.returncode == 0
     assert unfollowed.stdout == b"moved"
     assert echoed(followed)["method"] == "GET"
@@ -289,9 +348,11 @@ async def test_verbose_with_several_urls_counts_reused_connections() -> None:
 async def test_fail_exits_22_without_a_body() -> None:
     with trio.fail_after(LIMIT):
         async with server() as base:
-            plain = await get(f"{base}/nothing-here")
-            failed = await get("-f", f"{base}/nothing-here")
-            fine = await get("-f", f"{base}/")
+            plain, failed, fine = await concurrently(
+                partial(get, f"{base}/nothing-here"),
+                partial(get, "-f", f"{base}/nothing-here"),
+                partial(get, "-f", f"{base}/"),
+            )
     assert plain.returncode == 0  # curl: an HTTP error status is still a transfer
     assert plain.stdout == b"not found"
     assert failed.returncode == 22
@@ -345,8 +406,10 @@ async def test_timeout_also_bounds_the_pool_wait(monkeypatch: pytest.MonkeyPatch
 
 async def test_several_urls_refuse_stdout_and_include() -> None:
     with trio.fail_after(LIMIT):
-        dash = await get("-o", "-", "http://127.0.0.1:9/a", "http://127.0.0.1:9/b")
-        include = await get("-i", "http://127.0.0.1:9/a", "http://127.0.0.1:9/b")
+        dash, include = await concurrently(
+            partial(get, "-o", "-", "http://127.0.0.1:9/a", "http://127.0.0.1:9/b"),
+            partial(get, "-i", "http://127.0.0.1:9/a", "http://127.0.0.1:9/b"),
+        )
     assert dash.returncode == 2
     assert "several URLs cannot share stdout" in one_line(dash.stderr)
     assert include.returncode == 2
