@@ -258,7 +258,7 @@ async def test_request_spec_is_what_the_server_receives(tmp_path: Path) -> None:
         request_spec(json=[f"@{tmp_path / 'body.json'}"]),
         request_spec(data=["{}"], headers=["Content-Type:"]),
     ]
-    received = []
+    received: list[dict[str, Any]] = []
     with trio.fail_after(LIMIT):
         async with server() as base:
             url = parse_url(f"{base}/echo-request")
