@@ -290,15 +290,25 @@ def test_request_spec_can_drop_an_implied_header() -> None:
 
 
 async def test_location_follows_redirects() -> None:
-    # Needs Client.request()/stream(follow_redirects=True).
+    # Needs Client.request()/stream(follow_redirects=True, max_redirects=N).
     with trio.fail_after(LIMIT):
         async with server() as base:
-            unfollowed, followed = await concurrently(
-                partial(get, f"{base}/redirect"), partial(get, "-L", f"{base}/redirect")
+            unfollowed, followed, verbose, limited = await concurrently(
+                partial(get, f"{base}/redirect"),
+                partial(get, "-L", f"{base}/redirect"),
+                partial(get, "-L", "-v", f"{base}/redirect"),
+                partial(get, "-L", "--max-redirs", "0", f"{base}/redirect"),
             )
     assert unfollowed.returncode == 0
     assert unfollowed.stdout == b"moved"
     assert echoed(followed)["method"] == "GET"
+    assert echoed(verbose)["method"] == "GET"
+    # Two requests, the second on the connection the first one opened.
+    assert "over a new connection (1 opened; " in verbose.stderr.decode()
+    assert "; 2 request(s)" in verbose.stderr.decode()
+    assert limited.returncode == 1
+    assert limited.stdout == b""
+    assert f"trio-connpool: GET {base}/redirect failed: " in one_line(limited.stderr)
 
 
 # ---- what is shown -----------------------------------------------------------------------

@@ -68,6 +68,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -199,6 +209,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     get.add_argument("-L", "--location", action="store_true", help="follow redirects")
     get.add_argument(
+        "--max-redirs",
+        type=_count,
+        metavar="N",
+        help="with -L, follow at most N redirects (default: the client's limit)",
+    )
+    get.add_argument(
         "-i",
         "--include",
         action="store_true",
@@ -279,6 +295,7 @@ def _run_get(args: argparse.Namespace) -> int:
         data_binary=args.data_binary,
         json=args.json,
         follow_redirects=args.location,
+        max_redirects=args.max_redirs,
     )
     if len(args.urls) == 1:
         text, url = args.urls[0]

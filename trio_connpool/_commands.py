@@ -466,11 +466,13 @@ class RequestSpec:
         content: bytes | None = None,
         *,
         follow_redirects: bool = False,
+        max_redirects: int | None = None,
     ) -> None:
         self.method = method
         self.headers = list(headers)
         self.content = content
         self.follow_redirects = follow_redirects
+        self.max_redirects = max_redirects
 
     def keywords(self) -> dict[str, Any]:
         """The keyword arguments for ``client.stream()``/``request()`` besides method and URL."""
@@ -480,7 +482,10 @@ class RequestSpec:
         if self.content is not None:
             keywords["content"] = self.content
         if self.follow_redirects:
+            # Only when asked for: a plain request passes no redirect keywords at all.
             keywords["follow_redirects"] = True
+            if self.max_redirects is not None:
+                keywords["max_redirects"] = self.max_redirects
         return keywords
 
 
@@ -516,9 +521,10 @@ def request_spec(
     data_binary: Sequence[str] = (),
     json: Sequence[str] = (),
     follow_redirects: bool = False,
+    max_redirects: int | None = None,
 ) -> RequestSpec:
     """Build the request from curl's options (``-X``, ``-H``, ``-d``, ``--data-binary``,
-    ``--json``, ``-L``), with curl's meaning.
+    ``--json``, ``-L``, ``--max-redirs``), with curl's meaning.
 
     Several ``-d``/``--data-binary`` are joined with ``&``; several ``--json`` are
     concatenated. Data makes the default method POST, with ``Content-Type:
@@ -548,7 +554,13 @@ def request_spec(
     named = {name.lower() for name, _ in given} | dropped
     all_headers = [(n, v) for n, v in implied if n.lower() not in named] + given
     chosen = method if method is not None else ("POST" if content is not None else "GET")
-    return RequestSpec(chosen, all_headers, content, follow_redirects=follow_redirects)
+    return RequestSpec(
+        chosen,
+        all_headers,
+        content,
+        follow_redirects=follow_redirects,
+        max_redirects=max_redirects,
+    )
 
 
 # ---- get -------------------------------------------------------------------------------
