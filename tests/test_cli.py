@@ -186,7 +186,7 @@ async def test_get_https_verifies_unless_insecure(tmp_path: Path) -> None:
     assert line.startswith(f"trio-connpool: GET {base}/ failed: ConnectError: ")
     assert ": certificate verify failed: " in line  # OpenSSL's words follow
     assert insecure.returncode == 0, insecure.stderr
-    assert insecure.stdout.decode().startswith("200 12 bytes ")
+    assert insecure.stdout == b"hello, world"  # one URL: the body, as curl
 
 
 async def test_get_refused_port_is_one_line_and_exit_1() -> None:
@@ -239,7 +239,9 @@ async def test_usage_errors_exit_2(args: list[str]) -> None:
 async def test_output_dir_that_is_a_file_is_a_usage_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"")
     with trio.fail_after(LIMIT):
-        result = await cli("get", "-o", str(tmp_path / "file"), "http://127.0.0.1:9/")
+        result = await cli(
+            "get", "-o", str(tmp_path / "file"), "http://127.0.0.1:9/", "http://127.0.0.1:9/b"
+        )
     assert result.returncode == 2
     assert "is not a directory" in assert_one_line_error(result)
 
@@ -349,10 +351,12 @@ async def test_progress_bar_on_a_terminal_only_with_tqdm() -> None:
             assert status == 0, drawn
             assert b"0/200" in drawn  # tqdm drew its bar
             assert b"Traceback" not in drawn
-            # Without tqdm: no bar, and no error either.
+            # Without tqdm: a plain line, redrawn in place, and no error.
             status, drawn = await _run_on_terminal([sys.executable, "-c", NO_TQDM, *args])
             assert status == 0, drawn
-            assert drawn == b""
+            assert drawn.startswith(b"\r\x1b[Kload: 0/200 req, ")
+            assert drawn.endswith(b"\r\x1b[K")  # erased before the summary
+            assert b"Traceback" not in drawn
             # --no-progress: none even with tqdm.
             status, drawn = await _run_on_terminal(
                 [sys.executable, "-m", "trio_connpool", *args, "--no-progress"]
@@ -380,14 +384,22 @@ def test_progress_switches() -> None:
     assert terminal.getvalue() == ""
 
 
-def test_progress_without_tqdm_is_silent(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_progress_without_tqdm_is_a_plain_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
-    terminal = _Terminal()
+    terminal, out = _Terminal(), io.StringIO()
     bar = Progress(3, description="x", stream=terminal, enabled=True)
-    assert not bar.shown
+    assert bar.shown
     bar.advance()
+    bar.advance(failed=True)
+    bar.refresh()
+    bar.print("above", out)
     bar.close()
-    assert terminal.getvalue() == ""
+    bar.close()  # idempotent
+    drawn = terminal.getvalue()
+    assert drawn.startswith("\r\x1b[Kx: 0/3 req, 0.0 s, ")
+    assert "\r\x1b[Kx: 2/3 req, 1 failed, " in drawn
+    assert drawn.endswith("\r\x1b[K")  # erased at the end
+    assert out.getvalue() == "above\n"
 
 
 # ---- demo --------------------------------------------------------------------------------

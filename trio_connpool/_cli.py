@@ -1,12 +1,15 @@
 """The command line: ``python -m trio_connpool {demo,get,load}``.
 
 - ``demo``: the client against an embedded server (no network needed).
-- ``get URL...``: fetch URLs concurrently through one pool; a line per URL, or ``-o DIR``.
+- ``get URL``: one URL, like curl: the body on stdout (or ``-o FILE``/``-o DIR/``), with
+  curl's ``-X``, ``-H``, ``-d``, ``--json``, ``-L``, ``-i``, ``-f``, ``-v``, ``-m``.
+- ``get URL URL...``: fetch URLs concurrently through one pool; a line per URL, or ``-o DIR``.
 - ``load URL -n N -c C``: a small load generator; throughput, latency percentiles, pool
-  statistics.
+  statistics; Ctrl-C prints what was done so far.
 
 Exit status: 0 when everything succeeded, 1 when a request failed, 2 for a usage error (a bad
-option or URL); 130 when interrupted. Errors are one line on stderr, never a traceback.
+option or URL), 22 for ``get -f`` and a status of 400 or more; 130 when interrupted. Errors
+are one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ import trio
 
 from ._commands import (
     PROG,
+    LoadReport,
     UsageError,
     describe,
+    fetch_command,
     get_command,
     load_command,
     parse_url,
     prepare_directory,
+    request_spec,
+    resolve_output,
 )
 from ._demo import run_demo
 from ._exceptions import PoolError
@@ -61,6 +68,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -90,7 +107,8 @@ def _add_client_options(command: argparse.ArgumentParser) -> None:
         type=_positive_float,
         default=_DEFAULT_TIMEOUT,
         metavar="SECONDS",
-        help=f"bound on each connect, read and write (default {_DEFAULT_TIMEOUT:g})",
+        help="bound on each connect, read and write, and on the wait for a connection "
+        f"(default {_DEFAULT_TIMEOUT:g})",
     )
     command.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
 
@@ -100,32 +118,136 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="run a self-contained demonstration")
-    demo.add_argument("-n", "--requests", type=int, default=3000, help="requests to send")
-    demo.add_argument("-c", "--concurrency", type=int, default=200, help="concurrent tasks")
-    demo.add_argument("--quiet", action="store_true", help="no progress line")
+    demo = commands.add_parser(
+        "demo",
+        help="run a self-contained demonstration",
+        description="Start an embedded HTTP/1.1 and HTTP/2 (h2c) server on 127.0.0.1 and "
+        "send it N GET requests from C concurrent tasks through one client, once over "
+        "HTTP/1.1 (a pool of keep-alive connections) and once over HTTP/2 (one multiplexed "
+        "connection). Prints requests/s, latency percentiles and how many connections the "
+        "server saw. Needs no network.",
+    )
+    demo.add_argument(
+        "-n",
+        "--requests",
+        type=int,
+        default=3000,
+        metavar="N",
+        help="requests per protocol (default 3000)",
+    )
+    demo.add_argument(
+        "-c",
+        "--concurrency",
+        type=int,
+        default=200,
+        metavar="C",
+        help="concurrent tasks sending them (default 200)",
+    )
+    demo.add_argument(
+        "--quiet", action="store_true", help="no progress line (drawn only on a terminal)"
+    )
 
     get = commands.add_parser(
         "get",
-        help="fetch URLs concurrently through one pool",
-        description="Fetch URLs concurrently through one pool. Prints STATUS BYTES TIME URL "
-        "for each as it completes (on stdout) or why it failed (on stderr). Exit status 1 if "
-        "any failed or answered with a status of 400 or more.",
+        help="fetch one URL like curl, or many concurrently through one pool",
+        description="With one URL: write the response body to stdout (binary-safe), like "
+        "curl; -o saves it instead. With several URLs: fetch them concurrently through one "
+        "pool and print STATUS BYTES TIME URL for each as it completes (on stdout), or why "
+        "it failed (on stderr); -o DIR saves each body in DIR. Errors go to stderr, one "
+        "line each.",
+        epilog="Exit status: 0 success; 1 a request failed (connection, TLS, timeout), or, "
+        "with several URLs, a status of 400 or more; 2 a usage error; 22 with -f and one "
+        "URL, a status of 400 or more; 130 interrupted.",
     )
     get.add_argument("urls", nargs="+", type=_url, metavar="URL", help="http or https URL")
+    get.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="one URL: '-' for stdout (the default), a FILE, or a DIR/ (trailing slash or an "
+        "existing directory) to keep the URL's file name (index.html when it has none); "
+        "several URLs: a directory (created if needed), each file named after its whole URL",
+    )
+    get.add_argument(
+        "-X",
+        "--request",
+        dest="method",
+        metavar="METHOD",
+        help="request method (default GET, or POST with -d/--json)",
+    )
+    get.add_argument(
+        "-H",
+        "--header",
+        dest="headers",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="add a request header (repeatable); 'NAME:' drops one -d/--json would add",
+    )
+    get.add_argument(
+        "-d",
+        "--data",
+        action="append",
+        default=[],
+        metavar="DATA",
+        help="send DATA as the body (POST, application/x-www-form-urlencoded); @FILE reads "
+        "FILE without its newlines, @- stdin; repeated: joined with &",
+    )
+    get.add_argument(
+        "--data-binary",
+        action="append",
+        default=[],
+        metavar="DATA",
+        help="like -d, but @FILE is sent exactly as it is",
+    )
+    get.add_argument(
+        "--json",
+        action="append",
+        default=[],
+        metavar="DATA",
+        help="send DATA (or @FILE) as a JSON body: POST, Content-Type and Accept application/json",
+    )
+    get.add_argument("-L", "--location", action="store_true", help="follow redirects")
+    get.add_argument(
+        "--max-redirs",
+        type=_count,
+        metavar="N",
+        help="with -L, follow at most N redirects (default: the client's limit)",
+    )
+    get.add_argument(
+        "-i",
+        "--include",
+        action="store_true",
+        help="one URL: write the response status line and headers before the body",
+    )
+    get.add_argument(
+        "-f",
+        "--fail",
+        action="store_true",
+        help="one URL: on a status of 400 or more write no body and exit 22",
+    )
+    get.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="on stderr: the request, the response head, the protocol, whether the "
+        "connection was new (its connect time) or reused, and the times to the first byte "
+        "and to the end",
+    )
     get.add_argument(
         "-c",
         "--concurrency",
         type=_positive_int,
         default=10,
         metavar="N",
-        help="requests in flight at once, and the most connections (default 10)",
+        help="several URLs: requests in flight at once, and the most connections (default 10)",
     )
     get.add_argument(
-        "-o",
-        "--output-dir",
-        metavar="DIR",
-        help="write each body to a file in DIR (created if needed), named after its URL",
+        "-m",
+        "--max-time",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="a bound on the whole command (default none)",
     )
     _add_client_options(get)
 
@@ -133,7 +255,9 @@ def _parser() -> argparse.ArgumentParser:
         "load",
         help="a small load generator",
         description="Send N GET requests to URL from C concurrent tasks through one pool, "
-        "then print the throughput, latency percentiles and the pool's statistics.",
+        "then print the throughput, latency percentiles and the pool's statistics. On a "
+        "terminal a progress line is drawn on stderr (a tqdm bar with the 'progress' extra "
+        "installed). Ctrl-C stops the run and prints what was done so far (exit 130).",
     )
     load.add_argument("url", type=_url, metavar="URL", help="http or https URL")
     load.add_argument(
@@ -163,6 +287,58 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
+def _run_get(args: argparse.Namespace) -> int:
+    spec = request_spec(
+        method=args.method,
+        headers=args.headers,
+        data=args.data,
+        data_binary=args.data_binary,
+        json=args.json,
+        follow_redirects=args.location,
+        max_redirects=args.max_redirs,
+    )
+    if len(args.urls) == 1:
+        text, url = args.urls[0]
+        output, named = resolve_output(args.output, url)
+        return trio.run(
+            partial(
+                fetch_command,
+                text,
+                url,
+                spec=spec,
+                output=output,
+                output_named=named,
+                include=args.include,
+                verbose=args.verbose,
+                fail=args.fail,
+                http2=args.http2,
+                insecure=args.insecure,
+                timeout=args.timeout,
+                max_time=args.max_time,
+            )
+        )
+    if args.output == "-":
+        raise UsageError("-o -: several URLs cannot share stdout; give -o a directory")
+    if args.include:
+        raise UsageError("-i/--include: only with one URL")
+    output_dir = prepare_directory(args.output) if args.output else None
+    return trio.run(
+        partial(
+            get_command,
+            args.urls,
+            concurrency=args.concurrency,
+            http2=args.http2,
+            insecure=args.insecure,
+            timeout=args.timeout,
+            output_dir=output_dir,
+            progress=not args.no_progress,
+            spec=spec,
+            max_time=args.max_time,
+            verbose=args.verbose,
+        )
+    )
+
+
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "demo":
         if args.requests < 1 or args.concurrency < 1:
@@ -172,35 +348,31 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 run_demo, requests=args.requests, concurrency=args.concurrency, quiet=args.quiet
             )
         )
-    progress = not args.no_progress
     if args.command == "get":
-        output_dir = prepare_directory(args.output_dir) if args.output_dir else None
+        return _run_get(args)
+    text, url = args.url
+    report = LoadReport(text, args.requests)
+    try:
         return trio.run(
             partial(
-                get_command,
-                args.urls,
+                load_command,
+                text,
+                url,
+                requests=args.requests,
                 concurrency=args.concurrency,
                 http2=args.http2,
                 insecure=args.insecure,
                 timeout=args.timeout,
-                output_dir=output_dir,
-                progress=progress,
+                progress=not args.no_progress,
+                report=report,
             )
         )
-    text, url = args.url
-    return trio.run(
-        partial(
-            load_command,
-            text,
-            url,
-            requests=args.requests,
-            concurrency=args.concurrency,
-            http2=args.http2,
-            insecure=args.insecure,
-            timeout=args.timeout,
-            progress=progress,
-        )
-    )
+    except (KeyboardInterrupt, BaseExceptionGroup) as exc:
+        if all(isinstance(leaf, KeyboardInterrupt) for leaf in _leaves(exc)):
+            # Ctrl-C: say what was done before it (the bar was erased as the run unwound).
+            with contextlib.suppress(OSError, ValueError):  # a closed stdout: nothing to say
+                report.print(sys.stdout, sys.stderr, interrupted=True)
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -210,7 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: The arguments (default ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 success, 1 a request failed, 2 usage error, 130 interrupted.
+        The exit status: 0 success, 1 a request failed, 2 usage error, 22 ``get -f`` and an
+        HTTP error status, 130 interrupted.
     """
     parser = _parser()
     args = parser.parse_args(argv)
