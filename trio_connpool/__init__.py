@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 from ._exceptions import (
     ConnectError as ConnectError,
     ConnectTimeout as ConnectTimeout,
+    DecodingError as DecodingError,
+    HTTPStatusError as HTTPStatusError,
     InvalidHeader as InvalidHeader,
     InvalidURL as InvalidURL,
     LocalProtocolError as LocalProtocolError,
@@ -90,6 +92,8 @@ __all__ = [
     "ConnectError",
     "ConnectTimeout",
     "Connection",
+    "DecodingError",
+    "HTTPStatusError",
     "Instrument",
     "LoggingInstrument",
     "InvalidHeader",
