@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import gzip
 import json
+import math
 import tracemalloc
 import zlib
 from typing import Any
@@ -278,6 +279,7 @@ class ChunkStream:
     def __init__(self, chunks: list[bytes]) -> None:
         self.chunks = list(chunks)
         self.closed = False
+        self.closed_without_waiting = False
 
     async def receive_some(self) -> bytes:
         await trio.lowlevel.checkpoint()
@@ -288,6 +290,8 @@ class ChunkStream:
 
     async def aclose(self) -> None:
         self.closed = True  # released even when cancelled, as trio's aclose contract says
+        # Asked to close at once: a connection's stream then drains only what has arrived.
+        self.closed_without_waiting = trio.current_effective_deadline() == -math.inf
         await trio.lowlevel.checkpoint()
 
 
@@ -341,6 +345,7 @@ async def test_aread_after_corrupt_data_closes_the_stream_and_names_the_url() ->
     stream = response.stream
     assert isinstance(stream, ChunkStream)
     assert stream.closed
+    assert stream.closed_without_waiting
     assert stream.chunks == [b"more"]  # stopped at once: the rest was never read
 
 
@@ -541,6 +546,11 @@ async def test_elapsed_runs_from_the_request_to_the_end_of_the_body() -> None:
         async with client.stream("GET", server.url("/")) as early:
             pass
         assert early.elapsed < datetime.timedelta(seconds=WAIT)
+    # A response that arrives whole in one read ends on the client's fast path: timed too.
+    async with run_fault_server() as server, open_client() as client:
+        for _ in range(3):
+            response = await client.get(server.url("/"))
+            assert datetime.timedelta(0) < response.elapsed < datetime.timedelta(seconds=WAIT)
 
 
 async def test_a_plain_body_costs_one_header_pass() -> None:
@@ -553,3 +563,19 @@ async def test_a_plain_body_costs_one_header_pass() -> None:
         assert response.headers._names is None  # pyright: ignore[reportPrivateUsage]
         gzipped = await client.get(base + "/gzip")
         assert gzipped.content == TEXT.encode()
+
+
+async def test_the_httpx_transport_hands_httpx_the_raw_bytes() -> None:
+    # httpx undoes the content coding itself: the transport must not do it first.
+    httpx = pytest.importorskip("httpx")
+    from trio_connpool.contrib.httpx import AsyncPoolTransport
+
+    app = EncodingApp()
+    async with (
+        serve_hypercorn(app) as base,
+        AsyncPoolTransport() as transport,
+        httpx.AsyncClient(transport=transport) as client,
+    ):
+        for path in ("/gzip", "/deflate"):
+            response = await client.get(base + path)
+            assert response.text == TEXT
