@@ -35,7 +35,7 @@ from _servers import (
 
 import trio_connpool
 from trio_connpool import DecodingError, HTTPStatusError, PoolError, RemoteProtocolError
-from trio_connpool.http import Request, Response, open_client
+from trio_connpool.http import NoPoolSender, Request, Response, open_client
 from trio_connpool.http._decoders import (
     MAX_DECODED_STEP,
     ContentDecoder,
@@ -392,6 +392,19 @@ class EncodingApp(CountingApp):
             headers.append((b"content-encoding", b"gzip"))
         elif path == "/plain":
             body = TEXT.encode()
+        elif path == "/corrupt":
+            # A gzip header, then bytes that are no deflate data, then more of the body.
+            start = {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-encoding", b"gzip")],
+            }
+            await send(start)
+            corrupt = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\xff" * 100
+            await send({"type": "http.response.body", "body": corrupt, "more_body": True})
+            await trio.sleep(0.05)
+            await send({"type": "http.response.body", "body": b"rest" * 1000})
+            return
         else:
             await super()._route(scope, receive, send)
             return
@@ -435,8 +448,36 @@ async def test_decoded_bodies_end_to_end(http2: bool) -> None:
         with pytest.raises(HTTPStatusError, match="'404 Not Found' for url") as caught:
             (await client.get(base + "/status/404")).raise_for_status()
         assert caught.value.response.is_client_error
+        slow = await client.get(base + "/slow/100")
+        assert datetime.timedelta(seconds=0.1) <= slow.elapsed < datetime.timedelta(seconds=WAIT)
         assert_pool_balanced(client.pool, idle=1)
     assert app.connections == 1
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http11", "h2c"])
+async def test_corrupt_body_end_to_end(http2: bool) -> None:
+    app = EncodingApp()
+    async with (
+        serve_hypercorn(app) as base,
+        open_client(http2=http2, http1=not http2) as client,
+    ):
+        with trio.fail_after(WAIT), pytest.raises(DecodingError, match="invalid gzip data"):
+            await client.get(base + "/corrupt")
+        async with client.stream("GET", base + "/corrupt") as response:
+            with trio.fail_after(WAIT), pytest.raises(DecodingError):
+                await response.aiter_text().__anext__()
+            assert response.is_closed
+        assert_pool_balanced(client.pool)
+        assert (await client.get(base + "/plain")).text == TEXT
+
+
+async def test_elapsed_without_a_pool() -> None:
+    app = EncodingApp()
+    async with serve_hypercorn(app) as base, open_client(pool=NoPoolSender()) as client:
+        response = await client.get(base + "/slow/100")
+        assert datetime.timedelta(seconds=0.1) <= response.elapsed
+        assert response.elapsed < datetime.timedelta(seconds=WAIT)
+        assert response.text == "slow"
 
 
 @pytest.mark.parametrize("http2", [False, True], ids=["http11", "h2c"])

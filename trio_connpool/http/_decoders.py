@@ -103,14 +103,16 @@ class _ZlibStage:
 class ContentDecoder:
     """Undoes a body's content codings, at most `MAX_DECODED_STEP` bytes per `read`.
 
-    Use: `feed` a chunk, then `read` until it returns ``b""``; at the body's end call
-    `finish`, which also returns what is left, in pieces (see `read`), through the same loop:
-    call `read` until ``b""`` after it, then `check_end`. `decode_all` does all of that for
-    one piece of input.
+    Use: `feed` a chunk, then `read` until it returns ``b""`` (it needs more input); at the
+    body's end call `finish`, `read` until ``b""`` again (a short first piece held back comes
+    out now), then `check_end`. `decode_all` feeds and reads one chunk in one call.
+
+    Args:
+        codings: The codings in the order they were applied (``"gzip"`` or ``"deflate"``).
+        limit: The most bytes one `read` returns.
 
     Raises:
-        DecodingError: From `read`, `finish` or `check_end`, if the data is corrupt or
-            truncated.
+        DecodingError: From `read` or `check_end`, if the data is corrupt or truncated.
     """
 
     __slots__ = ("_ended", "_limit", "_stages")
