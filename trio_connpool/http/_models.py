@@ -1136,8 +1136,9 @@ class Response:
 
     async def _decoding_failed(self, exc: DecodingError) -> None:
         """The body cannot be decoded: name the request in ``exc``, and close the response
-        at once, without waiting for the rest of the body (the connection is closed, not
-        given back, unless that rest had already arrived whole)."""
+        at once, without waiting for the rest of the body. An HTTP/1.1 connection is then
+        closed, not given back, unless that rest had already arrived whole; an HTTP/2 stream
+        is reset."""
         exc.key = self.request.url.origin
         exc.url = str(self.request.url)
         self._consumed = True
