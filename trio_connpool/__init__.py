@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 from ._exceptions import (
     ConnectError as ConnectError,
     ConnectTimeout as ConnectTimeout,
+    DecodingError as DecodingError,
+    HTTPStatusError as HTTPStatusError,
     InvalidHeader as InvalidHeader,
     InvalidURL as InvalidURL,
     LocalProtocolError as LocalProtocolError,
@@ -101,6 +103,8 @@ __all__ = [
     "ConnectTimeout",
     "Connection",
     "HTTPConnector",
+    "DecodingError",
+    "HTTPStatusError",
     "Instrument",
     "LoggingInstrument",
     "InvalidHeader",

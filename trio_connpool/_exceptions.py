@@ -25,11 +25,13 @@ library used outside a trio run), not a failure of the network.
     ├── TooManyWaiters        the waiter queue for a key is full
     ├── ConnectError          a connect failed (refused, DNS, TLS, the connector raised)
     │   └── ConnectTimeout
+    ├── HTTPStatusError       raise_for_status() found a status other than 2xx
     └── TransportError        an exchange on an open connection failed
         ├── ReadTimeout
         ├── WriteTimeout
         ├── RemoteProtocolError   the peer broke the protocol (truncated body, garbage)
-        │   └── ServerDisconnected    the server closed before sending any byte of a response
+        │   ├── ServerDisconnected    the server closed before sending any byte of a response
+        │   └── DecodingError         a gzip or deflate body is corrupt or truncated
         └── LocalProtocolError    we were asked to send something illegal
             ├── InvalidURL        (also a ValueError)
             └── InvalidHeader     (also a ValueError)
@@ -49,9 +51,13 @@ if sys.version_info < (3, 11):  # pragma: no cover - exercised on Python 3.10 on
 if TYPE_CHECKING:
     from collections.abc import Hashable
 
+    from .http._models import Request, Response
+
 __all__ = [
     "ConnectError",
     "ConnectTimeout",
+    "DecodingError",
+    "HTTPStatusError",
     "InvalidHeader",
     "InvalidURL",
     "LocalProtocolError",
@@ -318,3 +324,31 @@ class TrioRequiredError(RuntimeError):
     program with ``trio.run(main)``. Raised by the entry points (`open_client`, `open_pool`,
     `create_pool`), at once, instead of an error from deep inside.
     """
+
+
+class DecodingError(RemoteProtocolError):
+    """A response body could not be decoded: its ``Content-Encoding`` (gzip, deflate) data is
+    corrupt or truncated.
+
+    The response is closed when this is raised; reading stops without waiting for the rest
+    of the body.
+    """
+
+
+class HTTPStatusError(PoolError):
+    """`Response.raise_for_status` found a status other than 2xx.
+
+    Attributes:
+        request: The request.
+        response: The response (its body may still be unread; the client's
+            ``request()`` has read it).
+    """
+
+    def __init__(self, message: str, *, request: Request, response: Response) -> None:
+        super().__init__(message, key=request.url.origin, url=str(request.url))
+        self.request = request
+        self.response = response
+
+    def __str__(self) -> str:
+        # The message names the URL already, as httpx's does.
+        return Exception.__str__(self)

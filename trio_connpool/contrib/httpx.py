@@ -200,7 +200,8 @@ class PoolResponseStream(httpx.AsyncByteStream):
             httpx.TransportError: A subclass, when reading failed (see the module's table).
             RuntimeError: (when iterated) the body was already read or closed.
         """
-        return _MappedChunks(self._response.aiter_bytes(), self._request)
+        # As received: httpx undoes the content coding itself.
+        return _MappedChunks(self._response.aiter_raw(), self._request)
 
     async def aclose(self) -> None:
         """Release the body: give the connection back, or close it. Idempotent.

@@ -71,7 +71,8 @@ if TYPE_CHECKING:
 # Private names shared with the layers below, on purpose (each use silences pyright's
 # reportPrivateUsage): ``Request._with_own_headers`` builds a request around headers made
 # for it alone, without copying them; ``Response._read_all`` reads a body without the extra
-# yield `Response.aread` makes, which the request's own I/O has made already.
+# yield `Response.aread` makes, which the request's own I/O has made already;
+# ``Response._started_at`` is when the sender started, for ``Response.elapsed``.
 
 __all__ = [
     "CLIENT_POOL_OPTIONS",
@@ -485,8 +486,9 @@ class PoolSender:
         """Lease a connection, send ``request``, and tie the lease to the response body."""
         key = self.key_for(request.url.origin)
         timeout = self.acquire_timeout
+        started = trio.current_time()  # the start of Response.elapsed, as httpx's
         # When waiting for a connection must end, for this request's waits and its retries'.
-        deadline = None if timeout is None else trio.current_time() + timeout
+        deadline = None if timeout is None else started + timeout
         pool = self.pool
         # The request's own I/O is this call's checkpoint; take an idle connection without
         # yielding first (a cancelled task must not lease, hence checkpoint_if_cancelled).
@@ -539,6 +541,7 @@ class PoolSender:
                 pool.release(lease, discard=not connection.is_clean())
                 raise
             response.replace_stream(_LeasedBody(response.stream, pool, lease))
+            response._started_at = started  # pyright: ignore[reportPrivateUsage]
             return response
 
 
@@ -599,6 +602,7 @@ class NoPoolSender:
         """Connect, send ``request``, and close the connection once the response ends."""
         origin = request.url.origin
         key = HTTPKey(origin, tls=self._ssl_context if origin.is_secure else None)
+        started = trio.current_time()  # the start of Response.elapsed, as httpx's
         connection = await self._connector(key)
         try:
             response = await connection.send_request(request)
@@ -607,6 +611,7 @@ class NoPoolSender:
                 await connection.aclose()
             raise
         response.replace_stream(_ClosingBody(response.stream, connection))
+        response._started_at = started  # pyright: ignore[reportPrivateUsage]
         return response
 
 

@@ -14,18 +14,28 @@ and knows how to release the connection when the caller is done with them.
 from __future__ import annotations
 
 import codecs
+import datetime
 import ipaddress
+import json as jsonlib
 import re
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from http import HTTPStatus
-from typing import ClassVar, Final, Protocol, Union, cast, final
+from typing import Any, ClassVar, Final, Protocol, Union, cast, final
 from urllib.parse import SplitResult, quote, urlsplit
 
 import attrs
 import trio
 
-from .._exceptions import InvalidHeader, InvalidURL, LocalProtocolError
+from .._exceptions import (
+    DecodingError,
+    HTTPStatusError,
+    InvalidHeader,
+    InvalidURL,
+    LocalProtocolError,
+)
 from .._options import check_duration
+from ._decoders import ContentDecoder, LineDecoder, content_decoder, text_decoder
 
 # Private names used across classes here, on purpose (each use silences pyright's
 # reportPrivateUsage): `_BodyIterator` is the response's own iterator and calls its
@@ -52,6 +62,15 @@ _REG_NAME_RE = re.compile(r"[a-z0-9\-._~!$&'()*+,;=%]+")
 # Any control character other than HTAB makes a header value illegal (RFC 9110 section 5.5).
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# What `Response.raise_for_status` calls a status of each class (as httpx).
+_STATUS_KINDS: Final = {
+    1: "Informational response",
+    3: "Redirect response",
+    4: "Client error",
+    5: "Server error",
+}
+# The redirects a client can follow, given a Location (`Response.has_redirect_location`).
+_REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 # Headers whose values `Headers.__repr__` hides, so that logging a request leaks no secret.
 _SECRET_HEADERS = frozenset({b"authorization", b"proxy-authorization"})
 
@@ -676,10 +695,12 @@ class _EmptyStream:
 
 @final
 class _BodyIterator:
-    """What `Response.aiter_bytes` returns: a plain async iterator, not an async generator.
+    """What `Response.aiter_raw` returns (and `Response.aiter_bytes` for a body with no content
+    coding): a plain async iterator, not an async generator.
 
     An abandoned async generator is finalized by the garbage collector in whatever task trio
-    picks, outside every cancel scope; a plain iterator has nothing to finalize.
+    picks, outside every cancel scope; a plain iterator has nothing to finalize. The other
+    body iterators here are plain ones for the same reason.
     """
 
     __slots__ = ("_response", "_started")
@@ -702,12 +723,142 @@ class _BodyIterator:
 
 
 @final
+class _DecodedIterator:
+    """`Response.aiter_bytes` for a body with a content coding: decoded pieces of at most
+    `MAX_DECODED_STEP` bytes each, however much one received chunk expands."""
+
+    __slots__ = ("_decoder", "_ended", "_failed", "_response", "_started")
+
+    def __init__(self, response: Response, decoder: ContentDecoder) -> None:
+        self._response = response
+        self._decoder = decoder
+        self._started = False
+        self._ended = False
+        self._failed = False
+
+    def __aiter__(self) -> _DecodedIterator:
+        return self
+
+    async def __anext__(self) -> bytes:
+        response = self._response
+        if self._failed:
+            await trio.lowlevel.checkpoint()
+            raise StopAsyncIteration
+        if not self._started:
+            self._started = True
+            response._claim_stream()  # pyright: ignore[reportPrivateUsage]
+        decoder = self._decoder
+        waited = False
+        try:
+            while True:
+                piece = decoder.read()
+                if piece:
+                    if not waited:
+                        # Decoded from input already at hand (a small chunk may expand a
+                        # lot): still a checkpoint, so others run during a long decode.
+                        await trio.lowlevel.checkpoint()
+                    return piece
+                if self._ended:
+                    decoder.check_end()
+                    if not waited:
+                        await trio.lowlevel.checkpoint()
+                    raise StopAsyncIteration
+                chunk = await response._next_chunk()  # pyright: ignore[reportPrivateUsage]
+                waited = True
+                if chunk:
+                    decoder.feed(chunk)
+                else:
+                    self._ended = True
+                    decoder.finish()
+        except DecodingError as exc:
+            self._failed = True
+            await response._decoding_failed(exc)  # pyright: ignore[reportPrivateUsage]
+            raise
+
+
+@final
+class _TextIterator:
+    """`Response.aiter_text`: the decoded body as text, decoded incrementally (a character
+    cut between two chunks comes out whole)."""
+
+    __slots__ = ("_decoder", "_done", "_source")
+
+    def __init__(self, source: AsyncIterator[bytes], encoding: str) -> None:
+        self._source = source
+        self._decoder = text_decoder(encoding)
+        self._done = False
+
+    def __aiter__(self) -> _TextIterator:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._done:
+            await trio.lowlevel.checkpoint()
+            raise StopAsyncIteration
+        decoder = self._decoder
+        while True:  # each turn awaits the source: a checkpoint
+            try:
+                chunk = await self._source.__anext__()
+            except StopAsyncIteration:
+                self._done = True
+                text = decoder.decode(b"", True)
+                if text:
+                    return text
+                raise
+            text = decoder.decode(chunk)
+            if text:
+                return text
+
+
+@final
+class _LineIterator:
+    """`Response.aiter_lines`: the text split into lines (see `LineDecoder`)."""
+
+    __slots__ = ("_decoder", "_done", "_lines", "_source")
+
+    def __init__(self, source: AsyncIterator[str]) -> None:
+        self._source = source
+        self._decoder = LineDecoder()
+        self._lines: deque[str] = deque()
+        self._done = False
+
+    def __aiter__(self) -> _LineIterator:
+        return self
+
+    async def __anext__(self) -> str:
+        lines = self._lines
+        if lines or self._done:
+            await trio.lowlevel.checkpoint()
+            if lines:
+                return lines.popleft()
+            raise StopAsyncIteration
+        while not lines:  # each turn awaits the source: a checkpoint
+            try:
+                text = await self._source.__anext__()
+            except StopAsyncIteration:
+                self._done = True
+                lines.extend(self._decoder.flush())
+                if lines:
+                    return lines.popleft()
+                raise
+            lines.extend(self._decoder.decode(text))
+        return lines.popleft()
+
+
+@final
 class Response:
     """An HTTP response whose head has arrived; the body is read on demand.
 
-    Read the body with `aread` (all of it, kept in `content`) or `aiter_bytes` (chunk by
-    chunk, nothing kept). Reading the body to its end gives the connection back; if you stop
-    early, call `aclose` (the client does it for you when its context manager exits).
+    Read the body with `aread` (all of it, kept in `content`) or chunk by chunk, nothing
+    kept: `aiter_bytes`, `aiter_text`, `aiter_lines`, or `aiter_raw` for the bytes as they
+    came. Reading the body to its end gives the connection back; if you stop early, call
+    `aclose` (the client does it for you when its context manager exits).
+
+    A body sent with ``Content-Encoding: gzip`` or ``deflate`` (one or several) is decoded
+    by everything except `aiter_raw`; a streaming reader gets at most 64 KiB of decoded bytes
+    per step, however much one received chunk expands (see the ``_decoders`` module). Codings
+    we do not know (``br``, ``zstd``) are left as they are. A corrupt or truncated compressed
+    body raises `DecodingError` and closes the response.
 
     Args:
         status_code: The status code.
@@ -729,8 +880,12 @@ class Response:
         "_closed",
         "_consumed",
         "_content",
+        "_elapsed",
+        "_encoding",
+        "_started_at",
         "_stream",
         "_stream_claimed",
+        "_text",
         "headers",
         "http_version",
         "reason_phrase",
@@ -758,6 +913,12 @@ class Response:
         self._stream_claimed = False
         self._consumed = False
         self._closed = False
+        # When the request was sent (trio.current_time(); set by the sender) and how long the
+        # exchange took once the body ended or was closed: see `elapsed`.
+        self._started_at: float | None = None
+        self._elapsed: float | None = None
+        self._encoding: str | None = None
+        self._text: str | None = None
 
     @property
     def url(self) -> URL:
@@ -814,13 +975,146 @@ class Response:
         return None
 
     @property
+    def encoding(self) -> str:
+        """The text encoding of the body: the one set here, else the ``Content-Type``
+        charset (if Python knows it), else ``"utf-8"``. Used by `text` and `aiter_text`.
+
+        Settable (as httpx's), before `text` is read.
+
+        Raises:
+            ValueError: (when set) if `text` was already read.
+            LookupError: (when set) if Python knows no such encoding.
+        """
+        encoding = self._encoding
+        if encoding is None:
+            encoding = self._encoding = self.charset or "utf-8"
+        return encoding
+
+    @encoding.setter
+    def encoding(self, value: str) -> None:
+        if self._text is not None:
+            raise ValueError("the encoding cannot be set once the text has been read")
+        codecs.lookup(value)
+        self._encoding = value
+
+    @property
     def text(self) -> str:
-        """The body decoded with the ``Content-Type`` charset, else UTF-8 (errors replaced).
+        """The body decoded with `encoding` (invalid bytes replaced), once `aread` has read it.
 
         Raises:
             RuntimeError: If `aread` has not been called.
         """
-        return self.content.decode(self.charset or "utf-8", errors="replace")
+        text = self._text
+        if text is None:
+            text = self._text = self.content.decode(self.encoding, errors="replace")
+        return text
+
+    def json(self, **kwargs: Any) -> Any:
+        """The body parsed as JSON (`json.loads`, ``kwargs`` passed on), once `aread` has read
+        it.
+
+        Raises:
+            RuntimeError: If `aread` has not been called.
+            json.JSONDecodeError: If the body is not JSON.
+        """
+        return jsonlib.loads(self.content, **kwargs)
+
+    # ---- the status ------------------------------------------------------------------------
+
+    @property
+    def is_informational(self) -> bool:
+        """Whether the status is 1xx."""
+        return 100 <= self.status_code <= 199
+
+    @property
+    def is_success(self) -> bool:
+        """Whether the status is 2xx."""
+        return 200 <= self.status_code <= 299
+
+    @property
+    def is_redirect(self) -> bool:
+        """Whether the status is 3xx (as httpx's; see `has_redirect_location` for the
+        responses a client can follow)."""
+        return 300 <= self.status_code <= 399
+
+    @property
+    def has_redirect_location(self) -> bool:
+        """Whether this is a redirect to follow: status 301, 302, 303, 307 or 308 with a
+        ``Location`` header."""
+        return self.status_code in _REDIRECT_STATUSES and "location" in self.headers
+
+    @property
+    def is_client_error(self) -> bool:
+        """Whether the status is 4xx."""
+        return 400 <= self.status_code <= 499
+
+    @property
+    def is_server_error(self) -> bool:
+        """Whether the status is 5xx."""
+        return 500 <= self.status_code <= 599
+
+    @property
+    def is_error(self) -> bool:
+        """Whether the status is 4xx or 5xx."""
+        return 400 <= self.status_code <= 599
+
+    def raise_for_status(self) -> Response:
+        """Raise `HTTPStatusError` unless the status is 2xx (as httpx's: a 3xx raises too);
+        otherwise return the response, so that calls can be chained.
+
+        Raises:
+            HTTPStatusError: For a status other than 2xx; it names the status, reason and URL.
+        """
+        if self.is_success:
+            return self
+        code = self.status_code
+        kind = _STATUS_KINDS.get(code // 100, "Invalid status code")
+        message = f"{kind} '{code} {self._reason()}' for url '{self.url}'"
+        if self.has_redirect_location:
+            message += f"\nRedirect location: '{self.headers['location']}'"
+        message += (
+            f"\nFor more information check: "
+            f"https://developer.mozilla.org/en-US/docs/Web/HTTP/Status/{code}"
+        )
+        raise HTTPStatusError(message, request=self.request, response=self)
+
+    def _reason(self) -> str:
+        """The reason phrase sent, else the standard one for the status (HTTP/2 sends none)."""
+        reason = self.reason_phrase
+        if not reason:
+            try:
+                reason = HTTPStatus(self.status_code).phrase
+            except ValueError:
+                reason = ""
+        return reason
+
+    @property
+    def elapsed(self) -> datetime.timedelta:
+        """The time from sending the request until the body ended or the response was closed
+        (as httpx's), on trio's clock.
+
+        Raises:
+            RuntimeError: If the response is not closed yet (read its body or call `aclose`),
+                or it was not timed (its sender set no start; the client's senders do).
+        """
+        elapsed = self._elapsed
+        if elapsed is None:
+            raise RuntimeError(
+                "'elapsed' is known once the response has been read or closed"
+                if not self._closed
+                else "this response was not timed: its sender did not record a start"
+            )
+        return datetime.timedelta(seconds=elapsed)
+
+    @elapsed.setter
+    def elapsed(self, value: datetime.timedelta) -> None:
+        self._elapsed = value.total_seconds()
+
+    def _ended(self) -> None:
+        """The stream was released: the end of what `elapsed` measures."""
+        started = self._started_at
+        if started is not None and self._elapsed is None:
+            self._elapsed = trio.current_time() - started
 
     def _claim_stream(self) -> None:
         if self._stream_claimed:
@@ -837,6 +1131,7 @@ class Response:
             chunk = await self._stream.receive_some()
         except BaseException:
             self._consumed = self._closed = True
+            self._ended()
             with trio.CancelScope(shield=True):
                 await self._stream.aclose()
             raise
@@ -844,14 +1139,44 @@ class Response:
             self._consumed = True
             if not self._closed:
                 self._closed = True
+                self._ended()
                 await self._stream.aclose()
         return chunk
 
+    async def _decoding_failed(self, exc: DecodingError) -> None:
+        """The body cannot be decoded: name the request in ``exc``, and close the response
+        at once, without waiting for the rest of the body. An HTTP/1.1 connection is then
+        closed, not given back, unless that rest had already arrived whole; an HTTP/2 stream
+        is reset."""
+        exc.key = self.request.url.origin
+        exc.url = str(self.request.url)
+        self._consumed = True
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._ended()
+        with trio.CancelScope() as scope:
+            scope.cancel()  # drain only what has arrived (see Client.stream)
+            await self._stream.aclose()
+
+    def _content_decoder(self) -> ContentDecoder | None:
+        """The decoder for the body's ``Content-Encoding``, or None.
+
+        One pass over the header names, most of them skipped by their length alone: cheaper
+        than `Headers.get` for the one lookup every response makes.
+        """
+        for name, _ in self.headers._items:  # pyright: ignore[reportPrivateUsage]
+            if len(name) == 16 and name.lower() == b"content-encoding":
+                return content_decoder(self.headers["content-encoding"])
+        return None
+
     def aiter_bytes(self) -> AsyncIterator[bytes]:
-        """Iterate over the body in non-empty chunks as they arrive, keeping nothing.
+        """Iterate over the decoded body in non-empty chunks as they arrive, keeping nothing.
 
         Use it as ``async for chunk in response.aiter_bytes(): ...``; every step is a
-        checkpoint. If `aread` already read the body, the stored content is yielded.
+        checkpoint. If `aread` already read the body, the stored content is yielded. A body
+        with a content coding (gzip, deflate) comes out decoded, at most 64 KiB per chunk.
 
         Returns:
             An async iterator of ``bytes``.
@@ -859,10 +1184,53 @@ class Response:
         Raises:
             RuntimeError: (when iterated) if the body was already iterated over or the
                 response was closed before its body was read.
+            DecodingError: (when iterated) if the compressed body is corrupt or truncated.
         """
         if self._content is not None:
             return _StoredIterator(self._content)
+        decoder = self._content_decoder()
+        if decoder is None:
+            return _BodyIterator(self)
+        return _DecodedIterator(self, decoder)
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        """Iterate over the body exactly as it was received: content codings not undone.
+
+        Returns:
+            An async iterator of ``bytes``; every step is a checkpoint.
+
+        Raises:
+            RuntimeError: (when iterated) if the body was already read or is being read (the
+                raw bytes are not kept), or the response was closed before its body was read.
+        """
         return _BodyIterator(self)
+
+    def aiter_text(self) -> AsyncIterator[str]:
+        """Iterate over the decoded body as text, decoded with `encoding` (invalid bytes
+        replaced), incrementally: a character cut between two chunks comes out whole.
+
+        Returns:
+            An async iterator of non-empty ``str``; every step is a checkpoint.
+
+        Raises:
+            See `aiter_bytes`.
+        """
+        return _TextIterator(self.aiter_bytes(), self.encoding)
+
+    def aiter_lines(self) -> AsyncIterator[str]:
+        """Iterate over the lines of the text (see `aiter_text`), without their endings.
+
+        Lines end with ``\\n``, ``\\r\\n`` or ``\\r``, also when an ending is cut between two
+        chunks; the last line needs no ending. The line being read is held until it ends, so
+        the memory this takes is the longest line the server sends.
+
+        Returns:
+            An async iterator of ``str``; every step is a checkpoint.
+
+        Raises:
+            See `aiter_bytes`.
+        """
+        return _LineIterator(self.aiter_text())
 
     async def aread(self) -> bytes:
         """Read the whole body (once), store it in `content` and return it.
@@ -890,6 +1258,9 @@ class Response:
         small body that arrived with the head costs no extra trip through the scheduler. Not
         a checkpoint on its own when nothing had to be waited for: callers see to that.
         """
+        decoder = self._content_decoder()
+        if decoder is not None:
+            return await self._read_all_decoded(decoder)
         self._claim_stream()
         chunks: list[bytes] = []
         # ResponseStream declares it; a stream written before it did is read without it.
@@ -900,6 +1271,9 @@ class Response:
             if chunk == b"":
                 # The stream ended and released everything it held (see ResponseStream).
                 self._consumed = self._closed = True
+                started = self._started_at  # (what _ended does, without a call)
+                if started is not None:
+                    self._elapsed = trio.current_time() - started
                 break
             if chunk is None:
                 waited = True
@@ -910,21 +1284,48 @@ class Response:
         content = self._content = b"".join(chunks)
         return content, waited
 
+    async def _read_all_decoded(self, decoder: ContentDecoder) -> tuple[bytes, bool]:
+        """`_read_all` for a body with a content coding: decoded chunk by chunk, so corrupt
+        data stops the download at once. The whole decoded body is built (that is what
+        reading it all means), plus at most one received chunk at a time."""
+        self._claim_stream()
+        pieces: list[bytes] = []
+        receive_buffered = getattr(self._stream, "receive_buffered", None)
+        waited = False
+        try:
+            while True:
+                chunk = receive_buffered() if receive_buffered is not None else None
+                if chunk == b"":
+                    self._consumed = self._closed = True
+                    self._ended()
+                    break
+                if chunk is None:
+                    waited = True
+                    chunk = await self._next_chunk()
+                    if not chunk:
+                        break
+                pieces += decoder.decode_all(chunk)
+            decoder.finish()
+            while piece := decoder.read():
+                pieces.append(piece)
+            decoder.check_end()
+        except DecodingError as exc:
+            await self._decoding_failed(exc)
+            raise
+        content = self._content = b"".join(pieces)
+        return content, waited
+
     async def aclose(self) -> None:
         """Release the body: give the connection back, or close it. Idempotent."""
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
         self._closed = True
+        self._ended()
         await self._stream.aclose()
 
     def __repr__(self) -> str:
-        reason = self.reason_phrase
-        if not reason:
-            try:
-                reason = HTTPStatus(self.status_code).phrase
-            except ValueError:
-                reason = ""
+        reason = self._reason()
         text = f"{self.status_code} {reason}" if reason else str(self.status_code)
         return f"<Response [{text}]>"
 

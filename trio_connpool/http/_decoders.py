@@ -1,0 +1,234 @@
+"""Decoding a response body: ``Content-Encoding`` (gzip, deflate), text, and lines. No I/O.
+
+`ContentDecoder` undoes the codings a server applied, in reverse order, with a stated bound:
+each `ContentDecoder.read` returns at most `MAX_DECODED_STEP` bytes (64 KiB), whatever the
+input, because every stage decompresses with zlib's ``max_length`` and keeps the input it has
+not used yet. So a few compressed bytes that expand to gigabytes (a "zip bomb") come out 64 KiB
+at a time, and a streaming reader holds no more than that plus its input chunk. Reading the
+whole body (`Response.aread`) still builds the whole decoded content: that is what it asks for.
+
+Codings, as httpx names and reads them: ``gzip`` (and ``x-gzip``), ``deflate`` (zlib-wrapped
+as RFC 9110 says, or raw deflate as some servers send it: the first bytes decide) and
+``identity`` (nothing to do). An unknown coding (``br``, ``zstd``, ``compress``) is not
+decoded: decoding stops at the last coding we cannot undo and the body comes out as it is
+from there on (a body with only unknown codings comes out raw). Like httpx, bytes after the end
+of a compressed stream are ignored; unlike httpx, a compressed stream that stops before its
+end is an error (`DecodingError`), not a silently shortened body.
+
+`LineDecoder` splits text on ``\\n``, ``\\r\\n`` and ``\\r`` (also when a ``\\r\\n`` is cut
+between two chunks). httpx splits on everything `str.splitlines` does (form feed, U+2028, ...);
+we don't, because those may appear inside a line of JSON or server-sent events.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+import zlib
+from typing import Final, final
+
+from .._exceptions import DecodingError
+
+__all__ = ["MAX_DECODED_STEP", "ContentDecoder", "LineDecoder", "content_decoder"]
+
+MAX_DECODED_STEP: Final = 64 * 1024
+"""The most decoded bytes one `ContentDecoder.read` returns."""
+
+# The codings we undo, by their lowercased name; "identity" is none at all.
+_GZIP: Final = "gzip"
+_DEFLATE: Final = "deflate"
+_KNOWN: Final = {"gzip": _GZIP, "x-gzip": _GZIP, "deflate": _DEFLATE}
+_NEWLINE: Final = re.compile("\r\n|\r|\n")
+
+
+@final
+class _ZlibStage:
+    """One coding to undo (gzip or deflate), fed compressed bytes, giving decoded ones."""
+
+    __slots__ = ("_decompressor", "_kind", "_probing", "_seen", "_tail")
+
+    def __init__(self, kind: str) -> None:
+        self._kind = kind
+        self._decompressor = zlib.decompressobj(
+            zlib.MAX_WBITS | 16 if kind == _GZIP else zlib.MAX_WBITS
+        )
+        self._tail = b""  # input not used yet (zlib's unconsumed_tail, or a short first piece)
+        self._seen = False  # any input at all
+        # deflate only: the first bytes have not decided between zlib-wrapped and raw yet.
+        self._probing = kind == _DEFLATE
+
+    def feed(self, data: bytes) -> None:
+        """Add input; only called once `step` has returned ``b""`` (all input used)."""
+        if data:
+            self._seen = True
+            self._tail = self._tail + data if self._tail else data
+
+    def step(self, limit: int, *, at_end: bool = False) -> bytes:
+        """Decode at most ``limit`` bytes from the input; ``b""`` when it needs more input."""
+        data = self._tail
+        if self._probing:
+            # A zlib header is two bytes: wait for both (unless the body ended).
+            if len(data) < 2 and not at_end:
+                return b""
+            self._probing = False
+            if data:
+                try:
+                    return self._decompress(data, limit)
+                except zlib.error:
+                    # Not zlib-wrapped: raw deflate, as httpx also accepts.
+                    self._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
+        if not data and self._decompressor.eof:
+            return b""
+        try:
+            return self._decompress(data, limit)
+        except zlib.error as exc:
+            raise DecodingError(f"invalid {self._kind} data in the response body: {exc}") from exc
+
+    def _decompress(self, data: bytes, limit: int) -> bytes:
+        decompressor = self._decompressor
+        if decompressor.eof:
+            self._tail = b""  # bytes after the end of the stream: ignored (as httpx)
+            return b""
+        out = decompressor.decompress(data, limit)
+        self._tail = decompressor.unconsumed_tail
+        return out
+
+    def finish(self) -> None:
+        """The input has ended (and `step` has returned ``b""``): check that the stream did."""
+        if self._seen and not self._decompressor.eof:
+            raise DecodingError(f"the {self._kind} data in the response body is truncated")
+
+
+@final
+class ContentDecoder:
+    """Undoes a body's content codings, at most `MAX_DECODED_STEP` bytes per `read`.
+
+    Use: `feed` a chunk, then `read` until it returns ``b""`` (it needs more input); at the
+    body's end call `finish`, `read` until ``b""`` again (a short first piece held back comes
+    out now), then `check_end`. `decode_all` feeds and reads one chunk in one call.
+
+    Args:
+        codings: The codings in the order they were applied (``"gzip"`` or ``"deflate"``).
+        limit: The most bytes one `read` returns.
+
+    Raises:
+        DecodingError: From `read` or `check_end`, if the data is corrupt or truncated.
+    """
+
+    __slots__ = ("_ended", "_limit", "_stages")
+
+    def __init__(self, codings: list[str], *, limit: int = MAX_DECODED_STEP) -> None:
+        # In the order they were applied; decoded in reverse.
+        self._stages = [_ZlibStage(kind) for kind in reversed(codings)]
+        self._limit = limit
+        self._ended = False
+
+    def feed(self, data: bytes) -> None:
+        """Add a chunk of the encoded body (after `read` returned ``b""``)."""
+        self._stages[0].feed(data)
+
+    def read(self) -> bytes:
+        """The next decoded piece, at most the limit; ``b""`` when more input is needed (or,
+        after `finish`, when everything has come out)."""
+        return self._pull(len(self._stages) - 1)
+
+    def _pull(self, index: int) -> bytes:
+        stage = self._stages[index]
+        limit = self._limit
+        while True:
+            out = stage.step(limit)
+            if out:
+                return out
+            # This stage needs input: from the stage before it, or from `feed`.
+            upstream = self._pull(index - 1) if index else b""
+            if not upstream:
+                # Nothing more can come; at the body's end a stage still holding a short
+                # first piece (see _ZlibStage.step) must decode it now.
+                return stage.step(limit, at_end=True) if self._ended else b""
+            stage.feed(upstream)
+
+    def finish(self) -> None:
+        """The body has ended: `read` now also drains what short first pieces held back."""
+        self._ended = True
+
+    def check_end(self) -> None:
+        """After `finish` and a `read` that returned ``b""``: each stream must have ended."""
+        for stage in self._stages:
+            stage.finish()
+
+    def decode_all(self, data: bytes) -> list[bytes]:
+        """`feed` ``data`` and `read` everything it gives (unbounded: for a whole body)."""
+        self.feed(data)
+        pieces: list[bytes] = []
+        while piece := self.read():
+            pieces.append(piece)
+        return pieces
+
+
+def content_decoder(content_encoding: str) -> ContentDecoder | None:
+    """The decoder for a ``Content-Encoding`` value, or None when there is nothing to undo.
+
+    Codings are undone from the last one applied backwards, up to the first we don't know
+    (the rest of the body is passed on as it is); ``identity`` is skipped.
+    """
+    codings: list[str] = []
+    for name in content_encoding.split(","):
+        name = name.strip().lower()
+        if not name or name == "identity":
+            continue
+        kind = _KNOWN.get(name)
+        if kind is None:
+            codings.clear()  # what was applied before an unknown coding stays encoded
+            continue
+        codings.append(kind)
+    return ContentDecoder(codings) if codings else None
+
+
+@final
+class LineDecoder:
+    """Splits text arriving in pieces into lines ending with ``\\n``, ``\\r\\n`` or ``\\r``.
+
+    Lines come out without their ending. A ``\\r`` at the end of a piece is held back until
+    the next piece says whether a ``\\n`` follows. Holds the current unfinished line: the bound
+    is the longest line the server sends.
+    """
+
+    __slots__ = ("_buffer", "_trailing_cr")
+
+    def __init__(self) -> None:
+        self._buffer: list[str] = []
+        self._trailing_cr = False
+
+    def decode(self, text: str) -> list[str]:
+        """The lines that ``text`` completes."""
+        if self._trailing_cr:
+            text = "\r" + text
+            self._trailing_cr = False
+        if text.endswith("\r"):
+            self._trailing_cr = True
+            text = text[:-1]
+        lines = _NEWLINE.split(text)
+        if len(lines) == 1:
+            if text:
+                self._buffer.append(text)
+            return []
+        if self._buffer:
+            self._buffer.append(lines[0])
+            lines[0] = "".join(self._buffer)
+        last = lines.pop()
+        self._buffer = [last] if last else []
+        return lines
+
+    def flush(self) -> list[str]:
+        """At the end of the text: the last line, if it did not end with a line ending."""
+        if not self._buffer and not self._trailing_cr:
+            return []
+        line = "".join(self._buffer)
+        self._buffer = []
+        self._trailing_cr = False
+        return [line]
+
+
+def text_decoder(encoding: str) -> codecs.IncrementalDecoder:
+    """An incremental decoder for ``encoding`` that replaces invalid bytes (as httpx)."""
+    return codecs.getincrementaldecoder(encoding)(errors="replace")
