@@ -11,6 +11,8 @@ happened on (``.key``, ``None`` where no key applies); the HTTP errors also carr
     ├── PoolClosed            the pool was closed (or is closing) while you used it
     ├── PoolTimeout           no connection within the acquire timeout
     ├── TooManyWaiters        the waiter queue for a key is full
+    ├── TooManyRedirects      a request met more redirects than its client follows
+    ├── StreamConsumed        a redirect asks for a streamed body again (also a RuntimeError)
     ├── ConnectError          a connect failed (refused, DNS, TLS, the connector raised)
     │   └── ConnectTimeout
     └── TransportError        an exchange on an open connection failed
@@ -42,6 +44,8 @@ __all__ = [
     "ReadTimeout",
     "RemoteProtocolError",
     "ServerDisconnected",
+    "StreamConsumed",
+    "TooManyRedirects",
     "TooManyWaiters",
     "TransportError",
     "WriteTimeout",
@@ -150,3 +154,17 @@ class InvalidURL(LocalProtocolError, ValueError):
 
 class InvalidHeader(LocalProtocolError, ValueError):
     """A header name or value is malformed (CR, LF or NUL in it, or an empty name)."""
+
+
+class TooManyRedirects(PoolError):
+    """A request that follows redirects met more of them than its client's ``max_redirects``.
+
+    The message names the limit and the URL of the last redirect response; ``url`` is that
+    URL too.
+    """
+
+
+class StreamConsumed(PoolError, RuntimeError):
+    """A redirect (307 or 308) asks for the request's body again, but it was streamed (an
+    async iterable) and cannot be sent twice: pass the body as ``bytes`` to follow such
+    redirects. As httpx's exception of this name, it is also a `RuntimeError`."""
