@@ -257,7 +257,7 @@ async def test_per_request_timeout_bounds_the_response_wait_http11() -> None:
         open_client(timeouts=DEFAULTS) as client,
     ):
         started = trio.current_time()
-        with pytest.raises(ReadTimeout, match="0.5 s"):
+        with pytest.raises(ReadTimeout, match=r"0\.5 s"):
             await client.get(server.url(), timeout=SHORT)
         assert EARLIEST <= trio.current_time() - started <= LATEST
         assert_pool_balanced(client.pool, idle=0)
@@ -297,7 +297,7 @@ async def test_per_request_timeout_applies_to_its_exchange_only() -> None:
         response = await client.get(server.url(), timeout=Timeouts(read=WAIT))
         assert response.content == b"late"
         assert_pool_balanced(client.pool, idle=1)
-        with pytest.raises(ReadTimeout, match="0.2 s"):
+        with pytest.raises(ReadTimeout, match=r"0\.2 s"):
             await client.get(server.url())
         assert server.accepted == 1  # the same connection both times
         assert_pool_balanced(client.pool, idle=0)
@@ -310,7 +310,7 @@ async def test_per_request_timeout_bounds_the_response_wait_http2(tmp_path: Path
         async with open_client(verify=context, http2=True, timeouts=DEFAULTS) as client:
             assert (await client.get(base + "/")).http_version == "HTTP/2"
             started = trio.current_time()
-            with pytest.raises(ReadTimeout, match="0.5 s"):
+            with pytest.raises(ReadTimeout, match=r"0\.5 s"):
                 await client.get(base + "/slow/4000", timeout=SHORT)
             assert EARLIEST <= trio.current_time() - started <= LATEST
             # The stream was reset; the connection serves on, with the client's limits.
