@@ -45,7 +45,6 @@ import trio
 from .._exceptions import (
     ConnectError,
     ConnectTimeout,
-    InvalidURL,
     RemoteProtocolError,
     ServerDisconnected,
     StreamConsumed,
@@ -228,7 +227,7 @@ def _redirect_request(request: Request, response: Response) -> Request:
     location = response.headers.get("location") or ""
     try:
         url = URL(urljoin(str(request.url), location.strip()))
-    except InvalidURL as exc:
+    except ValueError as exc:  # InvalidURL, or urljoin's own (a bad IPv6 literal)
         raise RemoteProtocolError(
             f"the {status} response's Location is not a URL we can follow: {location!r} "
             f"({exc.args[0] if exc.args else exc})",
@@ -458,23 +457,16 @@ class HTTPConnector:
         ``"HTTP/2"``), or None if none was made (or it was forgotten)."""
         return self._chosen.get(key)
 
-    async def __call__(self, key: HTTPKey, *, timeouts: Timeouts | None = None) -> HTTPConnection:
+    async def __call__(self, key: HTTPKey) -> HTTPConnection:
         """Connect to ``key.origin`` (TLS with ``key.tls`` for https) and speak the protocol
         the key offers and the server chose.
-
-        Args:
-            key: The pool key.
-            timeouts: This connect's limits instead of the connector's (``connect`` for the
-                connect, the rest for the connection): a connect made for one request alone
-                (:class:`NoPoolSender`) takes the request's. The pool calls ``connector(key)``.
 
         Raises:
             ConnectError: The connect failed, the server did not choose a protocol the key
                 offers, or the HTTP/2 preface could not be sent. `ConnectTimeout` when it
                 took longer than ``timeouts.connect``.
         """
-        if timeouts is None:
-            timeouts = self.timeouts
+        timeouts = self.timeouts
         origin = key.origin
         stream, alpn = await open_stream(
             origin, ssl_context=key.tls, connect_timeout=timeouts.connect
@@ -784,7 +776,11 @@ class NoPoolSender:
         """
         origin = request.url.origin
         key = HTTPKey(origin, tls=self._ssl_context if origin.is_secure else None)
-        connection = await self._connector(key, timeouts=request.timeouts)
+        timeouts = request.timeouts
+        # The request's own limits: a connector for them (it remembers nothing worth keeping
+        # here, where every connection is new and speaks HTTP/1.1).
+        connector = self._connector if timeouts is None else HTTPConnector(timeouts=timeouts)
+        connection = await connector(key)
         try:
             response = await connection.send_request(request)
         except BaseException:
@@ -1008,6 +1004,8 @@ class Client:
                     response.history = history
                 return response
             try:
+                # Read (or close) it first, errors included: its connection goes back.
+                await _read_redirect_body(response)
                 if len(history) >= self.max_redirects:
                     raise TooManyRedirects(
                         f"more than {self.max_redirects} redirects: the last one, a "
@@ -1017,7 +1015,6 @@ class Client:
                         url=str(response.url),
                     )
                 following = _redirect_request(request, response)
-                await _read_redirect_body(response)
             except BaseException:
                 await _close_at_once(response)
                 raise
