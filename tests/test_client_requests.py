@@ -320,6 +320,37 @@ async def test_per_request_timeout_bounds_the_response_wait_http2(tmp_path: Path
             assert_pool_balanced(client.pool, idle=1)
 
 
+class StallingBodyApp(CountingApp):
+    """``/stall`` sends a head and 5 bytes, then nothing for 4 s; the rest as CountingApp."""
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] != "/stall":
+            await super()._route(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"12345", "more_body": True})
+        await trio.sleep(4)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def test_per_request_timeout_bounds_body_reads_http2(tmp_path: Path) -> None:
+    tls = TLSFiles.create(tmp_path)
+    async with serve_hypercorn(StallingBodyApp(), tls) as base:
+        context = tls.client_context(["h2", "http/1.1"])
+        async with open_client(verify=context, http2=True, timeouts=DEFAULTS) as client:
+            started = trio.current_time()
+            received: list[bytes] = []
+            with pytest.raises(ReadTimeout, match=r"0\.5 s"):
+                async with client.stream("GET", base + "/stall", timeout=SHORT) as response:
+                    assert response.http_version == "HTTP/2"
+                    async for chunk in response.aiter_bytes():
+                        received.append(chunk)
+            assert b"".join(received) == b"12345"
+            assert EARLIEST <= trio.current_time() - started <= LATEST
+            assert (await client.get(base + "/")).status_code == 200
+            assert_pool_balanced(client.pool, idle=1)
+
+
 async def test_per_request_timeout_bounds_the_wait_for_a_connection() -> None:
     async with (
         run_fault_server() as server,

@@ -36,6 +36,8 @@ PINNED = {
         "WriteTimeout",
         "RemoteProtocolError",
         "LocalProtocolError",
+        "TooManyRedirects",
+        "StreamConsumed",
     ],
     trio_connpool.http: [
         "open_client",
@@ -48,6 +50,11 @@ PINNED = {
         "HTTP11Connection",
         "HTTP2Connection",
         "Timeouts",
+        "TooManyRedirects",
+        "StreamConsumed",
+        "USE_CLIENT_DEFAULT",
+        "TimeoutTypes",
+        "QueryParamTypes",
     ],
 }
 

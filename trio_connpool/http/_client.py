@@ -13,9 +13,12 @@ or a custom pool):
   ends), :class:`NoPoolSender` (a fresh connection per request, closed after), and any single
   :class:`~trio_connpool.http.HTTP11Connection` or
   :class:`~trio_connpool.http.HTTP2Connection`.
-- :class:`Client` adds what users want on top: URL parsing, default headers, ``request()``
-  reading the body, ``stream()`` streaming it. :func:`open_client` makes one with the default
-  pool, or wraps a sender or pool you give it.
+- :class:`Client` adds what users want on top, with httpx's names: URL parsing, default
+  headers, ``request()`` and the verbs (``get``, ``post``, ...) reading the body,
+  ``stream()`` streaming it, query ``params``, ``json`` and form ``data`` bodies, timeouts
+  per request (carried by the request to the sender and the connection), and redirects.
+  :func:`open_client` makes one with the default pool, or wraps a sender or pool you give
+  it.
 
 The lease is released exactly when the response body has been read to its end, or when the
 response is closed early (the HTTP/1.1 connection then drains a small remainder or closes). An
