@@ -14,7 +14,8 @@ import trio
 from _servers import CountingApp, Receive, Scope, Send, assert_pool_balanced, serve_hypercorn
 
 from trio_connpool import RemoteProtocolError, StreamConsumed, TooManyRedirects
-from trio_connpool.http import Response, open_client
+from trio_connpool.http import Request, Response, open_client
+from trio_connpool.http._client import _redirect_request  # pyright: ignore[reportPrivateUsage]
 
 
 class RedirectApp(CountingApp):
@@ -291,3 +292,22 @@ async def test_a_large_redirect_body_is_not_read(base: str) -> None:
             first.content  # noqa: B018
         assert app.connections == 2  # the first connection was not reused
         assert_pool_balanced(client.pool, idle=1)
+
+
+@pytest.mark.parametrize(
+    ("start", "location", "authorization_kept"),
+    [
+        ("http://example.com/a", "https://example.com/b", True),  # the upgrade httpx allows
+        ("http://example.com/a", "https://example.com:8443/b", False),
+        ("http://example.com:8080/a", "https://example.com/b", False),
+        ("https://example.com/a", "http://example.com/b", False),  # a downgrade
+        ("http://example.com/a", "http://example.org/b", False),
+        ("http://example.com/a", "/b", True),
+    ],
+)
+def test_authorization_across_origins(start: str, location: str, authorization_kept: bool) -> None:
+    request = Request("GET", start, headers={"Authorization": "Bearer x", "Cookie": "c=1"})
+    redirect = Response(302, request=request, headers={"Location": location})
+    following = _redirect_request(request, redirect)
+    assert ("authorization" in following.headers) is authorization_kept
+    assert "cookie" not in following.headers
