@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
 MiB = 1024 * 1024
 SHORT = Timeouts(connect=2.0, read=0.2, write=2.0)
+HTTPX_SHORT = httpx.Timeout(2.0, read=0.2)
 
 
 @attrs.frozen
@@ -455,7 +456,8 @@ async def test_stalled_head_raises_read_timeout() -> None:
     async with run_fault_server(script) as server:
         async with (
             AsyncPoolTransport(timeouts=SHORT) as transport,
-            httpx.AsyncClient(transport=transport) as client,
+            # httpx's timeouts are the request's: the read limit is SHORT's.
+            httpx.AsyncClient(transport=transport, timeout=HTTPX_SHORT) as client,
         ):
             start = trio.current_time()
             with pytest.raises(httpx.ReadTimeout) as caught:
@@ -479,7 +481,8 @@ async def test_stalled_body_raises_read_timeout_while_streaming() -> None:
     async with run_fault_server(script) as server:
         async with (
             AsyncPoolTransport(timeouts=SHORT) as transport,
-            httpx.AsyncClient(transport=transport) as client,
+            # httpx's timeouts are the request's: the read limit is SHORT's.
+            httpx.AsyncClient(transport=transport, timeout=HTTPX_SHORT) as client,
         ):
             received: list[bytes] = []
             with pytest.raises(httpx.ReadTimeout) as caught:
@@ -517,7 +520,8 @@ async def test_waiting_too_long_for_a_connection_raises_pool_timeout(served: Ser
     timeouts = Timeouts(pool=0.1)
     async with (
         AsyncPoolTransport(verify=served.verify, max_connections=1, timeouts=timeouts) as t,
-        httpx.AsyncClient(transport=t) as client,
+        # httpx's timeouts are the request's: its pool limit is the one that applies.
+        httpx.AsyncClient(transport=t, timeout=httpx.Timeout(5.0, pool=0.1)) as client,
     ):
         async with client.stream("GET", served.base + "/bytes/1000") as held:
             with pytest.raises(httpx.PoolTimeout) as caught:

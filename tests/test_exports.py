@@ -39,6 +39,8 @@ PINNED = {
         "TrioRequiredError",
         "Timeouts",
         "HTTPConnector",
+        "TooManyRedirects",
+        "StreamConsumed",
     ],
     trio_connpool.http: [
         "open_client",
@@ -51,6 +53,11 @@ PINNED = {
         "HTTP11Connection",
         "HTTP2Connection",
         "Timeouts",
+        "TooManyRedirects",
+        "StreamConsumed",
+        "USE_CLIENT_DEFAULT",
+        "TimeoutTypes",
+        "QueryParamTypes",
     ],
 }
 

@@ -23,6 +23,8 @@ library used outside a trio run), not a failure of the network.
     ├── PoolClosed            the pool was closed (or is closing) while you used it
     ├── PoolTimeout           no connection within the acquire timeout
     ├── TooManyWaiters        the waiter queue for a key is full
+    ├── TooManyRedirects      a request met more redirects than its client follows
+    ├── StreamConsumed        a redirect asks for a streamed body again (also a RuntimeError)
     ├── ConnectError          a connect failed (refused, DNS, TLS, the connector raised)
     │   └── ConnectTimeout
     ├── HTTPStatusError       raise_for_status() found a status other than 2xx
@@ -67,6 +69,8 @@ __all__ = [
     "ReadTimeout",
     "RemoteProtocolError",
     "ServerDisconnected",
+    "StreamConsumed",
+    "TooManyRedirects",
     "TooManyWaiters",
     "TransportError",
     "TrioRequiredError",
@@ -352,3 +356,17 @@ class HTTPStatusError(PoolError):
     def __str__(self) -> str:
         # The message names the URL already, as httpx's does.
         return Exception.__str__(self)
+
+
+class TooManyRedirects(PoolError):
+    """A request that follows redirects met more of them than its client's ``max_redirects``.
+
+    The message names the limit and the URL of the last redirect response; ``url`` is that
+    URL too.
+    """
+
+
+class StreamConsumed(PoolError, RuntimeError):
+    """A redirect (307 or 308) asks for the request's body again, but it was streamed (an
+    async iterable) and cannot be sent twice: pass the body as ``bytes`` to follow such
+    redirects. As httpx's exception of this name, it is also a `RuntimeError`."""

@@ -37,11 +37,13 @@ What is passed through and what is not:
 - The response's status, headers in order, raw body (httpx decodes ``Content-Encoding``)
   and the ``http_version`` and ``reason_phrase`` extensions (``reason_phrase`` only over
   HTTP/1.1: HTTP/2 has none, and httpx then shows the standard phrase).
-- httpx's timeouts (``httpx.AsyncClient(timeout=...)`` and the per-request ``timeout``
-  extension) are ignored: the transport's ``timeouts`` (a
-  :class:`~trio_connpool.http.Timeouts`) apply. They bound each connect, read and write
-  and the wait for a connection, as httpx's do; both default to 5 s, except the pool wait,
-  which is unbounded here. Other request extensions are ignored as well.
+- httpx's timeouts: the ``timeout`` extension httpx gives every request (from
+  ``httpx.AsyncClient(timeout=...)`` or a request's own ``timeout=``) becomes the request's
+  :class:`~trio_connpool.http.Timeouts`: ``read`` and ``write`` bound each read and write
+  of the exchange (the response body's reads too), ``pool`` the whole wait for a
+  connection, connect included (the connect itself runs under the transport's
+  ``timeouts.connect``: see :class:`~trio_connpool.http.PoolSender`). A request without
+  the extension gets the transport's ``timeouts``. Other request extensions are ignored.
 
 Errors. Our exceptions come out as httpx's, raised ``from`` ours (the original, and its own
 cause, stay in ``__cause__``), from the request and from reading or closing the body:
@@ -77,7 +79,7 @@ body's iterator raising, `trio.Cancelled`) pass through unchanged.
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, cast, final
 
 import httpx
 import trio
@@ -109,6 +111,9 @@ if TYPE_CHECKING:
     from ..http import HeaderTypes, HTTPConnection, HTTPKey, RequestContent, RequestSender
 
 __all__ = ["AsyncPoolTransport", "PoolClosedError", "PoolResponseStream"]
+
+# How many distinct httpx timeout settings a transport keeps converted (then it starts over).
+_MAX_TIMEOUTS_SEEN: Final = 64
 
 
 class PoolClosedError(httpx.TransportError):
@@ -223,8 +228,9 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
     httpx on trio gets this project's pool: per-origin and global limits, FIFO waiters,
     LIFO/FIFO reuse, nothing leaked on cancellation, HTTP/2 multiplexing with ``http2=True``.
     It is *not* a drop-in for httpx's own transport options: proxies, ``uds``,
-    ``local_address``, retries on connect and httpx's timeouts are not supported (see the
-    module docstring for what is passed through).
+    ``local_address`` and retries on connect are not supported, and httpx's connect timeout
+    bounds a connect only through the wait for a connection (see the module docstring for
+    what is passed through).
 
     The options are those of :func:`~trio_connpool.http.open_client`, with the same
     defaults; they are checked when the transport is entered (`ValueError` or `TypeError`
@@ -238,8 +244,10 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
         http1: Speak HTTP/1.1.
         http2: Speak HTTP/2 (ALPN ``h2`` over TLS; with ``http1=False``, prior knowledge over
             plain HTTP).
-        timeouts: ``connect``, ``read``, ``write`` (per operation) and ``pool`` (the whole
-            wait for a connection). httpx's own timeouts are ignored.
+        timeouts: ``connect`` (each connect), and ``read``, ``write`` (per operation) and
+            ``pool`` (the whole wait for a connection) for a request that carries no
+            ``timeout`` extension; httpx's timeouts, which it gives every request, replace
+            these three.
         retry_stale: Send an idempotent request whose body is ``bytes`` (or empty) again on
             another connection when the reused keep-alive connection it met turns out to
             have been closed by the server.
@@ -303,6 +311,7 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
         self._depth = 0
         self._opening = False
         self._closed = False
+        self._timeouts_seen: dict[tuple[object, ...], Timeouts] = {}
 
     @classmethod
     def from_client(cls, client: Client) -> AsyncPoolTransport:
@@ -451,9 +460,40 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
                     "bytes or an async iterable"
                 ) from None
             content = stream
-        return client.build_request(
+        ours = client.build_request(
             request.method, text, headers=request.headers.raw, content=content
         )
+        timeout = request.extensions.get("timeout")
+        if timeout is not None:
+            ours.timeouts = self._timeouts_of(timeout)
+        return ours
+
+    def _timeouts_of(self, timeout: object) -> Timeouts:
+        """Our `Timeouts` for httpx's ``timeout`` extension (a dict of connect, read, write
+        and pool). httpx makes a new dict per request with the same values: the last few
+        conversions are kept."""
+        if not isinstance(timeout, dict):
+            raise TypeError(f"the 'timeout' extension must be a dict, not {timeout!r}")
+        limits = cast("dict[str, object]", timeout)
+        values = (
+            limits.get("connect"),
+            limits.get("read"),
+            limits.get("write"),
+            limits.get("pool"),
+        )
+        timeouts = self._timeouts_seen.get(values)
+        if timeouts is None:
+            connect, read, write, pool = values
+            timeouts = Timeouts(
+                connect=connect,  # type: ignore[arg-type]  # checked by Timeouts
+                read=read,  # type: ignore[arg-type]
+                write=write,  # type: ignore[arg-type]
+                pool=pool,  # type: ignore[arg-type]
+            )
+            if len(self._timeouts_seen) >= _MAX_TIMEOUTS_SEEN:
+                self._timeouts_seen.clear()
+            self._timeouts_seen[values] = timeouts
+        return timeouts
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through the pool; return the response once its head arrived.

@@ -6,8 +6,13 @@ The names here are what the client and the pool build on; the modules themselves
 
 from __future__ import annotations
 
+from .._exceptions import (
+    StreamConsumed as StreamConsumed,
+    TooManyRedirects as TooManyRedirects,
+)
 from ._client import (
     CLIENT_POOL_OPTIONS as CLIENT_POOL_OPTIONS,
+    USE_CLIENT_DEFAULT as USE_CLIENT_DEFAULT,
     Client as Client,
     HTTPConnection as HTTPConnection,
     HTTPConnector as HTTPConnector,
@@ -15,6 +20,8 @@ from ._client import (
     NoPoolSender as NoPoolSender,
     PoolSender as PoolSender,
     RequestSender as RequestSender,
+    TimeoutTypes as TimeoutTypes,
+    UseClientDefault as UseClientDefault,
     open_client as open_client,
 )
 from ._connect import create_ssl_context as create_ssl_context, open_stream as open_stream
@@ -25,8 +32,11 @@ from ._models import (
     Headers as Headers,
     HeaderTypes as HeaderTypes,
     Origin as Origin,
+    PrimitiveData as PrimitiveData,
+    QueryParamTypes as QueryParamTypes,
     Request as Request,
     RequestContent as RequestContent,
+    RequestData as RequestData,
     Response as Response,
     ResponseStream as ResponseStream,
     Timeouts as Timeouts,
@@ -41,14 +51,22 @@ __all__ = [
     "NoPoolSender",
     "PoolSender",
     "RequestSender",
+    "StreamConsumed",
+    "TimeoutTypes",
+    "TooManyRedirects",
+    "USE_CLIENT_DEFAULT",
+    "UseClientDefault",
     "open_client",
     "HTTP11Connection",
     "HTTP2Connection",
     "HeaderTypes",
     "Headers",
     "Origin",
+    "PrimitiveData",
+    "QueryParamTypes",
     "Request",
     "RequestContent",
+    "RequestData",
     "Response",
     "ResponseStream",
     "Timeouts",

@@ -13,9 +13,12 @@ or a custom pool):
   ends), :class:`NoPoolSender` (a fresh connection per request, closed after), and any single
   :class:`~trio_connpool.http.HTTP11Connection` or
   :class:`~trio_connpool.http.HTTP2Connection`.
-- :class:`Client` adds what users want on top: URL parsing, default headers, ``request()``
-  reading the body, ``stream()`` streaming it. :func:`open_client` makes one with the default
-  pool, or wraps a sender or pool you give it.
+- :class:`Client` adds what users want on top, with httpx's names: URL parsing, default
+  headers, ``request()`` and the verbs (``get``, ``post``, ...) reading the body,
+  ``stream()`` streaming it, query ``params``, ``json`` and form ``data`` bodies, timeouts
+  per request (carried by the request to the sender and the connection), and redirects.
+  :func:`open_client` makes one with the default pool, or wraps a sender or pool you give
+  it.
 
 The lease is released exactly when the response body has been read to its end, or when the
 response is closed early (the HTTP/1.1 connection then drains a small remainder or closes). An
@@ -37,7 +40,8 @@ import math
 import ssl
 from collections.abc import AsyncGenerator, Hashable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, Union, final, runtime_checkable
+from urllib.parse import urljoin
 
 import trio
 
@@ -46,6 +50,8 @@ from .._exceptions import (
     ConnectTimeout,
     RemoteProtocolError,
     ServerDisconnected,
+    StreamConsumed,
+    TooManyRedirects,
     TransportError,
 )
 from .._options import (
@@ -60,13 +66,24 @@ from .._pool import Pool, open_pool, require_trio
 from ._connect import create_ssl_context, open_stream
 from ._http2 import HTTP2Connection
 from ._http11 import HTTP11Connection
-from ._models import URL, Headers, Origin, Request, Response, ResponseStream, Timeouts
+from ._models import (
+    URL,
+    Headers,
+    Origin,
+    Request,
+    Response,
+    ResponseStream,
+    Timeouts,
+    encode_form,
+    encode_json,
+    merge_params,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from .._state import Lease
-    from ._models import HeaderTypes, RequestContent
+    from ._models import HeaderTypes, QueryParamTypes, RequestContent, RequestData
 
 # Private names shared with the layers below, on purpose (each use silences pyright's
 # reportPrivateUsage): ``Request._with_own_headers`` builds a request around headers made
@@ -83,6 +100,9 @@ __all__ = [
     "NoPoolSender",
     "PoolSender",
     "RequestSender",
+    "TimeoutTypes",
+    "USE_CLIENT_DEFAULT",
+    "UseClientDefault",
     "open_client",
 ]
 
@@ -109,6 +129,160 @@ _MAX_RETRIES: Final = 5
 _MAX_REPLAYS: Final = 16
 # How many origins' protocol choices a connector remembers (then it starts over).
 _MAX_REMEMBERED: Final = 4096
+# The statuses a client with follow_redirects follows (when they carry a Location).
+_REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
+# The body of a redirect response that is followed is read (kept in its content, as httpx
+# does) when it declares at most this many bytes and they arrive within this many seconds;
+# otherwise the response is closed unread (its connection drained or closed: see stream()).
+_MAX_REDIRECT_BODY: Final = 64 * 1024
+_REDIRECT_BODY_TIMEOUT: Final = 1.0
+
+
+@final
+class UseClientDefault:
+    """The type of `USE_CLIENT_DEFAULT`, httpx's marker for "the client's setting"."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "USE_CLIENT_DEFAULT"
+
+
+#: The default of a request's ``timeout`` and ``follow_redirects``: the client's setting
+#: applies (``None`` would mean "no limits" for ``timeout``, as in httpx).
+USE_CLIENT_DEFAULT: Final = UseClientDefault()
+
+TimeoutTypes = Union[float, Timeouts, None]  # noqa: UP007 (runtime alias)
+"""What ``timeout=`` accepts: a number of seconds for all four limits (connect, read, write,
+pool), a :class:`~trio_connpool.http.Timeouts`, or ``None`` for no limits at all."""
+
+_NO_LIMITS: Final = Timeouts(connect=None, read=None, write=None, pool=None)
+
+
+def _check_redirects(follow_redirects: object, max_redirects: object) -> None:
+    if not isinstance(follow_redirects, bool):
+        raise TypeError(f"follow_redirects must be a bool, not {follow_redirects!r}")
+    if not isinstance(max_redirects, int) or isinstance(max_redirects, bool) or max_redirects < 0:
+        raise ValueError(f"max_redirects must be an int of at least 0, not {max_redirects!r}")
+
+
+def _timeouts_of(timeout: TimeoutTypes | UseClientDefault) -> Timeouts:
+    """The `Timeouts` a request's ``timeout=`` stands for."""
+    if isinstance(timeout, Timeouts):
+        return timeout
+    if timeout is None:
+        return _NO_LIMITS
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):  # pyright: ignore[reportUnnecessaryIsInstance]
+        raise TypeError(f"timeout must be a number, a Timeouts or None, not {timeout!r}")
+    return Timeouts(connect=timeout, read=timeout, write=timeout, pool=timeout)
+
+
+def _encode_body(
+    content: RequestContent | str, data: RequestData | None, json: object
+) -> tuple[bytes, str]:
+    """The body and Content-Type for ``data=`` or ``json=`` (one of them given).
+
+    Raises:
+        TypeError: More than one body was given, or one is of an unsupported type.
+        ValueError: ``json`` holds NaN or an infinity.
+    """
+    given = [name for name, value in (("content", content), ("data", data)) if value is not None]
+    if json is not None:
+        given.append("json")
+    if len(given) > 1:
+        raise TypeError(f"give one request body, not {' and '.join(given)}")
+    if data is not None:
+        return encode_form(data), "application/x-www-form-urlencoded"
+    return encode_json(json), "application/json"
+
+
+def _is_https_upgrade(url: URL, location: URL) -> bool:
+    """Whether ``location`` is ``url``'s host, moved from http on port 80 to https on 443
+    (httpx keeps ``Authorization`` across this one change of origin)."""
+    return (
+        url.host == location.host
+        and url.scheme == "http"
+        and url.port == 80
+        and location.scheme == "https"
+        and location.port == 443
+    )
+
+
+def _redirect_request(request: Request, response: Response) -> Request:
+    """The request that follows ``response``, a redirect with a Location, as httpx builds it.
+
+    Method: 303 and 302 turn every method but HEAD into GET, and 301 turns POST into GET
+    (what browsers do, and httpx); 307 and 308 keep it. A request turned into GET loses its
+    body and its ``Content-Length`` and ``Transfer-Encoding``; one that keeps its method
+    keeps its body, which must be replayable. The Location is resolved against the request's
+    URL. Leaving the origin (scheme, host or port) drops ``Authorization`` (except from
+    ``http://host`` to ``https://host`` on the default ports) and ``Host``; ``Cookie`` is
+    dropped on every redirect, as httpx does (there is no cookie store here to tell which
+    cookies the new URL may have). The request's own timeouts carry over.
+
+    Raises:
+        RemoteProtocolError: The Location is not a valid http or https URL.
+        StreamConsumed: The method and body are kept, but the body was streamed.
+    """
+    status = response.status_code
+    method = request.method
+    if (status in (302, 303) and method != "HEAD") or (status == 301 and method == "POST"):
+        method = "GET"
+    location = response.headers.get("location") or ""
+    try:
+        url = URL(urljoin(str(request.url), location.strip()))
+    except ValueError as exc:  # InvalidURL, or urljoin's own (a bad IPv6 literal)
+        raise RemoteProtocolError(
+            f"the {status} response's Location is not a URL we can follow: {location!r} "
+            f"({exc.args[0] if exc.args else exc})",
+            key=request.url.origin,
+            url=str(request.url),
+        ) from exc
+    headers = request.headers.copy()
+    dropped = ["cookie"]
+    if url.origin != request.url.origin:
+        dropped.append("host")
+        if not _is_https_upgrade(request.url, url):
+            dropped.append("authorization")
+    content = request.content
+    if method != request.method:
+        content = None
+        dropped += ["content-length", "transfer-encoding"]
+    elif not request.is_replayable:
+        raise StreamConsumed(
+            f"cannot follow the {status} redirect to {url}: it asks for the request body "
+            "again, and that body was streamed (pass it as bytes to follow such redirects)",
+            key=request.url.origin,
+            url=str(request.url),
+        )
+    for name in dropped:
+        if name in headers:
+            del headers[name]
+    following = Request._with_own_headers(  # pyright: ignore[reportPrivateUsage]
+        method, url, headers, content
+    )
+    following.timeouts = request.timeouts
+    return following
+
+
+async def _read_redirect_body(response: Response) -> None:
+    """Read a small body of a redirect being followed, else close it (bounded either way)."""
+    length = response.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) <= _MAX_REDIRECT_BODY:
+        with trio.move_on_after(_REDIRECT_BODY_TIMEOUT):
+            await response.aread()
+    if not response.is_closed:
+        with trio.CancelScope(shield=True):
+            await response.aclose()
+
+
+async def _close_at_once(response: Response) -> None:
+    """Close ``response`` without waiting for the rest of its body (an error path): within a
+    cancelled scope only bytes already received are drained, else the connection closes."""
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await response.aclose()
+
 
 #: The options of the pool that :func:`open_client` opens when it is given none: those of
 #: :class:`~trio_connpool.PoolOptions` but for 10 connections per origin (and TLS settings)
@@ -305,9 +479,10 @@ class HTTPConnector:
                 offers, or the HTTP/2 preface could not be sent. `ConnectTimeout` when it
                 took longer than ``timeouts.connect``.
         """
+        timeouts = self.timeouts
         origin = key.origin
         stream, alpn = await open_stream(
-            origin, ssl_context=key.tls, connect_timeout=self.timeouts.connect
+            origin, ssl_context=key.tls, connect_timeout=timeouts.connect
         )
         offered = key.http_version
         use_http2 = alpn == "h2" if origin.is_secure else offered == HTTP2
@@ -325,28 +500,26 @@ class HTTPConnector:
             self._chosen.clear()
         if not use_http2:
             self._chosen[key] = HTTP11
-            return HTTP11Connection(stream, origin, timeouts=self.timeouts)
+            return HTTP11Connection(stream, origin, timeouts=timeouts)
         self._chosen[key] = HTTP2
         connection = HTTP2Connection(
             stream,
             origin,
-            timeouts=self.timeouts,
+            timeouts=timeouts,
             max_concurrent_streams=self.max_concurrent_streams,
             ping_interval=self.ping_interval,
             ping_timeout=self.ping_timeout,
             weight=self.http2_weight,
         )
         try:
-            with trio.fail_after(
-                math.inf if self.timeouts.connect is None else self.timeouts.connect
-            ):
+            with trio.fail_after(math.inf if timeouts.connect is None else timeouts.connect):
                 await connection.start()
         except BaseException as exc:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
             if isinstance(exc, trio.TooSlowError):
                 raise ConnectTimeout(
-                    f"starting HTTP/2 with {origin} took longer than {self.timeouts.connect} s",
+                    f"starting HTTP/2 with {origin} took longer than {timeouts.connect} s",
                     key=origin,
                 ) from exc
             if isinstance(exc, TransportError):
@@ -410,7 +583,8 @@ class PoolSender:
         pool: A pool whose connector makes HTTP connections for :class:`HTTPKey` keys (an
             :class:`HTTPConnector`).
         verify: TLS verification for https: True, False or an `ssl.SSLContext`.
-        acquire_timeout: Bound on the whole wait for a connection, retries included.
+        acquire_timeout: Bound on the whole wait for a connection, retries included, for a
+            request without `Request.timeouts` (a request's own ``pool`` limit replaces it).
         retry_stale: Retry a request that failed on a reused keep-alive connection before any
             byte of the response arrived (the server had closed it), if the method is
             idempotent and the body can be sent again. Each stale connection is discarded,
@@ -427,6 +601,17 @@ class PoolSender:
     last stream id) is sent again on another connection whatever its method, if its body can
     be sent again; refusals by connections that completed no request end this after 5, and
     refusals by connections that stay in service after 16.
+
+    A request's own `Request.timeouts` (``timeout=`` of the client's methods) apply as
+    follows. ``pool`` bounds its whole wait for a connection: waiting in line, any connect
+    the pool makes for it, and the waits of its retries; past it the request raises
+    `PoolTimeout`. Connects are made by the pool's own task for whichever requests wait for
+    the key, under the connector's ``connect`` limit (the client's), not the request's: a
+    request that stops waiting leaves the connect going for the others. So the request's
+    ``connect`` limit bounds nothing here beyond what ``pool`` bounds, and with a single
+    number (``timeout=0.5``) the wait for a connection, connect included, ends within that
+    time. ``read`` and ``write`` bound the exchange's reads and writes on the connection,
+    its response body's included.
     """
 
     def __init__(
@@ -485,7 +670,8 @@ class PoolSender:
     async def send_request(self, request: Request) -> Response:
         """Lease a connection, send ``request``, and tie the lease to the response body."""
         key = self.key_for(request.url.origin)
-        timeout = self.acquire_timeout
+        timeouts = request.timeouts
+        timeout = self.acquire_timeout if timeouts is None else timeouts.pool
         started = trio.current_time()  # the start of Response.elapsed, as httpx's
         # When waiting for a connection must end, for this request's waits and its retries'.
         deadline = None if timeout is None else started + timeout
@@ -599,11 +785,19 @@ class NoPoolSender:
         self._connector = HTTPConnector(timeouts=timeouts)
 
     async def send_request(self, request: Request) -> Response:
-        """Connect, send ``request``, and close the connection once the response ends."""
+        """Connect, send ``request``, and close the connection once the response ends.
+
+        The request's own `Request.timeouts`, if it has them, replace the sender's for its
+        connect as well as for its reads and writes (nobody waits for a pool here).
+        """
         origin = request.url.origin
         key = HTTPKey(origin, tls=self._ssl_context if origin.is_secure else None)
         started = trio.current_time()  # the start of Response.elapsed, as httpx's
-        connection = await self._connector(key)
+        timeouts = request.timeouts
+        # The request's own limits: a connector for them (it remembers nothing worth keeping
+        # here, where every connection is new and speaks HTTP/1.1).
+        connector = self._connector if timeouts is None else HTTPConnector(timeouts=timeouts)
+        connection = await connector(key)
         try:
             response = await connection.send_request(request)
         except BaseException:
@@ -618,14 +812,42 @@ class NoPoolSender:
 class Client:
     """Sends HTTP requests through a :class:`RequestSender`; made by :func:`open_client`.
 
+    The methods follow httpx's ``AsyncClient``: `request` and the verbs (`get`, `head`,
+    `options`, `post`, `put`, `patch`, `delete`) read the whole body, `stream` streams it,
+    and `build_request` only builds the request; they take httpx's keywords for the body
+    (``content``, ``data``, ``json``), the query (``params``), ``headers``, ``timeout`` and
+    ``follow_redirects``.
+
+    Args:
+        sender: What sends the requests.
+        headers: Default headers for every request.
+        follow_redirects: Whether requests follow redirects unless they say otherwise.
+        max_redirects: How many redirects one request follows at most.
+
     Attributes:
         sender: What sends the requests.
         headers: Default headers added to every request (the request's own win).
+        follow_redirects: See above.
+        max_redirects: See above.
+
+    Raises:
+        TypeError, ValueError: ``follow_redirects`` is not a bool, or ``max_redirects`` not
+            an int of at least 0.
     """
 
-    def __init__(self, sender: RequestSender, *, headers: HeaderTypes = None) -> None:
+    def __init__(
+        self,
+        sender: RequestSender,
+        *,
+        headers: HeaderTypes = None,
+        follow_redirects: bool = False,
+        max_redirects: int = 20,
+    ) -> None:
+        _check_redirects(follow_redirects, max_redirects)
         self.sender = sender
         self.headers: Headers = Headers(headers)
+        self.follow_redirects = follow_redirects
+        self.max_redirects = max_redirects
         self._urls: dict[str, URL] = {}
         if "user-agent" not in self.headers:
             self.headers["User-Agent"] = _USER_AGENT
@@ -641,16 +863,40 @@ class Client:
         method: str,
         url: URL | str,
         *,
+        content: RequestContent | str = None,
+        data: RequestData | None = None,
+        json: Any = None,
+        params: QueryParamTypes | None = None,
         headers: HeaderTypes = None,
-        content: RequestContent = None,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,
     ) -> Request:
         """Validate and build a request with the client's default headers.
+
+        Args:
+            method: The method, e.g. ``"GET"``.
+            url: An ``http://`` or ``https://`` URL.
+            content: The body: ``bytes``, a ``str`` (sent as UTF-8), an async iterable of
+                bytes (sent chunked), or None.
+            data: Form fields, sent ``application/x-www-form-urlencoded`` (a mapping; a list
+                value repeats the field).
+            json: A value sent as compact JSON with ``Content-Type: application/json``.
+            params: Query parameters merged into the URL's query (a mapping, a list of
+                pairs, or a query string): each name given replaces the URL's values of that
+                name, as httpx's ``URL.copy_merge_params``.
+            headers: Extra headers (a mapping or a list of pairs); they replace the
+                client's defaults of the same names, and a ``Content-Type`` given here wins
+                over the one ``data`` or ``json`` sets.
+            timeout: This request's limits (`Request.timeouts`): a number of seconds for all
+                four, a :class:`Timeouts`, or None for none at all. By default the client's
+                (the request carries none).
 
         Raises:
             InvalidURL: The URL is malformed, its scheme unsupported or its port out of range.
             InvalidHeader: A header name or value is malformed (CR, LF or NUL in it).
             LocalProtocolError: The method is not a valid token.
-            TypeError: ``content`` is a str (encode it) or of another unsupported type.
+            TypeError: More than one of ``content``, ``data`` and ``json`` was given, or an
+                argument is of an unsupported type (``json`` a value JSON cannot hold).
+            ValueError: ``json`` holds NaN or an infinity, or a timeout is negative.
         """
         if isinstance(url, str):
             # Parsing a URL is the costliest part of building a request: keep the last few
@@ -663,6 +909,11 @@ class Client:
             url = parsed
         else:
             url = url if isinstance(url, URL) else URL(url)  # not a str: URL raises InvalidURL
+        if params is not None:
+            url = merge_params(url, params)
+        content_type = None
+        if data is not None or json is not None:
+            content, content_type = _encode_body(content, data, json)
         merged = self.headers.copy()
         if headers is not None:
             given = Headers(headers).raw
@@ -673,25 +924,36 @@ class Client:
                     del merged[name]
             for name, value in given:
                 merged.add(name, value)
-        return Request._with_own_headers(  # pyright: ignore[reportPrivateUsage]
+        if content_type is not None and "content-type" not in merged:
+            merged.add("Content-Type", content_type)
+        request = Request._with_own_headers(  # pyright: ignore[reportPrivateUsage]
             method, url, merged, content
         )
+        if timeout is not USE_CLIENT_DEFAULT:
+            request.timeouts = _timeouts_of(timeout)
+        return request
 
     async def request(
         self,
         method: str,
         url: URL | str,
         *,
+        content: RequestContent | str = None,
+        data: RequestData | None = None,
+        json: Any = None,
+        params: QueryParamTypes | None = None,
         headers: HeaderTypes = None,
-        content: RequestContent = None,
+        follow_redirects: bool | UseClientDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,  # noqa: ASYNC109
     ) -> Response:
         """Send a request and read the whole response body.
 
         Args:
             method: The method, e.g. ``"GET"``.
             url: An ``http://`` or ``https://`` URL.
-            headers: Extra headers (a mapping or a list of pairs).
-            content: The body: bytes, an async iterable of bytes (sent chunked), or None.
+            content, data, json, params, headers, timeout: See `build_request`.
+            follow_redirects: Follow redirects, up to the client's ``max_redirects``; by
+                default as the client says (see below).
 
         Returns:
             The response, its body read (``response.content``).
@@ -699,9 +961,43 @@ class Client:
         Raises:
             PoolError: Any subclass (see the exception hierarchy): ConnectError,
                 PoolTimeout, ReadTimeout, RemoteProtocolError, ...
+            TooManyRedirects: More than the client's ``max_redirects`` redirects in a row.
+            StreamConsumed: A 307 or 308 asks for a body that was streamed (an async
+                iterable) again; it is not sent.
+            TypeError, ValueError: Invalid arguments (see `build_request`), at once.
+
+        Redirects. With ``follow_redirects``, a response 301, 302, 303, 307 or 308 that has
+        a ``Location`` is followed with the request that
+        `RFC 9110 <https://www.rfc-editor.org/rfc/rfc9110#section-15.4>`_ and httpx call
+        for: 303, and 302 for any method but HEAD, become a GET without body, and so does a
+        POST answered with 301; 307 and 308 keep the method and body. The Location is
+        resolved against the request's URL (one that is not an http or https URL raises
+        `RemoteProtocolError`). Leaving the origin (scheme, host or port) drops
+        ``Authorization``, except for the move from ``http://host`` (port 80) to
+        ``https://host`` (port 443), which httpx allows; ``Cookie`` is dropped on every
+        redirect, as in httpx. Each redirect response is read if it declares a body of at
+        most 64 KiB that arrives within a second, else closed unread, so its connection
+        goes back to the pool (or is closed). The response returned is the last one; its
+        ``history`` lists the redirect responses before it (each with its own ``history``,
+        as in httpx). A redirect without a ``Location``, or one not followed, is returned
+        as it is.
         """
-        request = self.build_request(method, url, headers=headers, content=content)
-        response = await self.sender.send_request(request)  # a checkpoint (it did I/O)
+        request = self.build_request(
+            method,
+            url,
+            content=content,
+            data=data,
+            json=json,
+            params=params,
+            headers=headers,
+            timeout=timeout,
+        )
+        if follow_redirects is USE_CLIENT_DEFAULT:
+            follow_redirects = self.follow_redirects
+        if follow_redirects:
+            response = await self._send_following(request)
+        else:
+            response = await self.sender.send_request(request)  # a checkpoint (it did I/O)
         try:
             # No extra checkpoint for what is already buffered.
             await response._read_all()  # pyright: ignore[reportPrivateUsage]
@@ -711,14 +1007,52 @@ class Client:
                     await response.aclose()
         return response
 
+    async def _send_following(self, request: Request) -> Response:
+        """Send ``request``, following redirects (see `request`); the last response, its body
+        still to be read."""
+        sender = self.sender
+        history: list[Response] = []
+        while True:
+            response = await sender.send_request(request)
+            if (
+                response.status_code not in _REDIRECT_STATUSES
+                or "location" not in response.headers
+            ):
+                if history:
+                    response.history = history
+                return response
+            try:
+                # Read (or close) it first, errors included: its connection goes back.
+                await _read_redirect_body(response)
+                if len(history) >= self.max_redirects:
+                    raise TooManyRedirects(
+                        f"more than {self.max_redirects} redirects: the last one, a "
+                        f"{response.status_code} from {response.url}, leads to "
+                        f"{response.headers.get('location')!r}",
+                        key=request.url.origin,
+                        url=str(response.url),
+                    )
+                following = _redirect_request(request, response)
+            except BaseException:
+                await _close_at_once(response)
+                raise
+            response.history = list(history)
+            history.append(response)
+            request = following
+
     @asynccontextmanager
     async def stream(
         self,
         method: str,
         url: URL | str,
         *,
+        content: RequestContent | str = None,
+        data: RequestData | None = None,
+        json: Any = None,
+        params: QueryParamTypes | None = None,
         headers: HeaderTypes = None,
-        content: RequestContent = None,
+        follow_redirects: bool | UseClientDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,  # noqa: ASYNC109
     ) -> AsyncGenerator[Response, None]:
         """Send a request and stream the response body within the ``async with`` block.
 
@@ -728,13 +1062,31 @@ class Client:
                 async for chunk in response.aiter_bytes():
                     ...
 
+        The arguments are those of `request`; with ``follow_redirects`` the block gets the
+        last response, its body streaming (the redirects before it are in its ``history``).
+        The request's ``timeout``, if given, also bounds each read of the body in the block.
+
         Leaving the block closes the response: its connection goes back to the pool if the
         body was read to the end, or (HTTP/1.1) if a rest of at most 64 KiB has arrived or
         arrives within 0.1 s and is drained; else it is closed. The drain never holds the
         block's exit (or a cancellation) longer than those 0.1 s.
         """
-        request = self.build_request(method, url, headers=headers, content=content)
-        response = await self.sender.send_request(request)
+        request = self.build_request(
+            method,
+            url,
+            content=content,
+            data=data,
+            json=json,
+            params=params,
+            headers=headers,
+            timeout=timeout,
+        )
+        if follow_redirects is USE_CLIENT_DEFAULT:
+            follow_redirects = self.follow_redirects
+        if follow_redirects:
+            response = await self._send_following(request)
+        else:
+            response = await self.sender.send_request(request)
         try:
             yield response
         except BaseException:
@@ -742,16 +1094,161 @@ class Client:
             # the body (a shielded drain would hold a cancellation up to the read timeout).
             # Within a cancelled scope only bytes already received are drained; otherwise
             # the connection is closed, not returned.
-            with trio.CancelScope() as scope:
-                scope.cancel()
-                await response.aclose()
+            await _close_at_once(response)
             raise
         with trio.CancelScope(shield=True):
             await response.aclose()
 
-    async def get(self, url: URL | str, *, headers: HeaderTypes = None) -> Response:
-        """``request("GET", url)``."""
-        return await self.request("GET", url, headers=headers)
+    async def get(
+        self,
+        url: URL | str,
+        *,
+        params: QueryParamTypes | None = None,
+        headers: HeaderTypes = None,
+        follow_redirects: bool | UseClientDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,  # noqa: ASYNC109
+    ) -> Response:
+        """``request("GET", url, ...)``."""
+        return await self.request(
+            "GET",
+            url,
+            params=params,
+            headers=headers,
+            follow_redirects=follow_redirects,
+            timeout=timeout,
+        )
+
+    async def head(
+        self,
+        url: URL | str,
+        *,
+        params: QueryParamTypes | None = None,
+        headers: HeaderTypes = None,
+        follow_redirects: bool | UseClientDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,  # noqa: ASYNC109
+    ) -> Response:
+        """``request("HEAD", url, ...)``."""
+        return await self.request(
+            "HEAD",
+            url,
+            params=params,
+            headers=headers,
+            follow_redirects=follow_redirects,
+            timeout=timeout,
+        )
+
+    async def options(
+        self,
+        url: URL | str,
+        *,
+        params: QueryParamTypes | None = None,
+        headers: HeaderTypes = None,
+        follow_redirects: bool | UseClientDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,  # noqa: ASYNC109
+    ) -> Response:
+        """``request("OPTIONS", url, ...)``."""
+        return await self.request(
+            "OPTIONS",
+            url,
+            params=params,
+            headers=headers,
+            follow_redirects=follow_redirects,
+            timeout=timeout,
+        )
+
+    async def delete(
+        self,
+        url: URL | str,
+        *,
+        params: QueryParamTypes | None = None,
+        headers: HeaderTypes = None,
+        follow_redirects: bool | UseClientDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,  # noqa: ASYNC109
+    ) -> Response:
+        """``request("DELETE", url, ...)`` (without a body, as httpx's ``delete``)."""
+        return await self.request(
+            "DELETE",
+            url,
+            params=params,
+            headers=headers,
+            follow_redirects=follow_redirects,
+            timeout=timeout,
+        )
+
+    async def post(
+        self,
+        url: URL | str,
+        *,
+        content: RequestContent | str = None,
+        data: RequestData | None = None,
+        json: Any = None,
+        params: QueryParamTypes | None = None,
+        headers: HeaderTypes = None,
+        follow_redirects: bool | UseClientDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,  # noqa: ASYNC109
+    ) -> Response:
+        """``request("POST", url, ...)``."""
+        return await self.request(
+            "POST",
+            url,
+            content=content,
+            data=data,
+            json=json,
+            params=params,
+            headers=headers,
+            follow_redirects=follow_redirects,
+            timeout=timeout,
+        )
+
+    async def put(
+        self,
+        url: URL | str,
+        *,
+        content: RequestContent | str = None,
+        data: RequestData | None = None,
+        json: Any = None,
+        params: QueryParamTypes | None = None,
+        headers: HeaderTypes = None,
+        follow_redirects: bool | UseClientDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,  # noqa: ASYNC109
+    ) -> Response:
+        """``request("PUT", url, ...)``."""
+        return await self.request(
+            "PUT",
+            url,
+            content=content,
+            data=data,
+            json=json,
+            params=params,
+            headers=headers,
+            follow_redirects=follow_redirects,
+            timeout=timeout,
+        )
+
+    async def patch(
+        self,
+        url: URL | str,
+        *,
+        content: RequestContent | str = None,
+        data: RequestData | None = None,
+        json: Any = None,
+        params: QueryParamTypes | None = None,
+        headers: HeaderTypes = None,
+        follow_redirects: bool | UseClientDefault = USE_CLIENT_DEFAULT,
+        timeout: TimeoutTypes | UseClientDefault = USE_CLIENT_DEFAULT,  # noqa: ASYNC109
+    ) -> Response:
+        """``request("PATCH", url, ...)``."""
+        return await self.request(
+            "PATCH",
+            url,
+            content=content,
+            data=data,
+            json=json,
+            params=params,
+            headers=headers,
+            follow_redirects=follow_redirects,
+            timeout=timeout,
+        )
 
 
 @asynccontextmanager
@@ -763,6 +1260,8 @@ async def open_client(
     timeouts: Timeouts = Timeouts(),  # noqa: B008
     retry_stale: bool = True,
     headers: HeaderTypes = None,
+    follow_redirects: bool = False,
+    max_redirects: int = 20,
     key_extra: Hashable = None,
     pool: RequestSender | Pool[HTTPKey, HTTPConnection] | None = None,
     max_concurrent_streams: int = 100,
@@ -796,9 +1295,14 @@ async def open_client(
             with prior knowledge (h2c) when ``http1=False``, else HTTP/1.1. A given
             `ssl.SSLContext` is not modified: set its ALPN protocols yourself.
         timeouts: ``connect``, ``read``, ``write`` (per operation), and ``pool`` (the whole
-            wait for a connection, retries included).
+            wait for a connection, retries included). A request's ``timeout=`` replaces
+            them for that request (see :class:`PoolSender` for what each bounds then).
         retry_stale: See :class:`PoolSender`.
         headers: Default headers for every request.
+        follow_redirects: Whether requests follow redirects unless they say otherwise
+            (``follow_redirects=`` of each method); see :meth:`Client.request`.
+        max_redirects: How many redirects one request follows at most; one more raises
+            :class:`~trio_connpool.TooManyRedirects`.
         key_extra: Added to every pool key (e.g. a user agent or tenant).
         pool: See above.
         max_concurrent_streams: Our cap on the streams of one HTTP/2 connection.
@@ -835,6 +1339,7 @@ async def open_client(
     _check_protocols(http1, http2)
     if not isinstance(timeouts, Timeouts):
         raise TypeError("timeouts must be a trio_connpool.http.Timeouts")
+    _check_redirects(follow_redirects, max_redirects)
     options: dict[str, Any] = {
         "verify": verify,
         "acquire_timeout": timeouts.pool,
@@ -866,7 +1371,12 @@ async def open_client(
         )
         # The pool takes the connector's own reserve() unless the options say otherwise.
         async with open_pool(connector, options=chosen) as owned:
-            yield Client(PoolSender(owned, **options), headers=headers)
+            yield Client(
+                PoolSender(owned, **options),
+                headers=headers,
+                follow_redirects=follow_redirects,
+                max_redirects=max_redirects,
+            )
         return
     if isinstance(pool, Pool):
         given: RequestSender = PoolSender(pool, **options)
@@ -875,4 +1385,6 @@ async def open_client(
     else:
         raise TypeError(f"pool must be a Pool, a RequestSender or None, not {pool!r}")
     await trio.lowlevel.checkpoint()
-    yield Client(given, headers=headers)
+    yield Client(
+        given, headers=headers, follow_redirects=follow_redirects, max_redirects=max_redirects
+    )

@@ -176,7 +176,8 @@ class HTTP11Connection:
     Args:
         stream: The open transport (TCP, TLS, or a memory stream in tests).
         origin: The origin the stream is connected to (for the Host header and errors).
-        timeouts: ``read`` and ``write`` bound every single read and write.
+        timeouts: ``read`` and ``write`` bound every single read and write (of an exchange
+            whose request carries no `Request.timeouts`; those replace them for it).
         max_incomplete_event_size: The largest response head (or chunk header) accepted.
     """
 
@@ -190,6 +191,8 @@ class HTTP11Connection:
     ) -> None:
         self._stream = stream
         self._origin = origin
+        self._default_timeouts = timeouts
+        # The limits of the current exchange: the connection's, or its request's own.
         self._timeouts = timeouts
         self._read_timeout = math.inf if timeouts.read is None else timeouts.read
         self._write_timeout = math.inf if timeouts.write is None else timeouts.write
@@ -343,8 +346,10 @@ class HTTP11Connection:
                 it is being sent. The head and the body up to that point have gone out
                 then (never the whole declared body, so the server never has a complete
                 request), and the connection is closed.
-            ReadTimeout: If the server sent nothing within ``timeouts.read``.
-            WriteTimeout: If a write did not complete within ``timeouts.write``.
+            ReadTimeout: If the server sent nothing within ``timeouts.read`` (the request's
+                own `Request.timeouts` if it has them, else the connection's; they also bound
+                the reads of the response body).
+            WriteTimeout: If a write did not complete within ``timeouts.write`` (likewise).
         """
         if self._state is not _State.IDLE:
             if self._state is _State.CLOSED:
@@ -371,6 +376,9 @@ class HTTP11Connection:
         except InvalidHeader:
             await trio.lowlevel.checkpoint()
             raise
+        exchange_timeouts = request.timeouts
+        if exchange_timeouts is not None or self._timeouts is not self._default_timeouts:
+            self._use_timeouts(exchange_timeouts or self._default_timeouts)
         self._state = _State.ACTIVE
         self._exchanges += 1
         self._request = request
@@ -393,6 +401,12 @@ class HTTP11Connection:
         except BaseException:
             await self._fail()
             raise
+
+    def _use_timeouts(self, timeouts: Timeouts) -> None:
+        """Bound this exchange's reads and writes (its body's too) by ``timeouts``."""
+        self._timeouts = timeouts
+        self._read_timeout = math.inf if timeouts.read is None else timeouts.read
+        self._write_timeout = math.inf if timeouts.write is None else timeouts.write
 
     async def _send_request(
         self,

@@ -240,7 +240,7 @@ class HTTP2Connection:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._core.initiate(trio.current_time())
-        await self._flush()
+        await self._flush(self._timeouts.write)
 
     async def run_background(self) -> None:
         """Read frames until the connection ends; the one task this connection needs.
@@ -288,7 +288,7 @@ class HTTP2Connection:
         acked = self._pings[payload] = trio.Event()
         try:
             started = trio.current_time()
-            await self._flush()
+            await self._flush(self._timeouts.write)
             with trio.move_on_at(_deadline_after(self._timeouts.read)):
                 await acked.wait()
             if not acked.is_set():
@@ -327,12 +327,20 @@ class HTTP2Connection:
                 request (REFUSED_STREAM, GOAWAY, or the connection was already shutting
                 down). `ServerDisconnected` if the connection broke before any response.
             LocalProtocolError: If the request cannot be sent as given.
-            ReadTimeout: If the response head did not arrive within ``timeouts.read``.
-            WriteTimeout: If a write, or a wait for window, exceeded ``timeouts.write``.
+            ReadTimeout: If the response head did not arrive within ``timeouts.read`` (the
+                request's own `Request.timeouts` if it has them, else the connection's; they
+                also bound each wait for a chunk of the response body).
+            WriteTimeout: If a write, or a wait for window or a stream slot, exceeded
+                ``timeouts.write`` (likewise). A write is shared by the streams whose frames
+                it carries, and one that times out fails the connection (half a frame may be
+                out), as a timed-out write of the connection's own does.
             TransportError: If the connection was closed locally meanwhile.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         core = self._core
+        timeouts = request.timeouts
+        if timeouts is None:
+            timeouts = self._timeouts
         url = str(request.url)
         try:
             headers = core.request_headers(
@@ -341,7 +349,7 @@ class HTTP2Connection:
         except InvalidHeader:
             await trio.lowlevel.cancel_shielded_checkpoint()
             raise
-        await self._wait_for_slot(url)
+        await self._wait_for_slot(url, timeouts.write)
         content = request.content
         end_now = content is None or content == b""
         stream = core.open_stream(
@@ -351,20 +359,22 @@ class HTTP2Connection:
             self._notify()  # retired: its stream ids run out
         self._lots[stream.stream_id] = trio.lowlevel.ParkingLot()
         try:
-            await self._flush_batched()
+            await self._flush_batched(timeouts.write)
             if content is not None and not end_now:
-                await self._upload(stream, content)
-            return await self._receive_head(stream, request)
+                await self._upload(stream, content, timeouts.write)
+            return await self._receive_head(stream, request, timeouts.read)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._abandon(stream)
             raise
 
-    async def _upload(self, stream: H2Stream, content: bytes | AsyncIterable[bytes]) -> None:
+    async def _upload(
+        self, stream: H2Stream, content: bytes | AsyncIterable[bytes], write: float | None
+    ) -> None:
         """Send the request body; stop early, without error, once the response is complete."""
         core = self._core
         try:
-            await self._send_body(stream, content)
+            await self._send_body(stream, content, write)
         except StopSending:
             pass
         except TransportError as exc:
@@ -378,10 +388,10 @@ class HTTP2Connection:
             core.stop_upload(stream)
             await self._flush_unless_busy()
 
-    async def _wait_for_slot(self, url: str) -> None:
+    async def _wait_for_slot(self, url: str, write: float | None) -> None:
         """Wait until a new stream may be opened (bounded by the write timeout)."""
         core = self._core
-        deadline = _deadline_after(self._timeouts.write)
+        deadline = _deadline_after(write)
         while True:
             if core.state is not State.ACTIVE:
                 core.check_can_open(url)
@@ -391,14 +401,16 @@ class HTTP2Connection:
                 await self._slot_lot.park()
                 continue
             raise WriteTimeout(
-                f"no stream slot became free within {self._timeouts.write} s",
+                f"no stream slot became free within {write} s",
                 key=self._origin,
                 url=url,
             )
 
-    async def _send_body(self, stream: H2Stream, content: bytes | AsyncIterable[bytes]) -> None:
+    async def _send_body(
+        self, stream: H2Stream, content: bytes | AsyncIterable[bytes], write: float | None
+    ) -> None:
         if isinstance(content, bytes):
-            await self._send_data(stream, content)
+            await self._send_data(stream, content, write)
         else:
             iterator = aiter(content)
             try:
@@ -408,7 +420,7 @@ class HTTP2Connection:
                             f"request content must yield bytes, not {type(chunk).__name__}"
                         )
                     if chunk:
-                        await self._send_data(stream, bytes(chunk))
+                        await self._send_data(stream, bytes(chunk), write)
             finally:
                 # We started this iteration, so we end it (see _http11.py).
                 aclose = getattr(iterator, "aclose", None)
@@ -416,34 +428,36 @@ class HTTP2Connection:
                     with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                         await aclose()
         self._core.end_request(stream)
-        await self._flush()
+        await self._flush(write)
 
-    async def _send_data(self, stream: H2Stream, data: bytes) -> None:
+    async def _send_data(self, stream: H2Stream, data: bytes, write: float | None) -> None:
         """Send ``data`` on ``stream`` as the flow-control windows allow."""
         view = memoryview(data)
         core = self._core
         while view:
-            await self._wait_for_window(stream)
+            await self._wait_for_window(stream, write)
             sent = core.send_data(stream, view, _MAX_BODY_BURST)
             view = view[sent:]
-            await self._flush()
+            await self._flush(write)
 
-    async def _wait_for_window(self, stream: H2Stream) -> None:
+    async def _wait_for_window(self, stream: H2Stream, write: float | None) -> None:
         """Wait until ``stream`` may send (bounded by the write timeout)."""
         core = self._core
-        deadline = _deadline_after(self._timeouts.write)
+        deadline = _deadline_after(write)
         while core.send_window(stream) <= 0:
             with trio.move_on_at(deadline):
                 await self._window_lot.park()
                 continue
             raise WriteTimeout(
-                f"the server opened no flow-control window within {self._timeouts.write} s",
+                f"the server opened no flow-control window within {write} s",
                 key=self._origin,
                 url=stream.url,
             )
 
-    async def _receive_head(self, stream: H2Stream, request: Request) -> Response:
-        timeout = self._timeouts.read
+    async def _receive_head(
+        self, stream: H2Stream, request: Request, read_timeout: float | None
+    ) -> Response:
+        timeout = read_timeout
         started = trio.current_time()
         deadline = math.inf if timeout is None else started + timeout
         lot = self._lots[stream.stream_id]
@@ -465,7 +479,7 @@ class HTTP2Connection:
             request=request,
             headers=Headers._from_trusted(headers),  # pyright: ignore[reportPrivateUsage]
             http_version="HTTP/2",
-            stream=_HTTP2Body(self, stream),
+            stream=_HTTP2Body(self, stream, timeout),
         )
 
     def _read_timed_out(self, since: float) -> None:
@@ -478,10 +492,13 @@ class HTTP2Connection:
 
     # ---- the body, driven by _HTTP2Body ---------------------------------------------------
 
-    async def _receive_chunk(self, stream: H2Stream) -> tuple[bytes, bool]:
-        """The next chunk of ``stream``'s body (``b""`` at its end), and whether we parked."""
+    async def _receive_chunk(
+        self, stream: H2Stream, read_timeout: float | None
+    ) -> tuple[bytes, bool]:
+        """The next chunk of ``stream``'s body (``b""`` at its end), and whether we parked
+        (waiting at most ``read_timeout`` seconds for each chunk)."""
+        timeout = read_timeout
         core = self._core
-        timeout = self._timeouts.read
         started = trio.current_time()
         deadline = math.inf if timeout is None else started + timeout
         parked = False
@@ -539,17 +556,18 @@ class HTTP2Connection:
 
     # ---- writing -------------------------------------------------------------------------
 
-    async def _flush(self) -> None:
-        """Write everything the core has queued, waiting for the write lock if someone writes.
+    async def _flush(self, write: float | None) -> None:
+        """Write everything the core has queued, waiting for the write lock if someone writes
+        (each write bounded by ``write`` seconds).
 
         Raises:
             WriteTimeout, RemoteProtocolError, TransportError: The write failed; the
                 connection is then broken and every other stream failed too.
         """
         async with self._write_lock:
-            await self._write_out(self._timeouts.write)
+            await self._write_out(write)
 
-    async def _flush_batched(self) -> None:
+    async def _flush_batched(self, write: float | None) -> None:
         """See that what the core has queued is written, together with what others queue.
 
         Many requests start together: the reader wakes their tasks one read at a time (a
@@ -574,7 +592,7 @@ class HTTP2Connection:
             return  # its holder writes until the queue stays empty: ours too
         self._write_lock.acquire_nowait()
         try:
-            await self._write_out(self._timeouts.write)
+            await self._write_out(write)
         finally:
             self._write_lock.release()
 
@@ -814,11 +832,14 @@ class HTTP2Connection:
 class _HTTP2Body:
     """The `ResponseStream` of one HTTP/2 stream."""
 
-    __slots__ = ("_connection", "_done", "_stream")
+    __slots__ = ("_connection", "_done", "_read_timeout", "_stream")
 
-    def __init__(self, connection: HTTP2Connection, stream: H2Stream) -> None:
+    def __init__(
+        self, connection: HTTP2Connection, stream: H2Stream, read_timeout: float | None
+    ) -> None:
         self._connection = connection
         self._stream = stream
+        self._read_timeout = read_timeout  # the exchange's: its request's or the connection's
         self._done = False
 
     async def receive_some(self) -> bytes:
@@ -828,7 +849,7 @@ class _HTTP2Body:
         connection = self._connection
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
-            chunk, parked = await connection._receive_chunk(self._stream)  # pyright: ignore[reportPrivateUsage]
+            chunk, parked = await connection._receive_chunk(self._stream, self._read_timeout)  # pyright: ignore[reportPrivateUsage]
         except BaseException:
             self._done = True
             with trio.CancelScope(shield=True):

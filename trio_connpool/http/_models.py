@@ -19,10 +19,10 @@ import ipaddress
 import json as jsonlib
 import re
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any, ClassVar, Final, Protocol, Union, cast, final
-from urllib.parse import SplitResult, quote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit
 
 import attrs
 import trio
@@ -45,8 +45,11 @@ __all__ = [
     "Headers",
     "HeaderTypes",
     "Origin",
+    "PrimitiveData",
+    "QueryParamTypes",
     "Request",
     "RequestContent",
+    "RequestData",
     "Response",
     "ResponseStream",
     "Timeouts",
@@ -544,12 +547,12 @@ def _checked_content(method: object, content: object) -> RequestContent:
 
 def _check_content(content: object) -> RequestContent:
     if isinstance(content, str):
-        raise TypeError("content must be bytes, not str: encode it first (e.g. .encode())")
+        return content.encode("utf-8")  # as httpx does
     if isinstance(content, (bytearray, memoryview)):
         return bytes(cast("bytearray | memoryview[int]", content))
     if not (content is None or isinstance(content, bytes) or hasattr(content, "__aiter__")):
         raise TypeError(
-            "content must be bytes, an async iterable of bytes or None, "
+            "content must be bytes, a str, an async iterable of bytes or None, "
             f"not {type(content).__name__}"
         )
     return cast("RequestContent", content)
@@ -565,23 +568,33 @@ class Request:
         url: The absolute URL, as a `URL` or a string.
         headers: Extra header fields. ``Host``, ``Content-Length`` and ``Transfer-Encoding`` are
             added by the connection when absent.
-        content: The body: ``bytes``, an async iterable of ``bytes`` chunks (streamed; sent
-            chunked unless you give a ``Content-Length``), or ``None``.
+        content: The body: ``bytes``, a ``str`` (sent encoded as UTF-8, as httpx does), an
+            async iterable of ``bytes`` chunks (streamed; sent chunked unless you give a
+            ``Content-Length``), or ``None``.
+        timeouts: Limits for this request alone, replacing those of the connection and pool
+            it is sent through (see `timeouts`); ``None``: theirs apply.
 
     Attributes:
         method: The method.
         url: The parsed `URL`.
         headers: The `Headers`.
-        content: The body as given.
+        content: The body as given (a ``str`` encoded as UTF-8, bytes-likes copied to
+            ``bytes``).
+        timeouts: The request's own `Timeouts`, or ``None``. ``read`` and ``write`` bound
+            each read and write of its exchange (its response body's reads too), on HTTP/1.1
+            and HTTP/2 alike; ``pool`` bounds its wait for a connection from a pool, and
+            ``connect`` a connect made for this request alone (see
+            :class:`~trio_connpool.http.PoolSender` for what a pool guarantees).
 
     Raises:
         LocalProtocolError: If the method is not a token.
         InvalidURL: If the URL is invalid.
         InvalidHeader: If a header is invalid.
-        TypeError: If ``content`` is a ``str`` (encode it first) or another unsupported type.
+        TypeError: If ``content`` is of an unsupported type, or ``timeouts`` is not a
+            `Timeouts` or ``None``.
     """
 
-    __slots__ = ("content", "headers", "method", "url")
+    __slots__ = ("content", "headers", "method", "timeouts", "url")
 
     def __init__(
         self,
@@ -589,17 +602,21 @@ class Request:
         url: URL | str,
         *,
         headers: HeaderTypes = None,
-        content: RequestContent = None,
+        content: RequestContent | str = None,
+        timeouts: Timeouts | None = None,
     ) -> None:
-        content = _checked_content(method, content)
+        checked = _checked_content(method, content)
+        if timeouts is not None and not isinstance(timeouts, Timeouts):
+            raise TypeError(f"timeouts must be a Timeouts or None, not {timeouts!r}")
         self.method: str = method
         self.url: URL = url if isinstance(url, URL) else URL(url)
         self.headers: Headers = Headers(headers)
-        self.content: RequestContent = content
+        self.content: RequestContent = checked
+        self.timeouts: Timeouts | None = timeouts
 
     @classmethod
     def _with_own_headers(
-        cls, method: str, url: URL, headers: Headers, content: RequestContent
+        cls, method: str, url: URL, headers: Headers, content: RequestContent | str
     ) -> Request:
         """`Request` for a caller that made ``headers`` for this request alone: no copy."""
         content = _checked_content(method, content)
@@ -608,6 +625,7 @@ class Request:
         self.url = url
         self.headers = headers
         self.content = content
+        self.timeouts = None
         return self
 
     @property
@@ -622,6 +640,114 @@ class Request:
 
     def __repr__(self) -> str:
         return f"<Request [{self.method} {self.url}]>"
+
+
+PrimitiveData = Union[str, int, float, bool, None]  # noqa: UP007 (runtime alias)
+"""A query parameter or form field value: ``True``/``False`` are sent as ``true``/``false``
+and ``None`` as an empty value, as httpx does."""
+
+QueryParamTypes = Union[  # noqa: UP007 (runtime alias)
+    Mapping[str, PrimitiveData | Sequence[PrimitiveData]],
+    Sequence[tuple[str, PrimitiveData]],
+    str,
+]
+"""What ``params=`` accepts: a mapping (a sequence value gives the name several times), a
+sequence of ``(name, value)`` pairs, or a query string."""
+
+RequestData = Mapping[str, PrimitiveData | Sequence[PrimitiveData]]
+"""What ``data=`` accepts: form fields, sent form-encoded."""
+
+
+def _primitive(value: object) -> str:
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return ""
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise TypeError(
+        f"query parameters and form fields must be str, int, float, bool or None, "
+        f"not {type(value).__name__}"
+    )
+
+
+def _pairs(fields: object, what: str) -> list[tuple[str, str]]:
+    """``(name, value)`` text pairs of a mapping (sequence values repeat the name) or of a
+    sequence of pairs."""
+    pairs: list[tuple[str, str]] = []
+    if isinstance(fields, Mapping):
+        for name, value in cast("Mapping[object, object]", fields).items():
+            if isinstance(value, (list, tuple)):
+                pairs.extend((str(name), _primitive(item)) for item in cast("list[object]", value))
+            else:
+                pairs.append((str(name), _primitive(value)))
+        return pairs
+    if isinstance(fields, (list, tuple)):
+        for pair in cast("list[object]", fields):
+            if not isinstance(pair, tuple) or len(cast("tuple[object, ...]", pair)) != 2:
+                raise TypeError(f"{what} must be (name, value) pairs, got {pair!r}")
+            name, value = cast("tuple[object, object]", pair)
+            pairs.append((str(name), _primitive(value)))
+        return pairs
+    raise TypeError(
+        f"{what} must be a mapping or a list of (name, value) pairs, not {type(fields).__name__}"
+    )
+
+
+def merge_params(url: URL, params: QueryParamTypes) -> URL:
+    """``url`` with ``params`` merged into its query, as httpx's ``URL.copy_merge_params``.
+
+    A name given in ``params`` replaces every value of that name in the URL's query; the
+    other names keep their values and places, and new names follow. The query is then
+    encoded anew (``application/x-www-form-urlencoded`` style, spaces as ``+``), as httpx
+    does; with nothing in it, the URL has no query.
+
+    Raises:
+        TypeError: ``params`` or one of its values is of an unsupported type.
+    """
+    if isinstance(params, str):
+        given = parse_qsl(params, keep_blank_values=True)
+    else:
+        given = _pairs(params, "params")
+    path, _, query = url.target.decode("ascii").partition("?")
+    merged: dict[str, list[str]] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        merged.setdefault(name, []).append(value)
+    replaced: dict[str, list[str]] = {}
+    for name, value in given:
+        replaced.setdefault(name, []).append(value)
+    merged.update(replaced)
+    text = urlencode([(name, value) for name, values in merged.items() for value in values])
+    authority = format_authority(url.host, url.port, url.scheme)
+    return URL(f"{url.scheme}://{authority}{path}{'?' if text else ''}{text}")
+
+
+def encode_json(value: object) -> bytes:
+    """``value`` as compact JSON in UTF-8, as httpx sends ``json=`` (NaN refused).
+
+    Raises:
+        TypeError: A value JSON cannot represent.
+        ValueError: NaN or an infinity.
+    """
+    return jsonlib.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(
+        "utf-8"
+    )
+
+
+def encode_form(data: RequestData) -> bytes:
+    """Form fields ``application/x-www-form-urlencoded``, as httpx sends ``data=``.
+
+    Raises:
+        TypeError: ``data`` is not a mapping, or a value is of an unsupported type.
+    """
+    if not isinstance(data, Mapping):  # pyright: ignore[reportUnnecessaryIsInstance]
+        raise TypeError(
+            f"data must be a mapping of form fields, not {type(data).__name__} "
+            "(send bytes or text with content=)"
+        )
+    return urlencode(_pairs(data, "data")).encode("ascii")
 
 
 @attrs.frozen
@@ -887,6 +1013,7 @@ class Response:
         "_stream_claimed",
         "_text",
         "headers",
+        "history",
         "http_version",
         "reason_phrase",
         "request",
@@ -919,6 +1046,7 @@ class Response:
         self._elapsed: float | None = None
         self._encoding: str | None = None
         self._text: str | None = None
+        self.history: list[Response] = []  # the redirects followed to get here, oldest first
 
     @property
     def url(self) -> URL:
