@@ -206,9 +206,19 @@ async def test_a_generic_connectors_error_names_the_key() -> None:
 
 
 async def _httpx_get(url: str, **options: Any) -> tuple[httpx.TransportError, Any]:
+    # httpx's own timeout setting (5 s by default) is what the transport honours for read,
+    # write and pool: give it the same limits as the transport's.
+    timeouts = options.get("timeouts")
+    timeout = (
+        httpx.Timeout(5.0)
+        if timeouts is None
+        else httpx.Timeout(
+            connect=timeouts.connect, read=timeouts.read, write=timeouts.write, pool=timeouts.pool
+        )
+    )
     async with (
         AsyncPoolTransport(**options) as transport,
-        httpx.AsyncClient(transport=transport) as client,
+        httpx.AsyncClient(transport=transport, timeout=timeout) as client,
     ):
         with pytest.raises(httpx.TransportError) as caught:
             await client.get(url)

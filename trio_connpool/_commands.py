@@ -490,8 +490,6 @@ class RequestSpec:
         if self.follow_redirects:
             # Only when asked for: a plain request passes no redirect keywords at all.
             keywords["follow_redirects"] = True
-            if self.max_redirects is not None:
-                keywords["max_redirects"] = self.max_redirects
         return keywords
 
 
@@ -676,6 +674,8 @@ async def get_command(
                 timeout=timeout,
                 tracker=tracker,
             )
+            if spec.max_redirects is not None:
+                client.max_redirects = spec.max_redirects  # a client's setting, as in httpx
             bar = Progress(
                 len(urls), description="get", stream=stderr, enabled=progress and len(urls) > 1
             )
@@ -857,6 +857,8 @@ async def fetch_command(
                 timeout=timeout,
                 tracker=tracker,
             )
+            if spec.max_redirects is not None:
+                client.max_redirects = spec.max_redirects  # a client's setting, as in httpx
             if verbose:
                 note(f"* {spec.method} {text}")
                 note(f"* timeouts: {timeout:g} s per connect, read, write and pool wait")
