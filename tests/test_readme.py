@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import attrs
 import pytest
 import trio
-from _servers import CountingApp, TLSFiles, serve_hypercorn
+from _servers import CountingApp, Receive, Scope, Send, TLSFiles, serve_hypercorn
 
 import trio_connpool
 
@@ -34,7 +34,7 @@ ROOT = Path(trio_connpool.__file__).resolve().parent.parent
 
 # The ```python blocks in the README, and which of them are skipped (by the first line of
 # the block, with the reason the README's marker gives). Update both when the README changes.
-BLOCKS = 6
+BLOCKS = 8
 SKIPPED: dict[int, str] = {}
 # Bound on one block's run (they take well under a second each here).
 BLOCK_TIMEOUT = 60
@@ -119,6 +119,26 @@ async def _serve_lines(stream: trio.SocketStream) -> None:
                 await stream.send_all(b"PONG\n" if line == b"PING" else b"ERR\n")
 
 
+class ReadmeApp(CountingApp):
+    """CountingApp plus ``/redirect/{n}``: n redirects (302) in a row, then ``/``."""
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        if path.startswith("/redirect/"):
+            hops = int(path.removeprefix("/redirect/"))
+            location = b"/" if hops <= 1 else f"/redirect/{hops - 1}".encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 302,
+                    "headers": [(b"location", location)],
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await super()._route(scope, receive, send)
+
+
 @attrs.frozen
 class Local:
     https: str  # https://127.0.0.1:PORT, trusted through SSL_CERT_FILE
@@ -144,7 +164,7 @@ async def local(tmp_path: Path) -> AsyncIterator[Local]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "SSL_CERT_FILE": str(ca)}
     env.pop("SSL_CERT_DIR", None)
     async with (
-        serve_hypercorn(CountingApp(), files) as https,
+        serve_hypercorn(ReadmeApp(), files) as https,
         serve_hypercorn(CountingApp()) as plain,
         trio.open_nursery() as nursery,
     ):
