@@ -11,7 +11,9 @@ Codings, as httpx names and reads them: ``gzip`` (and ``x-gzip``), ``deflate`` (
 as RFC 9110 says, or raw deflate as some servers send it: the first bytes decide) and
 ``identity`` (nothing to do). An unknown coding (``br``, ``zstd``, ``compress``) is not
 decoded: decoding stops at the last coding we cannot undo and the body comes out as it is
-from there on (a body with only unknown codings comes out raw). Like httpx, bytes after the end
+from there on (a body with only unknown codings comes out raw). A body with more than
+`MAX_CODINGS` (5) codings to undo is a `DecodingError`: each would cost a zlib stream (and,
+here, a stack frame), and a header of a few KiB can list thousands. Like httpx, bytes after the end
 of a compressed stream are ignored; unlike httpx, a compressed stream that stops before its
 end is an error (`DecodingError`), not a silently shortened body.
 
@@ -33,6 +35,10 @@ __all__ = ["MAX_DECODED_STEP", "ContentDecoder", "LineDecoder", "content_decoder
 
 MAX_DECODED_STEP: Final = 64 * 1024
 """The most decoded bytes one `ContentDecoder.read` returns."""
+
+MAX_CODINGS: Final = 5
+"""The most codings one body may stack (as urllib3): each costs a zlib stream, and more than
+a few are a server's attack or error, not a body to decode."""
 
 # The codings we undo, by their lowercased name; "identity" is none at all.
 _GZIP: Final = "gzip"
@@ -100,6 +106,28 @@ class _ZlibStage:
 
 
 @final
+class _TooManyCodings:
+    """The stage of a body with more than `MAX_CODINGS` codings: its first read fails."""
+
+    __slots__ = ("_count",)
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+
+    def feed(self, data: bytes) -> None:
+        pass
+
+    def step(self, limit: int, *, at_end: bool = False) -> bytes:
+        raise DecodingError(
+            f"the response body has {self._count} content codings; we undo at most "
+            f"{MAX_CODINGS}"
+        )
+
+    def finish(self) -> None:
+        pass
+
+
+@final
 class ContentDecoder:
     """Undoes a body's content codings, at most `MAX_DECODED_STEP` bytes per `read`.
 
@@ -112,14 +140,19 @@ class ContentDecoder:
         limit: The most bytes one `read` returns.
 
     Raises:
-        DecodingError: From `read` or `check_end`, if the data is corrupt or truncated.
+        DecodingError: From `read` or `check_end`, if the data is corrupt or truncated, or
+            from `read` if there are more than `MAX_CODINGS` codings.
     """
 
     __slots__ = ("_ended", "_limit", "_stages")
 
     def __init__(self, codings: list[str], *, limit: int = MAX_DECODED_STEP) -> None:
         # In the order they were applied; decoded in reverse.
-        self._stages = [_ZlibStage(kind) for kind in reversed(codings)]
+        self._stages: list[_ZlibStage | _TooManyCodings] = (
+            [_ZlibStage(kind) for kind in reversed(codings)]
+            if len(codings) <= MAX_CODINGS
+            else [_TooManyCodings(len(codings))]
+        )
         self._limit = limit
         self._ended = False
 

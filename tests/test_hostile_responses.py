@@ -1,0 +1,116 @@
+"""Responses a hostile server can send to the httpx-like API, each against a real socket:
+what the client must do is raise a PoolError (or ignore the nonsense), never let another
+exception out, and keep every buffer within its stated bound.
+"""
+
+from __future__ import annotations
+
+import gzip
+import tracemalloc
+
+import pytest
+import trio
+from _servers import WAIT, ServerConnection, assert_pool_balanced, run_fault_server
+
+from trio_connpool import DecodingError
+from trio_connpool.http import open_client
+
+MiB = 1024 * 1024
+
+
+def _answer_with(headers: list[tuple[str, str]], body: bytes):  # type: ignore[no-untyped-def]
+    async def script(conn: ServerConnection) -> None:
+        while await conn.receive_request() is not None:
+            await conn.send_response(200, body, headers=headers)
+
+    return script
+
+
+# ---- Content-Encoding ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["request", "stream"])
+async def test_thousands_of_codings_raise_a_decoding_error(how: str) -> None:
+    # A header of 3000 "gzip" codings fits in 16 KiB; undoing them took a Python frame (and
+    # a zlib stream) each: RecursionError. Too many codings is a DecodingError.
+    encoding = ", ".join(["gzip"] * 3000)
+    script = _answer_with([("Content-Encoding", encoding)], b"x" * 10)
+    async with run_fault_server(script) as server, open_client() as client:
+        with trio.fail_after(WAIT), pytest.raises(DecodingError, match="codings"):
+            if how == "request":
+                await client.get(server.url())
+            else:
+                async with client.stream("GET", server.url()) as response:
+                    async for _ in response.aiter_bytes():
+                        pass  # pragma: no cover
+        assert_pool_balanced(client.pool)
+
+
+async def test_a_few_stacked_codings_still_decode() -> None:
+    body = gzip.compress(gzip.compress(gzip.compress(b"three times")))
+    script = _answer_with([("Content-Encoding", "gzip, gzip, gzip")], body)
+    async with run_fault_server(script) as server, open_client() as client:
+        assert (await client.get(server.url())).content == b"three times"
+
+
+# ---- charset -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("charset", ["zlib", "base64", "rot13", "undefined", "idna", "punycode"])
+async def test_a_charset_that_cannot_decode_text_falls_back_to_utf8(charset: str) -> None:
+    # Python knows these names, but they are not text encodings (zlib, base64: bytes to
+    # bytes; rot13: str to str) or cannot decode with replacement (undefined, idna,
+    # punycode): text raised LookupError or UnicodeError, aiter_text AssertionError.
+    body = "héllo\n".encode()
+    script = _answer_with([("Content-Type", f"text/plain; charset={charset}")], body + b"\xff")
+    async with run_fault_server(script) as server, open_client() as client:
+        response = await client.get(server.url())
+        assert response.charset is None
+        assert response.encoding == "utf-8"
+        assert response.text == "héllo\n\ufffd"
+        async with client.stream("GET", server.url()) as streamed:
+            assert [text async for text in streamed.aiter_text()] == ["héllo\n\ufffd"]
+
+
+# ---- redirects -----------------------------------------------------------------------------
+
+
+def _redirect_bomb(body: bytes):  # type: ignore[no-untyped-def]
+    async def script(conn: ServerConnection) -> None:
+        while (received := await conn.receive_request()) is not None:
+            if received[0].target == b"/next":
+                await conn.send_response(200, b"landed")
+                continue
+            await conn.send_response(
+                302, body, headers=[("Location", "/next"), ("Content-Encoding", "gzip, gzip")]
+            )
+
+    return script
+
+
+@pytest.mark.parametrize("how", ["request", "stream"])
+async def test_a_redirect_body_that_decodes_to_a_bomb_is_not_built(how: str) -> None:
+    # 32 MiB of zeros gzipped twice is a few hundred bytes: a declared length far below the
+    # 64 KiB a followed redirect's body may have, but reading it whole built the 32 MiB
+    # (a third gzip makes that terabytes). The bound is on what the body decodes to.
+    bomb = gzip.compress(gzip.compress(bytes(32 * MiB)))
+    assert len(bomb) < 1024
+    async with (
+        run_fault_server(_redirect_bomb(bomb)) as server,
+        open_client(follow_redirects=True) as client,
+    ):
+        tracemalloc.start()
+        try:
+            with trio.fail_after(WAIT):
+                if how == "request":
+                    response = await client.get(server.url("/start"))
+                    assert response.content == b"landed"
+                else:
+                    async with client.stream("GET", server.url("/start")) as response:
+                        assert await response.aread() == b"landed"
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 * MiB, peak
+        assert [r.status_code for r in response.history] == [302]
+        assert_pool_balanced(client.pool)
