@@ -119,8 +119,7 @@ class _TooManyCodings:
 
     def step(self, limit: int, *, at_end: bool = False) -> bytes:
         raise DecodingError(
-            f"the response body has {self._count} content codings; we undo at most "
-            f"{MAX_CODINGS}"
+            f"the response body has {self._count} content codings; we undo at most {MAX_CODINGS}"
         )
 
     def finish(self) -> None:

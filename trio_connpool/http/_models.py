@@ -65,6 +65,8 @@ _REG_NAME_RE = re.compile(r"[a-z0-9\-._~!$&'()*+,;=%]+")
 # Any control character other than HTAB makes a header value illegal (RFC 9110 section 5.5).
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Text encodings that cannot decode bytes with errors="replace" (always raise, or ignore it).
+_UNDECODABLE: Final = frozenset({"undefined", "idna", "punycode"})
 # What `Response.raise_for_status` calls a status of each class (as httpx).
 _STATUS_KINDS: Final = {
     1: "Informational response",
@@ -1088,7 +1090,8 @@ class Response:
 
     @property
     def charset(self) -> str | None:
-        """The ``charset`` parameter of ``Content-Type``, if any and known to Python."""
+        """The ``charset`` parameter of ``Content-Type``, if any and a text encoding Python
+        can decode with (not ``zlib``, ``base64``, ``undefined``, ``idna``...)."""
         content_type = self.headers.get("content-type")
         if content_type is None:
             return None
@@ -1097,9 +1100,14 @@ class Response:
             if key.strip().lower() == "charset":
                 value = value.strip().strip('"').strip()
                 try:
-                    return codecs.lookup(value).name
+                    info = codecs.lookup(value)
                 except LookupError:
                     return None
+                # Not a name for bytes to text (zlib, base64, rot13), or one that cannot
+                # decode with replacement: the server's mistake, not an error for the reader.
+                if not info._is_text_encoding or info.name in _UNDECODABLE:  # pyright: ignore[reportPrivateUsage]
+                    return None
+                return info.name
         return None
 
     @property
