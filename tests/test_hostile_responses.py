@@ -6,6 +6,7 @@ exception out, and keep every buffer within its stated bound.
 from __future__ import annotations
 
 import gzip
+import sys
 import tracemalloc
 
 import pytest
@@ -14,6 +15,7 @@ from _servers import WAIT, ServerConnection, assert_pool_balanced, run_fault_ser
 
 from trio_connpool import DecodingError
 from trio_connpool.http import open_client
+from trio_connpool.http._decoders import text_decoder
 
 MiB = 1024 * 1024
 
@@ -114,3 +116,21 @@ async def test_a_redirect_body_that_decodes_to_a_bomb_is_not_built(how: str) -> 
         assert peak < 4 * MiB, peak
         assert [r.status_code for r in response.history] == [302]
         assert_pool_balanced(client.pool)
+
+
+@pytest.mark.parametrize("charset", ["utf-16", "utf-32"])
+async def test_utf16_without_a_bom_streams_as_text_reads_it(charset: str) -> None:
+    # bytes.decode takes a BOM-less utf-16 body in native order; Python's incremental
+    # decoder raised UnicodeError from aiter_text and aiter_lines instead.
+    native = f"{charset}-{'le' if sys.byteorder == 'little' else 'be'}"
+    body = "línea uno\nlínea dos\n".encode(native)
+    script = _answer_with([("Content-Type", f"text/plain; charset={charset}")], body)
+    async with run_fault_server(script) as server, open_client() as client:
+        response = await client.get(server.url())
+        assert response.text == "línea uno\nlínea dos\n"
+        async with client.stream("GET", server.url()) as streamed:
+            assert [line async for line in streamed.aiter_lines()] == ["línea uno", "línea dos"]
+    # With a BOM it is read as the BOM says.
+    with_bom = "\ufeffhi".encode(f"{charset}-be")
+    decoder = text_decoder(charset)
+    assert decoder.decode(with_bom[:1]) + decoder.decode(with_bom[1:], True) == "hi"

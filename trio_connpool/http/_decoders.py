@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import codecs
 import re
+import sys
 import zlib
-from typing import Final, final
+from typing import TYPE_CHECKING, Final, final
 
 from .._exceptions import DecodingError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = ["MAX_DECODED_STEP", "ContentDecoder", "LineDecoder", "content_decoder"]
 
@@ -262,5 +266,42 @@ class LineDecoder:
 
 
 def text_decoder(encoding: str) -> codecs.IncrementalDecoder:
-    """An incremental decoder for ``encoding`` that replaces invalid bytes (as httpx)."""
-    return codecs.getincrementaldecoder(encoding)(errors="replace")
+    """An incremental decoder for ``encoding`` that replaces invalid bytes (as httpx).
+
+    For ``utf-16`` and ``utf-32`` a body without a byte order mark is decoded in the native
+    order, as `bytes.decode` (so `Response.text`) does; Python's incremental decoders raise
+    `UnicodeError` there instead.
+    """
+    decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+    name = codecs.lookup(encoding).name
+    if name in _BOM_REQUIRED:
+        return _NativeWithoutBom(decoder, name)
+    return decoder
+
+
+# Whose incremental decoders raise UnicodeError when the text starts without a BOM.
+_BOM_REQUIRED: Final = frozenset({"utf-16", "utf-32"})
+
+
+@final
+class _NativeWithoutBom(codecs.IncrementalDecoder):
+    """A utf-16 or utf-32 decoder that takes text without a BOM as native byte order."""
+
+    def __init__(self, inner: codecs.IncrementalDecoder, name: str) -> None:
+        super().__init__(errors="replace")
+        self._inner = inner
+        self._name = name
+        self._switched = False
+
+    def decode(self, input: Buffer, final: bool = False) -> str:
+        try:
+            return self._inner.decode(input, final)
+        except UnicodeError:
+            if self._switched:
+                raise
+            # Raised before it consumed anything: what it held is still in its state.
+            held = self._inner.getstate()[0]
+            order = "le" if sys.byteorder == "little" else "be"
+            self._inner = codecs.getincrementaldecoder(f"{self._name}-{order}")(errors="replace")
+            self._switched = True
+            return self._inner.decode(held + input, final)
