@@ -134,3 +134,32 @@ async def test_utf16_without_a_bom_streams_as_text_reads_it(charset: str) -> Non
     with_bom = "\ufeffhi".encode(f"{charset}-be")
     decoder = text_decoder(charset)
     assert decoder.decode(with_bom[:1]) + decoder.decode(with_bom[1:], True) == "hi"
+
+
+@pytest.mark.parametrize(("charset", "opening"), [("utf-7", b"+"), ("unicode_escape", b"\\N{")])
+async def test_a_charset_whose_decoder_holds_everything_is_not_used(
+    charset: str, opening: bytes
+) -> None:
+    # A utf-7 shift run ("+AAAA...") or a "\N{..." escape that never ends is held whole by
+    # Python's incremental decoder, and decoded again from its start with every chunk:
+    # aiter_text gave nothing and took quadratic time (13 MiB: 13 s of blocked event loop).
+    # Neither is a charset a web server means; the body is read as utf-8.
+    half = 1024 * 1024
+
+    async def script(conn: ServerConnection) -> None:
+        if await conn.receive_request() is None:
+            return
+        await conn.send_raw(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n"
+            b"Content-Type: text/plain; charset=%s\r\n\r\n" % (2 * half, charset.encode())
+        )
+        await conn.send_raw(opening + b"A" * (half - len(opening)))
+        await conn.wait_peer_closed()  # the rest never comes
+
+    async with run_fault_server(script) as server, open_client() as client:
+        with trio.fail_after(WAIT):
+            async with client.stream("GET", server.url()) as response:
+                assert response.encoding == "utf-8"
+                async for text in response.aiter_text():
+                    assert text.startswith(opening.decode())
+                    break

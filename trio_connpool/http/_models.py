@@ -65,8 +65,11 @@ _REG_NAME_RE = re.compile(r"[a-z0-9\-._~!$&'()*+,;=%]+")
 # Any control character other than HTAB makes a header value illegal (RFC 9110 section 5.5).
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-# Text encodings that cannot decode bytes with errors="replace" (always raise, or ignore it).
-_UNDECODABLE: Final = frozenset({"undefined", "idna", "punycode"})
+# Text encodings a Content-Type charset may not choose: those that cannot decode bytes with
+# errors="replace" (they always raise, or ignore it), and those whose incremental decoders
+# hold an unfinished run whole and decode it again from its start with every chunk (a utf-7
+# "+AAAA..." or a "\N{..." that never ends: quadratic time, nothing given out).
+_UNDECODABLE: Final = frozenset({"undefined", "idna", "punycode", "utf-7", "unicode-escape"})
 # What `Response.raise_for_status` calls a status of each class (as httpx).
 _STATUS_KINDS: Final = {
     1: "Informational response",
@@ -1091,7 +1094,8 @@ class Response:
     @property
     def charset(self) -> str | None:
         """The ``charset`` parameter of ``Content-Type``, if any and a text encoding Python
-        can decode with (not ``zlib``, ``base64``, ``undefined``, ``idna``...)."""
+        can decode with, incrementally (not ``zlib``, ``base64``, ``undefined``, ``idna``,
+        ``utf-7``...)."""
         content_type = self.headers.get("content-type")
         if content_type is None:
             return None
@@ -1103,8 +1107,8 @@ class Response:
                     info = codecs.lookup(value)
                 except LookupError:
                     return None
-                # Not a name for bytes to text (zlib, base64, rot13), or one that cannot
-                # decode with replacement: the server's mistake, not an error for the reader.
+                # Not a name for bytes to text (zlib, base64, rot13), or one we do not
+                # decode with (see _UNDECODABLE): the server's mistake, not the reader's.
                 if not info._is_text_encoding or info.name in _UNDECODABLE:  # pyright: ignore[reportPrivateUsage]
                     return None
                 return info.name
