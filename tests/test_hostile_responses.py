@@ -11,7 +11,17 @@ import tracemalloc
 
 import pytest
 import trio
-from _servers import WAIT, ServerConnection, assert_pool_balanced, run_fault_server
+from _servers import (
+    WAIT,
+    CountingApp,
+    Receive,
+    Scope,
+    Send,
+    ServerConnection,
+    assert_pool_balanced,
+    run_fault_server,
+    serve_hypercorn,
+)
 
 from trio_connpool import DecodingError
 from trio_connpool.http import open_client
@@ -46,6 +56,26 @@ async def test_thousands_of_codings_raise_a_decoding_error(how: str) -> None:
                     async for _ in response.aiter_bytes():
                         pass  # pragma: no cover
         assert_pool_balanced(client.pool)
+
+
+class _ManyCodingsApp(CountingApp):
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        many = scope["path"] == "/many"
+        headers = [(b"content-encoding", b", ".join([b"gzip"] * 2000))] if many else []
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"x" * 10})
+
+
+async def test_thousands_of_codings_over_http2_raise_a_decoding_error() -> None:
+    async with (
+        serve_hypercorn(_ManyCodingsApp()) as base,
+        open_client(http2=True, http1=False) as client,
+    ):
+        with trio.fail_after(WAIT), pytest.raises(DecodingError, match="codings"):
+            await client.get(base + "/many")
+        # The stream was reset; the connection serves the next request.
+        assert (await client.get(base + "/plain")).content == b"x" * 10
+        assert_pool_balanced(client.pool, idle=1)
 
 
 async def test_a_few_stacked_codings_still_decode() -> None:
