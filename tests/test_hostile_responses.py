@@ -193,3 +193,12 @@ async def test_a_charset_whose_decoder_holds_everything_is_not_used(
                 async for text in response.aiter_text():
                     assert text.startswith(opening.decode())
                     break
+
+
+async def test_setting_an_encoding_that_is_not_for_text_is_refused_at_once() -> None:
+    async with run_fault_server() as server, open_client() as client:
+        response = await client.get(server.url())
+        with pytest.raises(LookupError, match="not a text encoding"):
+            response.encoding = "zlib"
+        response.encoding = "latin-1"
+        assert response.text == "ok"

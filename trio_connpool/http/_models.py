@@ -1123,7 +1123,8 @@ class Response:
 
         Raises:
             ValueError: (when set) if `text` was already read.
-            LookupError: (when set) if Python knows no such encoding.
+            LookupError: (when set) if Python knows no such encoding, or it is not a text
+                encoding (``zlib``, ``base64``).
         """
         encoding = self._encoding
         if encoding is None:
@@ -1134,7 +1135,9 @@ class Response:
     def encoding(self, value: str) -> None:
         if self._text is not None:
             raise ValueError("the encoding cannot be set once the text has been read")
-        codecs.lookup(value)
+        if not codecs.lookup(value)._is_text_encoding:  # pyright: ignore[reportPrivateUsage]
+            # zlib, base64, rot13: text would raise LookupError, aiter_text AssertionError.
+            raise LookupError(f"{value!r} is not a text encoding")
         self._encoding = value
 
     @property
