@@ -178,6 +178,14 @@ async def test_output_into_a_missing_directory_is_a_usage_error(tmp_path: Path) 
     assert "does not exist" in one_line(result.stderr)
 
 
+async def test_an_empty_output_name_is_a_usage_error() -> None:
+    # Path("") is ".": the body went to a file named after the URL in the current directory.
+    with trio.fail_after(LIMIT):
+        result = await get("-o", "", "http://127.0.0.1:9/report.txt")
+    assert result.returncode == 2
+    assert "-o" in one_line(result.stderr)
+
+
 @pytest.mark.parametrize(
     ("url", "name"),
     [

@@ -766,10 +766,13 @@ def resolve_output(option: str | None, url: URL) -> tuple[Path | None, bool]:
     the URL (:func:`url_file_name`). Anything else is the file itself.
 
     Raises:
-        UsageError: The directory cannot be created, or the file's directory does not exist.
+        UsageError: The name is empty, the directory cannot be created, or the file's
+            directory does not exist.
     """
     if option is None or option == "-":
         return None, False
+    if not option:
+        raise UsageError("-o: give a file or directory name, or - for standard output")
     if option.endswith(("/", os.sep)) or Path(option).is_dir():
         return prepare_directory(option) / url_file_name(url), False
     path = Path(option)

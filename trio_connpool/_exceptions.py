@@ -81,6 +81,8 @@ __all__ = [
 
 # How deep a chain of causes is followed (chains are short; a cycle must not hang us).
 _MAX_DEPTH = 32
+# How many distinct reasons a message says (an exception group may hold thousands of errors).
+_MAX_REASONS = 8
 
 
 def _words(exc: BaseException) -> tuple[str, str] | None:
@@ -154,7 +156,7 @@ def reason_of(exc: BaseException, message: str = "") -> str | None:
         message: What the caller shows already.
 
     Returns:
-        The reasons joined by ``"; "``, or None.
+        The reasons joined by ``"; "`` (the first 8, then how many more), or None.
     """
     below = exc.__cause__
     if below is None and not exc.__suppress_context__:
@@ -162,12 +164,19 @@ def reason_of(exc: BaseException, message: str = "") -> str | None:
     if below is None:
         return None
     folded = message.casefold()
-    shown: list[str] = []
+    shown: dict[str, None] = {}  # in order; a set's lookups (a list's were quadratic)
     for words, probe in _reasons(below, {id(exc)}, 0):
         if words in shown or (probe and probe.casefold() in folded):
             continue
-        shown.append(words)
-    return "; ".join(shown) or None
+        shown[words] = None
+    return _joined(list(shown)) or None
+
+
+def _joined(reasons: list[str]) -> str:
+    """The reasons joined by ``"; "``, the first `_MAX_REASONS` of them and how many more."""
+    if len(reasons) <= _MAX_REASONS:
+        return "; ".join(reasons)
+    return "; ".join(reasons[:_MAX_REASONS]) + f"; and {len(reasons) - _MAX_REASONS} more"
 
 
 def words_for(exc: BaseException) -> str:
@@ -177,11 +186,8 @@ def words_for(exc: BaseException) -> str:
     For messages that must carry the reason without a ``__cause__`` (a connection's state,
     told to the requests that meet it later).
     """
-    found: list[str] = []
-    for words, _ in _reasons(exc, set(), 0):
-        if words not in found:
-            found.append(words)
-    return "; ".join(found) or type(exc).__name__
+    found = dict.fromkeys(words for words, _ in _reasons(exc, set(), 0))
+    return _joined(list(found)) or type(exc).__name__
 
 
 class PoolError(Exception):

@@ -268,10 +268,11 @@ def _redirect_request(request: Request, response: Response) -> Request:
 async def _read_redirect_body(response: Response) -> None:
     """Read the body of a redirect being followed (kept in its ``content``, as httpx keeps
     it), so that its connection can serve the next hop: at most 64 KiB within 1 s, whether
-    its length was declared or not. A body beyond either bound is closed instead, unread,
-    which closes an HTTP/1.1 connection rather than wait for it."""
+    its length was declared or not, counted once decoded (a few hundred bytes of gzip can be
+    gigabytes). A body beyond either bound is closed instead, unread, which closes an
+    HTTP/1.1 connection rather than wait for it."""
     length = response.headers.get("content-length")
-    if length is None:
+    if length is None or (length.isdigit() and int(length) <= _MAX_REDIRECT_BODY):
         chunks: list[bytes] = []
         received = 0
         with trio.move_on_after(_REDIRECT_BODY_TIMEOUT):
@@ -282,9 +283,6 @@ async def _read_redirect_body(response: Response) -> None:
                 chunks.append(chunk)
             else:
                 response._content = b"".join(chunks)  # pyright: ignore[reportPrivateUsage]
-    elif length.isdigit() and int(length) <= _MAX_REDIRECT_BODY:
-        with trio.move_on_after(_REDIRECT_BODY_TIMEOUT):
-            await response.aread()
     if not response.is_closed:
         with trio.CancelScope(shield=True):
             await response.aclose()

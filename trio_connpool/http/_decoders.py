@@ -11,7 +11,9 @@ Codings, as httpx names and reads them: ``gzip`` (and ``x-gzip``), ``deflate`` (
 as RFC 9110 says, or raw deflate as some servers send it: the first bytes decide) and
 ``identity`` (nothing to do). An unknown coding (``br``, ``zstd``, ``compress``) is not
 decoded: decoding stops at the last coding we cannot undo and the body comes out as it is
-from there on (a body with only unknown codings comes out raw). Like httpx, bytes after the end
+from there on (a body with only unknown codings comes out raw). A body with more than
+`MAX_CODINGS` (5) codings to undo is a `DecodingError`: each would cost a zlib stream (and,
+here, a stack frame), and a header of a few KiB can list thousands. Like httpx, bytes after the end
 of a compressed stream are ignored; unlike httpx, a compressed stream that stops before its
 end is an error (`DecodingError`), not a silently shortened body.
 
@@ -24,15 +26,23 @@ from __future__ import annotations
 
 import codecs
 import re
+import sys
 import zlib
-from typing import Final, final
+from typing import TYPE_CHECKING, Final, final
 
 from .._exceptions import DecodingError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = ["MAX_DECODED_STEP", "ContentDecoder", "LineDecoder", "content_decoder"]
 
 MAX_DECODED_STEP: Final = 64 * 1024
 """The most decoded bytes one `ContentDecoder.read` returns."""
+
+MAX_CODINGS: Final = 5
+"""The most codings one body may stack (as urllib3): each costs a zlib stream, and more than
+a few are a server's attack or error, not a body to decode."""
 
 # The codings we undo, by their lowercased name; "identity" is none at all.
 _GZIP: Final = "gzip"
@@ -100,6 +110,27 @@ class _ZlibStage:
 
 
 @final
+class _TooManyCodings:
+    """The stage of a body with more than `MAX_CODINGS` codings: its first read fails."""
+
+    __slots__ = ("_count",)
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+
+    def feed(self, data: bytes) -> None:
+        pass
+
+    def step(self, limit: int, *, at_end: bool = False) -> bytes:
+        raise DecodingError(
+            f"the response body has {self._count} content codings; we undo at most {MAX_CODINGS}"
+        )
+
+    def finish(self) -> None:
+        pass
+
+
+@final
 class ContentDecoder:
     """Undoes a body's content codings, at most `MAX_DECODED_STEP` bytes per `read`.
 
@@ -112,14 +143,19 @@ class ContentDecoder:
         limit: The most bytes one `read` returns.
 
     Raises:
-        DecodingError: From `read` or `check_end`, if the data is corrupt or truncated.
+        DecodingError: From `read` or `check_end`, if the data is corrupt or truncated, or
+            from `read` if there are more than `MAX_CODINGS` codings.
     """
 
     __slots__ = ("_ended", "_limit", "_stages")
 
     def __init__(self, codings: list[str], *, limit: int = MAX_DECODED_STEP) -> None:
         # In the order they were applied; decoded in reverse.
-        self._stages = [_ZlibStage(kind) for kind in reversed(codings)]
+        self._stages: list[_ZlibStage | _TooManyCodings] = (
+            [_ZlibStage(kind) for kind in reversed(codings)]
+            if len(codings) <= MAX_CODINGS
+            else [_TooManyCodings(len(codings))]
+        )
         self._limit = limit
         self._ended = False
 
@@ -230,5 +266,42 @@ class LineDecoder:
 
 
 def text_decoder(encoding: str) -> codecs.IncrementalDecoder:
-    """An incremental decoder for ``encoding`` that replaces invalid bytes (as httpx)."""
-    return codecs.getincrementaldecoder(encoding)(errors="replace")
+    """An incremental decoder for ``encoding`` that replaces invalid bytes (as httpx).
+
+    For ``utf-16`` and ``utf-32`` a body without a byte order mark is decoded in the native
+    order, as `bytes.decode` (so `Response.text`) does; Python's incremental decoders raise
+    `UnicodeError` there instead.
+    """
+    decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+    name = codecs.lookup(encoding).name
+    if name in _BOM_REQUIRED:
+        return _NativeWithoutBom(decoder, name)
+    return decoder
+
+
+# Whose incremental decoders raise UnicodeError when the text starts without a BOM.
+_BOM_REQUIRED: Final = frozenset({"utf-16", "utf-32"})
+
+
+@final
+class _NativeWithoutBom(codecs.IncrementalDecoder):
+    """A utf-16 or utf-32 decoder that takes text without a BOM as native byte order."""
+
+    def __init__(self, inner: codecs.IncrementalDecoder, name: str) -> None:
+        super().__init__(errors="replace")
+        self._inner = inner
+        self._name = name
+        self._switched = False
+
+    def decode(self, input: Buffer, final: bool = False) -> str:
+        try:
+            return self._inner.decode(input, final)
+        except UnicodeError:
+            if self._switched:
+                raise
+            # Raised before it consumed anything: what it held is still in its state.
+            held = self._inner.getstate()[0]
+            order = "le" if sys.byteorder == "little" else "be"
+            self._inner = codecs.getincrementaldecoder(f"{self._name}-{order}")(errors="replace")
+            self._switched = True
+            return self._inner.decode(held + input, final)

@@ -65,6 +65,11 @@ _REG_NAME_RE = re.compile(r"[a-z0-9\-._~!$&'()*+,;=%]+")
 # Any control character other than HTAB makes a header value illegal (RFC 9110 section 5.5).
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Text encodings a Content-Type charset may not choose: those that cannot decode bytes with
+# errors="replace" (they always raise, or ignore it), and those whose incremental decoders
+# hold an unfinished run whole and decode it again from its start with every chunk (a utf-7
+# "+AAAA..." or a "\N{..." that never ends: quadratic time, nothing given out).
+_UNDECODABLE: Final = frozenset({"undefined", "idna", "punycode", "utf-7", "unicode-escape"})
 # What `Response.raise_for_status` calls a status of each class (as httpx).
 _STATUS_KINDS: Final = {
     1: "Informational response",
@@ -1088,7 +1093,9 @@ class Response:
 
     @property
     def charset(self) -> str | None:
-        """The ``charset`` parameter of ``Content-Type``, if any and known to Python."""
+        """The ``charset`` parameter of ``Content-Type``, if any and a text encoding Python
+        can decode with, incrementally (not ``zlib``, ``base64``, ``undefined``, ``idna``,
+        ``utf-7``...)."""
         content_type = self.headers.get("content-type")
         if content_type is None:
             return None
@@ -1097,9 +1104,14 @@ class Response:
             if key.strip().lower() == "charset":
                 value = value.strip().strip('"').strip()
                 try:
-                    return codecs.lookup(value).name
+                    info = codecs.lookup(value)
                 except LookupError:
                     return None
+                # Not a name for bytes to text (zlib, base64, rot13), or one we do not
+                # decode with (see _UNDECODABLE): the server's mistake, not the reader's.
+                if not info._is_text_encoding or info.name in _UNDECODABLE:  # pyright: ignore[reportPrivateUsage]
+                    return None
+                return info.name
         return None
 
     @property
@@ -1111,7 +1123,8 @@ class Response:
 
         Raises:
             ValueError: (when set) if `text` was already read.
-            LookupError: (when set) if Python knows no such encoding.
+            LookupError: (when set) if Python knows no such encoding, or it is not a text
+                encoding (``zlib``, ``base64``).
         """
         encoding = self._encoding
         if encoding is None:
@@ -1122,7 +1135,9 @@ class Response:
     def encoding(self, value: str) -> None:
         if self._text is not None:
             raise ValueError("the encoding cannot be set once the text has been read")
-        codecs.lookup(value)
+        if not codecs.lookup(value)._is_text_encoding:  # pyright: ignore[reportPrivateUsage]
+            # zlib, base64, rot13: text would raise LookupError, aiter_text AssertionError.
+            raise LookupError(f"{value!r} is not a text encoding")
         self._encoding = value
 
     @property

@@ -1,0 +1,204 @@
+"""Responses a hostile server can send to the httpx-like API, each against a real socket:
+what the client must do is raise a PoolError (or ignore the nonsense), never let another
+exception out, and keep every buffer within its stated bound.
+"""
+
+from __future__ import annotations
+
+import gzip
+import sys
+import tracemalloc
+
+import pytest
+import trio
+from _servers import (
+    WAIT,
+    CountingApp,
+    Receive,
+    Scope,
+    Send,
+    ServerConnection,
+    assert_pool_balanced,
+    run_fault_server,
+    serve_hypercorn,
+)
+
+from trio_connpool import DecodingError
+from trio_connpool.http import open_client
+from trio_connpool.http._decoders import text_decoder
+
+MiB = 1024 * 1024
+
+
+def _answer_with(headers: list[tuple[str, str]], body: bytes):  # type: ignore[no-untyped-def]
+    async def script(conn: ServerConnection) -> None:
+        while await conn.receive_request() is not None:
+            await conn.send_response(200, body, headers=headers)
+
+    return script
+
+
+# ---- Content-Encoding ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["request", "stream"])
+async def test_thousands_of_codings_raise_a_decoding_error(how: str) -> None:
+    # A header of 3000 "gzip" codings fits in 16 KiB; undoing them took a Python frame (and
+    # a zlib stream) each: RecursionError. Too many codings is a DecodingError.
+    encoding = ", ".join(["gzip"] * 3000)
+    script = _answer_with([("Content-Encoding", encoding)], b"x" * 10)
+    async with run_fault_server(script) as server, open_client() as client:
+        with trio.fail_after(WAIT), pytest.raises(DecodingError, match="codings"):
+            if how == "request":
+                await client.get(server.url())
+            else:
+                async with client.stream("GET", server.url()) as response:
+                    async for _ in response.aiter_bytes():
+                        pass  # pragma: no cover
+        assert_pool_balanced(client.pool)
+
+
+class _ManyCodingsApp(CountingApp):
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        many = scope["path"] == "/many"
+        headers = [(b"content-encoding", b", ".join([b"gzip"] * 2000))] if many else []
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"x" * 10})
+
+
+async def test_thousands_of_codings_over_http2_raise_a_decoding_error() -> None:
+    async with (
+        serve_hypercorn(_ManyCodingsApp()) as base,
+        open_client(http2=True, http1=False) as client,
+    ):
+        with trio.fail_after(WAIT), pytest.raises(DecodingError, match="codings"):
+            await client.get(base + "/many")
+        # The stream was reset; the connection serves the next request.
+        assert (await client.get(base + "/plain")).content == b"x" * 10
+        assert_pool_balanced(client.pool, idle=1)
+
+
+async def test_a_few_stacked_codings_still_decode() -> None:
+    body = gzip.compress(gzip.compress(gzip.compress(b"three times")))
+    script = _answer_with([("Content-Encoding", "gzip, gzip, gzip")], body)
+    async with run_fault_server(script) as server, open_client() as client:
+        assert (await client.get(server.url())).content == b"three times"
+
+
+# ---- charset -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("charset", ["zlib", "base64", "rot13", "undefined", "idna", "punycode"])
+async def test_a_charset_that_cannot_decode_text_falls_back_to_utf8(charset: str) -> None:
+    # Python knows these names, but they are not text encodings (zlib, base64: bytes to
+    # bytes; rot13: str to str) or cannot decode with replacement (undefined, idna,
+    # punycode): text raised LookupError or UnicodeError, aiter_text AssertionError.
+    body = "héllo\n".encode()
+    script = _answer_with([("Content-Type", f"text/plain; charset={charset}")], body + b"\xff")
+    async with run_fault_server(script) as server, open_client() as client:
+        response = await client.get(server.url())
+        assert response.charset is None
+        assert response.encoding == "utf-8"
+        assert response.text == "héllo\n\ufffd"
+        async with client.stream("GET", server.url()) as streamed:
+            assert [text async for text in streamed.aiter_text()] == ["héllo\n\ufffd"]
+
+
+# ---- redirects -----------------------------------------------------------------------------
+
+
+def _redirect_bomb(body: bytes):  # type: ignore[no-untyped-def]
+    async def script(conn: ServerConnection) -> None:
+        while (received := await conn.receive_request()) is not None:
+            if received[0].target == b"/next":
+                await conn.send_response(200, b"landed")
+                continue
+            await conn.send_response(
+                302, body, headers=[("Location", "/next"), ("Content-Encoding", "gzip, gzip")]
+            )
+
+    return script
+
+
+@pytest.mark.parametrize("how", ["request", "stream"])
+async def test_a_redirect_body_that_decodes_to_a_bomb_is_not_built(how: str) -> None:
+    # 32 MiB of zeros gzipped twice is a few hundred bytes: a declared length far below the
+    # 64 KiB a followed redirect's body may have, but reading it whole built the 32 MiB
+    # (a third gzip makes that terabytes). The bound is on what the body decodes to.
+    bomb = gzip.compress(gzip.compress(bytes(32 * MiB)))
+    assert len(bomb) < 1024
+    async with (
+        run_fault_server(_redirect_bomb(bomb)) as server,
+        open_client(follow_redirects=True) as client,
+    ):
+        tracemalloc.start()
+        try:
+            with trio.fail_after(WAIT):
+                if how == "request":
+                    response = await client.get(server.url("/start"))
+                    assert response.content == b"landed"
+                else:
+                    async with client.stream("GET", server.url("/start")) as response:
+                        assert await response.aread() == b"landed"
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 * MiB, peak
+        assert [r.status_code for r in response.history] == [302]
+        assert_pool_balanced(client.pool)
+
+
+@pytest.mark.parametrize("charset", ["utf-16", "utf-32"])
+async def test_utf16_without_a_bom_streams_as_text_reads_it(charset: str) -> None:
+    # bytes.decode takes a BOM-less utf-16 body in native order; Python's incremental
+    # decoder raised UnicodeError from aiter_text and aiter_lines instead.
+    native = f"{charset}-{'le' if sys.byteorder == 'little' else 'be'}"
+    body = "línea uno\nlínea dos\n".encode(native)
+    script = _answer_with([("Content-Type", f"text/plain; charset={charset}")], body)
+    async with run_fault_server(script) as server, open_client() as client:
+        response = await client.get(server.url())
+        assert response.text == "línea uno\nlínea dos\n"
+        async with client.stream("GET", server.url()) as streamed:
+            assert [line async for line in streamed.aiter_lines()] == ["línea uno", "línea dos"]
+    # With a BOM it is read as the BOM says.
+    with_bom = "\ufeffhi".encode(f"{charset}-be")
+    decoder = text_decoder(charset)
+    assert decoder.decode(with_bom[:1]) + decoder.decode(with_bom[1:], True) == "hi"
+
+
+@pytest.mark.parametrize(("charset", "opening"), [("utf-7", b"+"), ("unicode_escape", b"\\N{")])
+async def test_a_charset_whose_decoder_holds_everything_is_not_used(
+    charset: str, opening: bytes
+) -> None:
+    # A utf-7 shift run ("+AAAA...") or a "\N{..." escape that never ends is held whole by
+    # Python's incremental decoder, and decoded again from its start with every chunk:
+    # aiter_text gave nothing and took quadratic time (13 MiB: 13 s of blocked event loop).
+    # Neither is a charset a web server means; the body is read as utf-8.
+    half = 1024 * 1024
+
+    async def script(conn: ServerConnection) -> None:
+        if await conn.receive_request() is None:
+            return
+        await conn.send_raw(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n"
+            b"Content-Type: text/plain; charset=%s\r\n\r\n" % (2 * half, charset.encode())
+        )
+        await conn.send_raw(opening + b"A" * (half - len(opening)))
+        await conn.wait_peer_closed()  # the rest never comes
+
+    async with run_fault_server(script) as server, open_client() as client:
+        with trio.fail_after(WAIT):
+            async with client.stream("GET", server.url()) as response:
+                assert response.encoding == "utf-8"
+                async for text in response.aiter_text():
+                    assert text.startswith(opening.decode())
+                    break
+
+
+async def test_setting_an_encoding_that_is_not_for_text_is_refused_at_once() -> None:
+    async with run_fault_server() as server, open_client() as client:
+        response = await client.get(server.url())
+        with pytest.raises(LookupError, match="not a text encoding"):
+            response.encoding = "zlib"
+        response.encoding = "latin-1"
+        assert response.text == "ok"
