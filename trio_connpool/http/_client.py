@@ -553,31 +553,27 @@ class HTTPConnector:
         ``"HTTP/2"``), or None if none was made (or it was forgotten)."""
         return self._chosen.get(key)
 
-    def _no_alpn(self, key: HTTPKey) -> str | None:
+    def _no_alpn(self, key: HTTPKey) -> tuple[str | None, str | None]:
         """A TLS connect for ``key``, which offers HTTP/2, negotiated no ALPN protocol: with a
-        caller's context, warn (once per origin) or, when HTTP/2 is all the key speaks, say
-        in the refusal what is probably missing. None: carry on as before."""
+        caller's context, the refusal to raise when HTTP/2 is all the key speaks (saying what
+        is probably missing), else the warning to give (once per origin), or neither."""
         tls = key.tls
         if tls is None or _is_own_context(tls):
-            return None  # our contexts offer h2: the server took no part in ALPN
+            return None, None  # our contexts offer h2: the server took no part in ALPN
         hint = (
             "your ssl.SSLContext negotiated no ALPN protocol (it is used as given, never "
             'modified: call context.set_alpn_protocols(["h2", "http/1.1"]) on it to offer '
             "HTTP/2)"
         )
         if key.http_version == HTTP2:
-            return f"{key.origin} did not choose h2: {hint}"
+            return f"{key.origin} did not choose h2: {hint}", None
         origin = key.origin
-        if origin not in self._alpn_warned:
-            if len(self._alpn_warned) >= _MAX_REMEMBERED:
-                self._alpn_warned.clear()
-            self._alpn_warned.add(origin)
-            warnings.warn(
-                f"HTTP/2 was asked for, but with {origin} {hint}; speaking HTTP/1.1",
-                UserWarning,
-                stacklevel=2,
-            )
-        return None
+        if origin in self._alpn_warned:
+            return None, None
+        if len(self._alpn_warned) >= _MAX_REMEMBERED:
+            self._alpn_warned.clear()
+        self._alpn_warned.add(origin)
+        return None, f"HTTP/2 was asked for, but with {origin} {hint}; speaking HTTP/1.1"
 
     async def __call__(self, key: HTTPKey) -> HTTPConnection:
         """Connect to ``key.origin`` (TLS with ``key.tls`` for https) and speak the protocol
@@ -598,9 +594,9 @@ class HTTPConnector:
         )
         offered = key.http_version
         use_http2 = alpn == "h2" if origin.is_secure else offered == HTTP2
-        refusal = None
+        refusal = notice = None
         if alpn is None and offered != HTTP11 and origin.is_secure:
-            refusal = self._no_alpn(key)
+            refusal, notice = self._no_alpn(key)
         if refusal is None and not use_http2 and offered == HTTP2:
             refusal = f"{origin} did not choose h2 in ALPN (it answered {alpn!r})"
         elif use_http2 and offered == HTTP11:
@@ -610,6 +606,13 @@ class HTTPConnector:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
             raise ConnectError(refusal, key=origin)
+        if notice is not None:
+            try:  # (a warnings filter may make it an error: the stream is closed then)
+                warnings.warn(notice, UserWarning, stacklevel=2)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
+                raise
         if len(self._chosen) >= _MAX_REMEMBERED:
             self._chosen.clear()
         if not use_http2:
