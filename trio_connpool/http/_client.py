@@ -342,7 +342,8 @@ def _check_protocols(http1: bool, http2: bool) -> None:
 _CONTEXT_NAMES: weakref.WeakKeyDictionary[ssl.SSLContext, str] = weakref.WeakKeyDictionary()
 
 
-@functools.cache
+# (Bounded: each setting of SSL_CERT_FILE/SSL_CERT_DIR seen makes a context of its own.)
+@functools.lru_cache(maxsize=64)
 def _default_context(
     verify: bool, http1: bool, http2: bool, trust_env: bool, env: tuple[str | None, ...]
 ) -> ssl.SSLContext:
