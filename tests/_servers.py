@@ -9,19 +9,26 @@
   and lets a test wait for any condition on those counters without sleeping.
 - `TLSFiles`: a trustme CA with a certificate for 127.0.0.1/localhost, as PEM files and as
   client/server `ssl.SSLContext` objects.
+- `serve_nginx` runs nginx (in the foreground, its own config and prefix in a temporary
+  directory) with the test's ``server`` blocks; the test skips loudly when nginx is missing,
+  and fails then when TRIO_CONNPOOL_REQUIRE_NGINX is set (as CI sets it).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import ssl
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import h11
+import pytest
 import trio
 import trio.testing
 import trustme
@@ -43,6 +50,7 @@ __all__ = [
     "cancel_when",
     "run_fault_server",
     "serve_hypercorn",
+    "serve_nginx",
 ]
 
 # The bound on every wait for a server-side condition: far above what loopback needs.
@@ -470,3 +478,73 @@ async def serving(
         yield nursery
         if hold:
             nursery.cancel_scope.cancel()
+
+
+# ---- nginx ----------------------------------------------------------------------------------
+
+_NGINX_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+{servers}
+}}
+"""
+
+
+def nginx_or_skip() -> str:
+    """The nginx binary; skip the test (fail under TRIO_CONNPOOL_REQUIRE_NGINX) without it."""
+    # Debian puts nginx in /usr/sbin, which a non-root PATH may lack.
+    nginx = shutil.which("nginx", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
+    if nginx is None:
+        if os.environ.get("TRIO_CONNPOOL_REQUIRE_NGINX"):
+            pytest.fail("nginx is required here (TRIO_CONNPOOL_REQUIRE_NGINX) but not found")
+        pytest.skip("nginx is not installed (apt-get install nginx-light)")
+    return nginx
+
+
+@asynccontextmanager
+async def serve_nginx(
+    directory: Path, servers: str, *, unix_sockets: Sequence[Path] = (), ports: Sequence[int] = ()
+) -> AsyncIterator[None]:
+    """Run nginx with the ``server`` blocks ``servers`` (``{dir}`` stands for ``directory``)
+    until the block ends; ready once each of ``unix_sockets`` and ``ports`` accepts."""
+    nginx = nginx_or_skip()
+    conf = directory / "nginx.conf"
+    conf.write_text(
+        _NGINX_CONF.format(dir=directory, servers=servers.replace("{dir}", str(directory)))
+    )
+    process = await trio.lowlevel.open_process([nginx, "-c", str(conf), "-p", str(directory)])
+    try:
+        with trio.fail_after(10):
+            probes: list[Callable[[], Awaitable[trio.SocketStream]]] = [
+                *(partial(trio.open_unix_socket, str(path)) for path in unix_sockets),
+                *(partial(trio.open_tcp_stream, "127.0.0.1", port) for port in ports),
+            ]
+            for probe in probes:
+                for _ in range(1000):
+                    try:
+                        stream = await probe()
+                    except OSError:
+                        error_log = directory / "error.log"
+                        assert process.poll() is None, error_log.read_text()
+                        await trio.sleep(0.01)
+                        continue
+                    await stream.aclose()
+                    break
+        yield
+    finally:
+        process.terminate()
+        with trio.move_on_after(5):
+            await process.wait()
+        if process.poll() is None:  # pragma: no cover
+            process.kill()

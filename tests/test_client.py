@@ -331,7 +331,7 @@ async def test_invalid_timeouts_and_options_raise_at_once() -> None:
         async with open_client(pool=object()):  # type: ignore[arg-type]
             raise AssertionError("unreachable")  # pragma: no cover
     with pytest.raises(TypeError):
-        async with open_client(verify="yes"):  # type: ignore[arg-type]
+        async with open_client(verify=1):  # type: ignore[arg-type]
             raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -242,5 +242,8 @@ def test_create_ssl_context_defaults() -> None:
     assert unverified.verify_mode == ssl.CERT_NONE
     assert not unverified.check_hostname
     assert create_ssl_context() is not verified
-    with pytest.raises(TypeError):
-        create_ssl_context("yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="verify must be"):
+        create_ssl_context(1)  # type: ignore[arg-type]
+    # A string is a CA bundle's path now.
+    with pytest.raises(FileNotFoundError, match="no such CA bundle"):
+        create_ssl_context("yes")

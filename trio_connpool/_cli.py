@@ -25,6 +25,7 @@ import trio
 
 from ._commands import (
     PROG,
+    ConnectOptions,
     LoadReport,
     UsageError,
     describe,
@@ -95,6 +96,24 @@ def _url(text: str) -> tuple[str, URL]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return text
+
+
+def _ca_bundle(text: str) -> str:
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"no such file or directory: {text!r}")
+    return text
+
+
+def _connect_options(args: argparse.Namespace) -> ConnectOptions:
+    return ConnectOptions(
+        cacert=args.cacert, cert=args.cert, key=args.key, unix_socket=args.unix_socket
+    )
+
+
 def _add_client_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--http2", action="store_true", help="speak HTTP/2 where the server offers it"
@@ -111,6 +130,27 @@ def _add_client_options(command: argparse.ArgumentParser) -> None:
         f"(default {_DEFAULT_TIMEOUT:g})",
     )
     command.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+    command.add_argument(
+        "--cacert",
+        type=_ca_bundle,
+        metavar="FILE",
+        help="trust the CA certificates in FILE (PEM; or a directory of hashed certificates) "
+        "instead of the system's",
+    )
+    command.add_argument(
+        "--cert",
+        type=_file,
+        metavar="FILE",
+        help="client certificate (PEM; with its key unless --key is given)",
+    )
+    command.add_argument(
+        "--key", type=_file, metavar="FILE", help="the private key of --cert (PEM)"
+    )
+    command.add_argument(
+        "--unix-socket",
+        metavar="PATH",
+        help="connect to this Unix domain socket instead of the URL's host and port",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -313,6 +353,7 @@ def _run_get(args: argparse.Namespace) -> int:
                 fail=args.fail,
                 http2=args.http2,
                 insecure=args.insecure,
+                connect=_connect_options(args),
                 timeout=args.timeout,
                 max_time=args.max_time,
             )
@@ -329,6 +370,7 @@ def _run_get(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             http2=args.http2,
             insecure=args.insecure,
+            connect=_connect_options(args),
             timeout=args.timeout,
             output_dir=output_dir,
             progress=not args.no_progress,
@@ -362,6 +404,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 concurrency=args.concurrency,
                 http2=args.http2,
                 insecure=args.insecure,
+                connect=_connect_options(args),
                 timeout=args.timeout,
                 progress=not args.no_progress,
                 report=report,

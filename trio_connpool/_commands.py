@@ -426,6 +426,39 @@ class ConnectionTracker(Instrument):
         self.leases += 1
 
 
+class ConnectOptions:
+    """How the commands connect, from curl's options: ``--cacert``, ``--cert`` and ``--key``,
+    ``--unix-socket``."""
+
+    __slots__ = ("cacert", "cert", "key", "unix_socket")
+
+    def __init__(
+        self,
+        *,
+        cacert: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        unix_socket: str | None = None,
+    ) -> None:
+        if key is not None and cert is None:
+            raise UsageError("--key: only with --cert (the certificate it belongs to)")
+        self.cacert = cacert
+        self.cert = cert
+        self.key = key
+        self.unix_socket = unix_socket
+
+    def client_options(self, *, insecure: bool) -> dict[str, Any]:
+        """``open_client``'s options for these (``-k`` wins over ``--cacert``, as in curl)."""
+        verify: bool | str = not insecure if self.cacert is None or insecure else self.cacert
+        cert: str | tuple[str, str] | None = self.cert
+        if self.cert is not None and self.key is not None:
+            cert = (self.cert, self.key)
+        return {"verify": verify, "cert": cert, "uds": self.unix_socket}
+
+
+_NO_CONNECT_OPTIONS = ConnectOptions()
+
+
 async def _open(
     stack: contextlib.AsyncExitStack,
     *,
@@ -434,12 +467,13 @@ async def _open(
     insecure: bool,
     timeout: float,  # noqa: ASYNC109
     tracker: ConnectionTracker | None = None,
+    connect: ConnectOptions = _NO_CONNECT_OPTIONS,
 ) -> Client:
     """Enter one client (one pool) for the command; option errors become UsageError."""
     try:
         return await stack.enter_async_context(
             open_client(
-                verify=not insecure,
+                **connect.client_options(insecure=insecure),
                 http2=http2,
                 max_connections=concurrency,
                 max_connections_per_key=concurrency,
@@ -449,11 +483,15 @@ async def _open(
                 instruments=() if tracker is None else (tracker,),
             )
         )
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         # open_client refuses options it cannot honour at once (http2=True before the HTTP/2
-        # layer is available); nothing has been sent.
-        option = "--http2: " if http2 else ""
-        raise UsageError(f"{option}{exc}") from None
+        # layer is available, a certificate file without a certificate); nothing was sent.
+        text = str(exc)
+        option = "--http2: " if http2 and not text.startswith(("verify:", "cert:")) else ""
+        for prefix, flag in (("verify:", "--cacert:"), ("cert:", "--cert/--key:")):
+            if text.startswith(prefix):
+                text = flag + text.removeprefix(prefix)
+        raise UsageError(f"{option}{text}") from None
 
 
 # ---- what to send ----------------------------------------------------------------------
@@ -619,6 +657,7 @@ async def get_command(
     concurrency: int = 10,
     http2: bool = False,
     insecure: bool = False,
+    connect: ConnectOptions = _NO_CONNECT_OPTIONS,
     timeout: float = 30.0,  # noqa: ASYNC109 (seconds per I/O step, not a deadline)
     output_dir: Path | None = None,
     progress: bool = True,
@@ -639,6 +678,7 @@ async def get_command(
         concurrency: Requests in flight at once (and the pool's connection limit).
         http2: Ask for HTTP/2.
         insecure: Do not verify TLS certificates.
+        connect: CA bundle, client certificate and Unix socket (curl's options).
         timeout: Seconds for each connect, read and write, and for the wait for a
             connection from the pool.
         output_dir: Write each body to a file in this (existing) directory.
@@ -673,6 +713,7 @@ async def get_command(
                 insecure=insecure,
                 timeout=timeout,
                 tracker=tracker,
+                connect=connect,
             )
             if spec.max_redirects is not None:
                 client.max_redirects = spec.max_redirects  # a client's setting, as in httpx
@@ -807,6 +848,7 @@ async def fetch_command(
     fail: bool = False,
     http2: bool = False,
     insecure: bool = False,
+    connect: ConnectOptions = _NO_CONNECT_OPTIONS,
     timeout: float = 30.0,  # noqa: ASYNC109 (seconds per I/O step, not a deadline)
     max_time: float | None = None,
     out: BinaryIO | None = None,
@@ -828,6 +870,7 @@ async def fetch_command(
         fail: A status of 400 or more writes no body and returns 22 (curl -f).
         http2: Ask for HTTP/2.
         insecure: Do not verify TLS certificates.
+        connect: CA bundle, client certificate and Unix socket (curl's options).
         timeout: Seconds for each connect, read and write, and for the pool wait.
         max_time: A bound on the whole command, in seconds (None: none).
         out: Where the body goes (default ``sys.stdout.buffer``).
@@ -859,6 +902,7 @@ async def fetch_command(
                 insecure=insecure,
                 timeout=timeout,
                 tracker=tracker,
+                connect=connect,
             )
             if spec.max_redirects is not None:
                 client.max_redirects = spec.max_redirects  # a client's setting, as in httpx
@@ -1032,6 +1076,7 @@ async def load_command(
     concurrency: int = 10,
     http2: bool = False,
     insecure: bool = False,
+    connect: ConnectOptions = _NO_CONNECT_OPTIONS,
     timeout: float = 30.0,  # noqa: ASYNC109 (seconds per I/O step, not a deadline)
     progress: bool = True,
     out: TextIO | None = None,
@@ -1051,6 +1096,7 @@ async def load_command(
         concurrency: Tasks sending them (and the pool's connection limit).
         http2: Ask for HTTP/2.
         insecure: Do not verify TLS certificates.
+        connect: CA bundle, client certificate and Unix socket (curl's options).
         timeout: Seconds for each connect, read and write, and for the wait for a
             connection from the pool.
         progress: Draw a progress bar on ``err`` if it is a terminal.
@@ -1074,7 +1120,12 @@ async def load_command(
     stdout.flush()
     async with contextlib.AsyncExitStack() as stack:
         client = await _open(
-            stack, concurrency=concurrency, http2=http2, insecure=insecure, timeout=timeout
+            stack,
+            concurrency=concurrency,
+            http2=http2,
+            insecure=insecure,
+            timeout=timeout,
+            connect=connect,
         )
         bar = Progress(requests, description="load", stream=stderr, enabled=progress)
         stack.callback(bar.close)

@@ -99,7 +99,7 @@ from .._pool import require_trio
 from ..http import Client, Request, Response, Timeouts, open_client
 
 if TYPE_CHECKING:
-    import ssl
+    import os
     from collections.abc import AsyncIterator, Callable, Hashable
     from contextlib import AbstractAsyncContextManager
     from types import TracebackType
@@ -108,7 +108,15 @@ if TYPE_CHECKING:
 
     from .._options import PoolOptionArgs, PoolOptions
     from .._pool import Pool
-    from ..http import HeaderTypes, HTTPConnection, HTTPKey, RequestContent, RequestSender
+    from ..http import (
+        CertTypes,
+        HeaderTypes,
+        HTTPConnection,
+        HTTPKey,
+        RequestContent,
+        RequestSender,
+        VerifyTypes,
+    )
 
 __all__ = ["AsyncPoolTransport", "PoolClosedError", "PoolResponseStream"]
 
@@ -227,10 +235,9 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
 
     httpx on trio gets this project's pool: per-origin and global limits, FIFO waiters,
     LIFO/FIFO reuse, nothing leaked on cancellation, HTTP/2 multiplexing with ``http2=True``.
-    It is *not* a drop-in for httpx's own transport options: proxies, ``uds``,
-    ``local_address`` and retries on connect are not supported, and httpx's connect timeout
-    bounds a connect only through the wait for a connection (see the module docstring for
-    what is passed through).
+    It is *not* a drop-in for httpx's own transport options: proxies, ``local_address`` and
+    retries on connect are not supported, and httpx's connect timeout bounds a connect only
+    through the wait for a connection (see the module docstring for what is passed through).
 
     The options are those of :func:`~trio_connpool.http.open_client`, with the same
     defaults; they are checked when the transport is entered (`ValueError` or `TypeError`
@@ -239,8 +246,13 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
     share a :class:`~trio_connpool.http.Client` you opened, use `from_client`.
 
     Args:
-        verify: True (verify certificates and host names), False (don't) or an
-            `ssl.SSLContext` (used as given; set its ALPN protocols yourself).
+        verify: True (verify certificates and host names), False (don't), a CA bundle path
+            (a PEM file or a directory of hashed certificates) or an `ssl.SSLContext` (used
+            as given; set its ALPN protocols yourself).
+        cert: A client certificate: a PEM path (certificate and key), ``(certfile,
+            keyfile)`` or ``(certfile, keyfile, password)``; not with an `ssl.SSLContext`.
+        trust_env: Whether ``verify=True`` honours SSL_CERT_FILE and SSL_CERT_DIR.
+        uds: Send every request over this Unix domain socket (httpx's ``uds``).
         http1: Speak HTTP/1.1.
         http2: Speak HTTP/2 (ALPN ``h2`` over TLS; with ``http1=False``, prior knowledge over
             plain HTTP).
@@ -272,7 +284,10 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
     def __init__(
         self,
         *,
-        verify: bool | ssl.SSLContext = True,
+        verify: VerifyTypes = True,
+        cert: CertTypes | None = None,
+        trust_env: bool = True,
+        uds: str | os.PathLike[str] | None = None,
         http1: bool = True,
         http2: bool = False,
         timeouts: Timeouts = Timeouts(),  # noqa: B008
@@ -290,6 +305,9 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
         def opener() -> AbstractAsyncContextManager[Client]:
             return open_client(
                 verify=verify,
+                cert=cert,
+                trust_env=trust_env,
+                uds=uds,
                 http1=http1,
                 http2=http2,
                 timeouts=timeouts,

@@ -24,7 +24,12 @@ from ._client import (
     UseClientDefault as UseClientDefault,
     open_client as open_client,
 )
-from ._connect import create_ssl_context as create_ssl_context, open_stream as open_stream
+from ._connect import (
+    CertTypes as CertTypes,
+    VerifyTypes as VerifyTypes,
+    create_ssl_context as create_ssl_context,
+    open_stream as open_stream,
+)
 from ._http2 import HTTP2Connection as HTTP2Connection
 from ._http11 import HTTP11Connection as HTTP11Connection
 from ._models import (
@@ -73,4 +78,6 @@ __all__ = [
     "URL",
     "create_ssl_context",
     "open_stream",
+    "CertTypes",
+    "VerifyTypes",
 ]

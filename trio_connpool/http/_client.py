@@ -37,10 +37,24 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import socket
 import ssl
+import warnings
+import weakref
 from collections.abc import AsyncGenerator, Hashable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias, Union, final, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Final,
+    Protocol,
+    TypeAlias,
+    Union,
+    cast,
+    final,
+    runtime_checkable,
+)
 from urllib.parse import urljoin
 
 import trio
@@ -63,7 +77,7 @@ from .._options import (
     resolve_options,
 )
 from .._pool import Pool, open_pool, require_trio
-from ._connect import create_ssl_context, open_stream
+from ._connect import CertTypes, VerifyTypes, create_ssl_context, open_stream
 from ._http2 import HTTP2Connection
 from ._http11 import HTTP11Connection
 from ._models import (
@@ -320,32 +334,71 @@ def _check_protocols(http1: bool, http2: bool) -> None:
         raise ValueError("http1=False and http2=False leave no protocol to speak")
 
 
-# What HTTPKey's repr calls the contexts made here (by identity: they live for ever, in
-# _default_context's cache); any other context is a caller's own, "custom".
-_CONTEXT_NAMES: dict[int, str] = {}
+# What HTTPKey's repr calls the contexts made here: "default" (verified against the system's
+# store), "insecure" (verify=False) or "ca-bundle" (a CA path), "+cert" with a client
+# certificate; any other context is a caller's own, "custom" (and never modified here).
+_CONTEXT_NAMES: weakref.WeakKeyDictionary[ssl.SSLContext, str] = weakref.WeakKeyDictionary()
 
 
-@functools.cache
-def _default_context(verify: bool, http1: bool, http2: bool) -> ssl.SSLContext:
-    context = create_ssl_context(verify, http1=http1, http2=http2)
-    _CONTEXT_NAMES[id(context)] = "default" if verify else "insecure"
+# (Bounded: each setting of SSL_CERT_FILE/SSL_CERT_DIR seen makes a context of its own.)
+@functools.lru_cache(maxsize=64)
+def _default_context(
+    verify: bool, http1: bool, http2: bool, trust_env: bool, env: tuple[str | None, ...]
+) -> ssl.SSLContext:
+    # (env: the variables the context was made under, so a change makes a new context.)
+    context = create_ssl_context(verify, http1=http1, http2=http2, trust_env=trust_env)
+    _CONTEXT_NAMES[context] = "default" if verify else "insecure"
     return context
 
 
 def _shared_context(
-    verify: bool | ssl.SSLContext, *, http1: bool = True, http2: bool = False
+    verify: VerifyTypes,
+    *,
+    cert: CertTypes | None = None,
+    http1: bool = True,
+    http2: bool = False,
+    trust_env: bool = True,
 ) -> ssl.SSLContext:
-    """The TLS context for ``verify``: the caller's own, or one shared per setting.
+    """The TLS context for ``verify``: the caller's own, one shared per setting, or (for a CA
+    path or a client certificate) one made now.
 
     Pool keys compare contexts by identity, so clients that share a pool with the same
     ``verify=True`` (or False) and protocols must share one context to share connections.
-    Contexts are safe to share: nothing here modifies one after it is made.
+    Contexts are safe to share: nothing here modifies one after it is made. With
+    ``trust_env`` the default context honours SSL_CERT_FILE and SSL_CERT_DIR as they are now
+    (a client reads them once, when it opens); files are read now, so a bad path fails here.
     """
-    if isinstance(verify, ssl.SSLContext):
-        return verify
-    if not isinstance(verify, bool):
-        raise TypeError(f"verify must be a bool or an ssl.SSLContext, not {verify!r}")
-    return _default_context(verify, http1, http2)
+    if isinstance(verify, bool) and cert is None:
+        env: tuple[str | None, ...] = ()
+        if verify and trust_env:
+            paths = ssl.get_default_verify_paths()
+            env = (
+                os.environ.get(paths.openssl_cafile_env),
+                os.environ.get(paths.openssl_capath_env),
+            )
+        return _default_context(verify, http1, http2, trust_env, env)
+    context = create_ssl_context(verify, cert=cert, http1=http1, http2=http2, trust_env=trust_env)
+    if context is not verify:
+        name = "ca-bundle" if not isinstance(verify, bool) else "default" if verify else "insecure"
+        _CONTEXT_NAMES[context] = name + ("" if cert is None else "+cert")
+    return context
+
+
+def _is_own_context(context: ssl.SSLContext) -> bool:
+    """Whether ``context`` was made here (else it is a caller's, used as given)."""
+    return context in _CONTEXT_NAMES
+
+
+def _uds_path(uds: object) -> str | None:
+    if uds is None:
+        return None
+    if isinstance(uds, os.PathLike):
+        uds = os.fspath(cast("os.PathLike[str]", uds))
+    if not isinstance(uds, str) or not uds:
+        raise TypeError(f"uds must be the path of a Unix socket (str or os.PathLike), not {uds!r}")
+    if not hasattr(socket, "AF_UNIX"):
+        raise ValueError("uds: Unix domain sockets are not supported on this platform")
+    return uds
 
 
 @runtime_checkable
@@ -375,9 +428,12 @@ class HTTPKey:
             contexts with the same settings are still different keys (a context's settings
             cannot be read back completely, so identity is the only safe comparison).
         extra: Anything else that must match (a user agent, a proxy, a tenant).
+        uds: The path of the Unix domain socket to connect to instead of the origin's host
+            and port, or None (TCP). The origin still gives the Host header, the scheme and
+            the TLS server name.
     """
 
-    __slots__ = ("_hash", "extra", "http_version", "origin", "tls")
+    __slots__ = ("_hash", "extra", "http_version", "origin", "tls", "uds")
 
     def __init__(
         self,
@@ -386,6 +442,7 @@ class HTTPKey:
         http_version: str = "HTTP/1.1",
         tls: ssl.SSLContext | None = None,
         extra: Hashable = None,
+        uds: str | None = None,
     ) -> None:
         if http_version not in _OFFERS:
             raise ValueError(
@@ -395,10 +452,11 @@ class HTTPKey:
         self.http_version: str = http_version
         self.tls: ssl.SSLContext | None = tls
         self.extra: Hashable = extra
-        self._hash = hash((origin, http_version, id(tls), extra))
+        self.uds: str | None = uds if uds is None else _uds_path(uds)
+        self._hash = hash((origin, http_version, id(tls), extra, self.uds))
 
-    def _identity(self) -> tuple[Origin, str, int, Hashable]:
-        return (self.origin, self.http_version, id(self.tls), self.extra)
+    def _identity(self) -> tuple[Origin, str, int, Hashable, str | None]:
+        return (self.origin, self.http_version, id(self.tls), self.extra, self.uds)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, HTTPKey):
@@ -411,9 +469,10 @@ class HTTPKey:
     def __repr__(self) -> str:
         # tls=default (verified), insecure (verify=False) or custom (a caller's context):
         # readable in an error message, where an address would say nothing.
-        tls = "" if self.tls is None else f", tls={_CONTEXT_NAMES.get(id(self.tls), 'custom')}"
+        tls = "" if self.tls is None else f", tls={_CONTEXT_NAMES.get(self.tls, 'custom')}"
         extra = "" if self.extra is None else f", extra={self.extra!r}"
-        return f"HTTPKey({str(self.origin)!r}, {self.http_version}{tls}{extra})"
+        uds = "" if self.uds is None else f", uds={self.uds!r}"
+        return f"HTTPKey({str(self.origin)!r}, {self.http_version}{tls}{extra}{uds})"
 
 
 class HTTPConnector:
@@ -440,6 +499,13 @@ class HTTPConnector:
             without receiving anything; the connection closes if no answer comes within
             ``ping_timeout``. None: no keep-alive pings.
         ping_timeout: See ``ping_interval``.
+        uds: Connect every key over this Unix domain socket (unless the key names its own,
+            ``key.uds``) instead of TCP to its origin's host and port.
+
+    When a caller's own `ssl.SSLContext` (never modified here) brings no ALPN answer from an
+    origin while the key offers HTTP/2 as well as HTTP/1.1, the connection speaks HTTP/1.1
+    and a `UserWarning` says so, once per origin: the context probably lacks
+    ``set_alpn_protocols(["h2", "http/1.1"])``.
     """
 
     def __init__(
@@ -450,6 +516,7 @@ class HTTPConnector:
         http2_weight: int = 1,
         ping_interval: float | None = None,
         ping_timeout: float = 5.0,
+        uds: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(timeouts, Timeouts):
             raise TypeError("timeouts must be a trio_connpool.http.Timeouts")
@@ -468,7 +535,10 @@ class HTTPConnector:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self._http2_reservation = Reservation(weight=http2_weight, capacity=max_concurrent_streams)
+        self.uds: str | None = _uds_path(uds)
         self._chosen: dict[HTTPKey, str] = {}
+        # The origins warned about a caller's context that negotiated no ALPN (bounded).
+        self._alpn_warned: set[Origin] = set()
 
     def reserve(self, key: HTTPKey) -> Reservation:
         """What a connect for ``key`` reserves: HTTP/2's weight and streams, unless the key
@@ -482,6 +552,28 @@ class HTTPConnector:
         ``"HTTP/2"``), or None if none was made (or it was forgotten)."""
         return self._chosen.get(key)
 
+    def _no_alpn(self, key: HTTPKey) -> tuple[str | None, str | None]:
+        """A TLS connect for ``key``, which offers HTTP/2, negotiated no ALPN protocol: with a
+        caller's context, the refusal to raise when HTTP/2 is all the key speaks (saying what
+        is probably missing), else the warning to give (once per origin), or neither."""
+        tls = key.tls
+        if tls is None or _is_own_context(tls):
+            return None, None  # our contexts offer h2: the server took no part in ALPN
+        hint = (
+            "your ssl.SSLContext negotiated no ALPN protocol (it is used as given, never "
+            'modified: call context.set_alpn_protocols(["h2", "http/1.1"]) on it to offer '
+            "HTTP/2)"
+        )
+        if key.http_version == HTTP2:
+            return f"{key.origin} did not choose h2: {hint}", None
+        origin = key.origin
+        if origin in self._alpn_warned:
+            return None, None
+        if len(self._alpn_warned) >= _MAX_REMEMBERED:
+            self._alpn_warned.clear()
+        self._alpn_warned.add(origin)
+        return None, f"HTTP/2 was asked for, but with {origin} {hint}; speaking HTTP/1.1"
+
     async def __call__(self, key: HTTPKey) -> HTTPConnection:
         """Connect to ``key.origin`` (TLS with ``key.tls`` for https) and speak the protocol
         the key offers and the server chose.
@@ -494,12 +586,17 @@ class HTTPConnector:
         timeouts = self.timeouts
         origin = key.origin
         stream, alpn = await open_stream(
-            origin, ssl_context=key.tls, connect_timeout=timeouts.connect
+            origin,
+            ssl_context=key.tls,
+            connect_timeout=timeouts.connect,
+            uds=self.uds if key.uds is None else key.uds,
         )
         offered = key.http_version
         use_http2 = alpn == "h2" if origin.is_secure else offered == HTTP2
-        refusal = None
-        if not use_http2 and offered == HTTP2:
+        refusal = notice = None
+        if alpn is None and offered != HTTP11 and origin.is_secure:
+            refusal, notice = self._no_alpn(key)
+        if refusal is None and not use_http2 and offered == HTTP2:
             refusal = f"{origin} did not choose h2 in ALPN (it answered {alpn!r})"
         elif use_http2 and offered == HTTP11:
             # A caller's SSLContext offered h2 to a client that speaks only HTTP/1.1.
@@ -508,6 +605,13 @@ class HTTPConnector:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
             raise ConnectError(refusal, key=origin)
+        if notice is not None:
+            try:  # (a warnings filter may make it an error: the stream is closed then)
+                warnings.warn(notice, UserWarning, stacklevel=2)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
+                raise
         if len(self._chosen) >= _MAX_REMEMBERED:
             self._chosen.clear()
         if not use_http2:
@@ -594,7 +698,11 @@ class PoolSender:
     Args:
         pool: A pool whose connector makes HTTP connections for :class:`HTTPKey` keys (an
             :class:`HTTPConnector`).
-        verify: TLS verification for https: True, False or an `ssl.SSLContext`.
+        verify: TLS verification for https: True, False, a CA bundle path or an
+            `ssl.SSLContext` (see :func:`open_client`).
+        cert: A client certificate (see :func:`open_client`).
+        trust_env: Whether ``verify=True`` honours SSL_CERT_FILE and SSL_CERT_DIR.
+        uds: Send every request over this Unix domain socket (part of every pool key).
         acquire_timeout: Bound on the whole wait for a connection, retries included, for a
             request without `Request.timeouts` (a request's own ``pool`` limit replaces it).
         retry_stale: Retry a request that failed on a reused keep-alive connection before any
@@ -630,18 +738,24 @@ class PoolSender:
         self,
         pool: Pool[HTTPKey, HTTPConnection],
         *,
-        verify: bool | ssl.SSLContext = True,
+        verify: VerifyTypes = True,
         acquire_timeout: float | None = None,
         retry_stale: bool = True,
         key_extra: Hashable = None,
         http1: bool = True,
         http2: bool = False,
         health_check_after: float | None = None,
+        cert: CertTypes | None = None,
+        trust_env: bool = True,
+        uds: str | os.PathLike[str] | None = None,
     ) -> None:
         _check_protocols(http1, http2)
         check_duration("health_check_after", health_check_after)
         self.pool = pool
-        self._ssl_context = _shared_context(verify, http1=http1, http2=http2)
+        self._ssl_context = _shared_context(
+            verify, cert=cert, http1=http1, http2=http2, trust_env=trust_env
+        )
+        self.uds = _uds_path(uds)
         check_duration("acquire_timeout", acquire_timeout)
         self.acquire_timeout = acquire_timeout
         self.retry_stale = retry_stale
@@ -661,6 +775,7 @@ class PoolSender:
                 http_version=_offer(http1=self.http1, http2=self.http2, secure=secure),
                 tls=self._ssl_context if secure else None,
                 extra=self.key_extra,
+                uds=self.uds,
             )
         return key
 
@@ -782,18 +897,26 @@ class NoPoolSender:
     which is what a pool provides.
 
     Args:
-        verify: TLS verification for https: True, False or an `ssl.SSLContext`.
+        verify: TLS verification for https: True, False, a CA bundle path or an
+            `ssl.SSLContext` (see :func:`open_client`).
         timeouts: Connect, read and write timeouts.
+        cert: A client certificate (see :func:`open_client`).
+        trust_env: Whether ``verify=True`` honours SSL_CERT_FILE and SSL_CERT_DIR.
+        uds: Send every request over this Unix domain socket.
     """
 
     def __init__(
         self,
         *,
-        verify: bool | ssl.SSLContext = True,
+        verify: VerifyTypes = True,
         timeouts: Timeouts = Timeouts(),  # noqa: B008
+        cert: CertTypes | None = None,
+        trust_env: bool = True,
+        uds: str | os.PathLike[str] | None = None,
     ) -> None:
-        self._ssl_context = _shared_context(verify)
+        self._ssl_context = _shared_context(verify, cert=cert, trust_env=trust_env)
         self.timeouts = timeouts
+        self.uds = _uds_path(uds)
         self._connector = HTTPConnector(timeouts=timeouts)
 
     async def send_request(self, request: Request) -> Response:
@@ -803,7 +926,7 @@ class NoPoolSender:
         connect as well as for its reads and writes (nobody waits for a pool here).
         """
         origin = request.url.origin
-        key = HTTPKey(origin, tls=self._ssl_context if origin.is_secure else None)
+        key = HTTPKey(origin, tls=self._ssl_context if origin.is_secure else None, uds=self.uds)
         started = trio.current_time()  # the start of Response.elapsed, as httpx's
         timeouts = request.timeouts
         # The request's own limits: a connector for them (it remembers nothing worth keeping
@@ -1266,7 +1389,10 @@ class Client:
 @asynccontextmanager
 async def open_client(
     *,
-    verify: bool | ssl.SSLContext = True,
+    verify: VerifyTypes = True,
+    cert: CertTypes | None = None,
+    trust_env: bool = True,
+    uds: str | os.PathLike[str] | None = None,
     http1: bool = True,
     http2: bool = False,
     timeouts: Timeouts = Timeouts(),  # noqa: B008
@@ -1299,13 +1425,29 @@ async def open_client(
 
     Args:
         verify: True (verify certificates and host names against the system trust store),
-            False (don't; never on an untrusted network) or an `ssl.SSLContext` (used as
-            given, never modified).
+            False (don't; never on an untrusted network), the path (str or `os.PathLike`) of
+            a CA bundle to trust instead of the system's (a PEM file, or a directory of
+            hashed certificates as ``openssl rehash`` makes; ALPN as for True, so HTTP/2
+            works with a private CA), or an `ssl.SSLContext` (used as given, never
+            modified). Files are read when the client opens: a bad path raises
+            `FileNotFoundError` (or `ValueError` for a file without certificates) then.
+        cert: A client certificate for TLS: the path of a PEM file holding the certificate
+            and its key, ``(certfile, keyfile)`` or ``(certfile, keyfile, password)``. Not
+            with an `ssl.SSLContext` (`TypeError`: a given context is never modified; load
+            the certificate into it yourself).
+        trust_env: With ``verify=True``, the system trust store honours the
+            ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` environment variables, read once, when
+            the client opens. False: the locations compiled into OpenSSL, whatever the
+            environment says.
+        uds: The path of a Unix domain socket: every request goes over it instead of TCP.
+            URLs still give the Host header and the scheme (``https://`` does TLS over the
+            socket, checking the URL's host name); pool keys carry the path.
         http1: Speak HTTP/1.1.
         http2: Speak HTTP/2. Over TLS, ALPN offers ``h2`` (and ``http/1.1`` unless
             ``http1=False``) and the server chooses; over plain ``http://``, HTTP/2 is used
             with prior knowledge (h2c) when ``http1=False``, else HTTP/1.1. A given
-            `ssl.SSLContext` is not modified: set its ALPN protocols yourself.
+            `ssl.SSLContext` is not modified: set its ALPN protocols yourself (when it
+            negotiates none with an origin, a `UserWarning` says so, once per origin).
         timeouts: ``connect``, ``read``, ``write`` (per operation), and ``pool`` (the whole
             wait for a connection, retries included). A request's ``timeout=`` replaces
             them for that request (see :class:`PoolSender` for what each bounds then).
@@ -1352,8 +1494,12 @@ async def open_client(
     if not isinstance(timeouts, Timeouts):
         raise TypeError("timeouts must be a trio_connpool.http.Timeouts")
     _check_redirects(follow_redirects, max_redirects)
+    # Files are read (and paths checked) here, before a pool opens: a bad one fails plainly.
     options: dict[str, Any] = {
-        "verify": verify,
+        "verify": _shared_context(
+            verify, cert=cert, http1=http1, http2=http2, trust_env=trust_env
+        ),
+        "uds": _uds_path(uds),
         "acquire_timeout": timeouts.pool,
         "retry_stale": retry_stale,
         "key_extra": key_extra,
