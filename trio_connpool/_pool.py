@@ -115,6 +115,8 @@ _PRUNE_MIN = 64
 _LEAK_STACK_DEPTH = 16
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _logger = logging.getLogger("trio_connpool")
+# The file of trio's run loop, which resumes every task: a task's stack ends there.
+_TRIO_RUN_LOOP = trio.lowlevel.current_task.__code__.co_filename
 
 
 @runtime_checkable
@@ -172,17 +174,23 @@ def _probe_clean(connection: Any) -> bool:
 
 
 def _acquiring_frames() -> list[tuple[str, int, str, None]]:
-    """The innermost ``_LEAK_STACK_DEPTH`` frames of the caller outside this package, oldest
-    first. Only names and line numbers: source lines are read if the stack is ever shown
-    (`traceback.extract_stack` reads them now, and checks each file with a stat)."""
-    frame = sys._getframe(1)  # pyright: ignore[reportPrivateUsage]
+    """The innermost ``_LEAK_STACK_DEPTH`` frames of the calling task outside this package,
+    oldest first. The walk stops at trio's run loop: what called the task's coroutine is the
+    same for every lease. Only names and line numbers: source lines are read if the stack is
+    ever shown (`traceback.extract_stack` reads them now and checks each file with a stat,
+    at eight times the cost)."""
+    frame = sys._getframe(2)  # pyright: ignore[reportPrivateUsage]
     package = _PACKAGE_DIR
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame = frame.f_back  # type: ignore[assignment]
     frames: list[tuple[str, int, str, None]] = []
+    run_loop = _TRIO_RUN_LOOP
     while frame is not None and len(frames) < _LEAK_STACK_DEPTH:
         code = frame.f_code
-        frames.append((code.co_filename, frame.f_lineno, code.co_name, None))
+        filename = code.co_filename
+        if filename == run_loop:
+            break
+        frames.append((filename, frame.f_lineno, code.co_name, None))
         frame = frame.f_back  # type: ignore[assignment]
     frames.reverse()
     return frames
