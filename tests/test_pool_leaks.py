@@ -355,7 +355,8 @@ async def test_client_reports_a_streamed_response_held_open(
         assert report.key.origin.port == int(base.rsplit(":", 1)[1])  # type: ignore[attr-defined]
         assert report.held_for >= 0.05
         assert report.task_name == trio.lowlevel.current_task().name
-        assert "test_client_reports_a_streamed_response_held_open" in frame_names(report)
+        # Innermost: the test's own ``async with client.stream(...)``.
+        assert frame_names(report)[-1] == "test_client_reports_a_streamed_response_held_open"
         [record] = leak_records(caplog)
         assert "test_client_reports_a_streamed_response_held_open" in record.getMessage()
         events = [getattr(r, "pool_event", None) for r in caplog.records]

@@ -117,6 +117,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _logger = logging.getLogger("trio_connpool")
 # The file of trio's run loop, which resumes every task: a task's stack ends there.
 _TRIO_RUN_LOOP = trio.lowlevel.current_task.__code__.co_filename
+_CONTEXTLIB = contextlib.__file__
 
 
 @runtime_checkable
@@ -174,14 +175,17 @@ def _probe_clean(connection: Any) -> bool:
 
 
 def _acquiring_frames() -> list[tuple[str, int, str, None]]:
-    """The innermost ``_LEAK_STACK_DEPTH`` frames of the calling task outside this package,
-    oldest first. The walk stops at trio's run loop: what called the task's coroutine is the
+    """The innermost ``_LEAK_STACK_DEPTH`` frames of the calling task outside this package
+    (and the `contextlib` frames just outside it), oldest first. The walk stops at trio's run loop: what called the task's coroutine is the
     same for every lease. Only names and line numbers: source lines are read if the stack is
     ever shown (`traceback.extract_stack` reads them now and checks each file with a stat,
     at eight times the cost)."""
     frame = sys._getframe(2)  # pyright: ignore[reportPrivateUsage]
     package = _PACKAGE_DIR
-    while frame is not None and frame.f_code.co_filename.startswith(package):
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(package)
+        or frame.f_code.co_filename == _CONTEXTLIB  # the client's `async with stream()`
+    ):
         frame = frame.f_back  # type: ignore[assignment]
     frames: list[tuple[str, int, str, None]] = []
     run_loop = _TRIO_RUN_LOOP
