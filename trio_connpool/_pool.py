@@ -176,10 +176,10 @@ def _probe_clean(connection: Any) -> bool:
 
 def _acquiring_frames() -> list[tuple[str, int, str, None]]:
     """The innermost ``_LEAK_STACK_DEPTH`` frames of the calling task outside this package
-    (and the `contextlib` frames just outside it), oldest first. The walk stops at trio's run loop: what called the task's coroutine is the
-    same for every lease. Only names and line numbers: source lines are read if the stack is
-    ever shown (`traceback.extract_stack` reads them now and checks each file with a stat,
-    at eight times the cost)."""
+    (and the `contextlib` frames just outside it), oldest first. The walk stops at trio's run
+    loop: what called the task's coroutine is the same for every lease. Only names and line
+    numbers: source lines are read if the stack is ever shown (`traceback.extract_stack`
+    reads them now and checks each file with a stat, at eight times the cost)."""
     frame = sys._getframe(2)  # pyright: ignore[reportPrivateUsage]
     package = _PACKAGE_DIR
     while frame is not None and (
