@@ -208,7 +208,9 @@ class Lease(Generic[K, C]):
     """One use of a pooled connection, from acquire to release.
 
     Give it back with :meth:`Pool.release` (or use :meth:`Pool.lease`, which does). Releasing
-    twice, or after the pool closed, does nothing.
+    twice, or after the pool closed, does nothing. A lease garbage-collected while its pool
+    runs, unreleased, gives a `ResourceWarning` saying where it was acquired (with
+    ``leak_timeout`` set) and its slot back; its connection is closed, not reused.
 
     Attributes:
         key: The key the connection was made for.
