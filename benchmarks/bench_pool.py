@@ -14,7 +14,8 @@ contend whenever C > M. With K keys, task ``t`` uses key ``t % K``. When K > M t
 is larger than the pool and every miss evicts an idle connection of another key and connects
 anew: that row measures churn (an in-memory connect), not lookup.
 
-Run: ``python benchmarks/bench_pool.py`` (``--quick`` for a short run).
+Run: ``python benchmarks/bench_pool.py`` (``--quick`` for a short run). ``--leak`` measures
+only what leak detection costs: the pool with and without ``leak_timeout`` at C=64, M=16.
 """
 
 from __future__ import annotations
@@ -97,11 +98,52 @@ async def run_httpcore(ops: int, tasks: int, conns: int, keys: int) -> float:
         return await _spread(ops, tasks, op)
 
 
+async def run_pool_leak_timeout(
+    ops: int, tasks: int, conns: int, keys: int, leak_timeout: float | None
+) -> float:
+    """``pool`` with leak detection set (None: off, as ``pool``)."""
+    async with open_pool(
+        _connect, max_connections=conns, idle_timeout=None, leak_timeout=leak_timeout
+    ) as pool:
+
+        async def op(t: int) -> None:
+            async with pool.lease(t % keys):
+                await trio.lowlevel.checkpoint()
+
+        return await _spread(ops, tasks, op)
+
+
+def leak_table(ops: int, rounds: int) -> None:
+    """The pool with and without ``leak_timeout`` (60 s, never reached: what is measured is
+    the tracking of every lease, its stack included), C=64, M=16, interleaved; medians."""
+    import statistics
+
+    tasks, conns = 64, 16
+    print(f"leak detection: acquire+release, C={tasks} M={conns}, {ops} operations per run")
+    print(f"median of {rounds} runs each, interleaved (ops/s)")
+    print(f"{'K':>5} {'off':>10} {'on':>10} {'on/off':>7}")
+    for keys in (1, 10):
+        off: list[float] = []
+        on: list[float] = []
+        for i in range(rounds):
+            pair = [(off, None), (on, 60.0)]
+            for found, leak in pair if i % 2 == 0 else pair[::-1]:
+                found.append(trio.run(run_pool_leak_timeout, ops, tasks, conns, keys, leak))
+        a, b = statistics.median(off), statistics.median(on)
+        print(f"{keys:>5} {a:>10,.0f} {b:>10,.0f} {b / a:>7.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer operations and rounds")
     parser.add_argument("--no-httpcore", action="store_true", help="skip the httpcore column")
+    parser.add_argument(
+        "--leak", action="store_true", help="only the cost of leak detection (C=64, M=16)"
+    )
     args = parser.parse_args()
+    if args.leak:
+        leak_table(5_000 if args.quick else 20_000, 3 if args.quick else 9)
+        return
     ops = 5_000 if args.quick else 20_000
     httpcore_ops = 1_000 if args.quick else 3_000
     rounds = 1 if args.quick else 3

@@ -422,7 +422,7 @@ async def test_cancelled_block_is_not_turned_into_pool_error(
     connector = FakeConnector()
     with trio.move_on_after(1) as scope:
         async with open_pool(connector) as pool:
-            await pool.acquire("a")
+            _lease = await pool.acquire("a")  # held until the pool closes
             await trio.sleep_forever()
     assert scope.cancelled_caught
     assert_balanced(pool, connector)
@@ -442,7 +442,7 @@ async def test_internal_failure_is_a_pool_error_chained_from_the_group() -> None
     connector = BrokenBackground()
     with pytest.raises(PoolError) as info:
         async with open_pool(connector) as pool:
-            await pool.acquire("a")
+            _lease = await pool.acquire("a")  # held until the pool closes
             await trio.sleep_forever()
     assert isinstance(info.value.__cause__, BaseExceptionGroup)
     assert connector.all_closed()

@@ -36,6 +36,7 @@ from ._exceptions import (
     WriteTimeout as WriteTimeout,
 )
 from ._logging import LoggingInstrument as LoggingInstrument
+from ._options import LeakReport as LeakReport
 from ._pool import (
     Connection as Connection,
     Instrument as Instrument,
@@ -108,6 +109,7 @@ __all__ = [
     "DecodingError",
     "HTTPStatusError",
     "Instrument",
+    "LeakReport",
     "LoggingInstrument",
     "InvalidHeader",
     "InvalidURL",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import math
 import random
+import traceback
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_OPTIONS",
     "DEFAULT_RESERVATION",
     "Instrument",
+    "LeakReport",
     "PoolOptionArgs",
     "PoolOptions",
     "ReleasePolicy",
@@ -106,6 +108,36 @@ class Reservation:
 DEFAULT_RESERVATION = Reservation()
 
 
+@attrs.frozen
+class LeakReport:
+    """A lease held longer than ``leak_timeout``: what :meth:`Instrument.lease_leaked` gets.
+
+    A record rather than more arguments, so that later releases can add fields without
+    breaking an instrument that overrides the hook.
+
+    Attributes:
+        key: The key the connection was made for.
+        connection: The leased connection.
+        held_for: Seconds the lease had been held when it was reported (on
+            ``trio.current_time()``), ``leak_timeout`` or a little more.
+        acquired_at: When it was acquired, on ``trio.current_time()``.
+        task_name: The name of the trio task that acquired it.
+        stack: Where it was acquired: the innermost frames outside trio_connpool, oldest
+            first, as `traceback.extract_stack` gives them.
+    """
+
+    key: Hashable
+    connection: object
+    held_for: float
+    acquired_at: float
+    task_name: str
+    stack: traceback.StackSummary
+
+    def format_stack(self) -> str:
+        """The stack as `traceback.format_list` lays it out, one string."""
+        return "".join(self.stack.format())
+
+
 class Instrument:
     """Hooks into the pool's life. Subclass it and override what you need.
 
@@ -134,6 +166,10 @@ class Instrument:
 
     def connection_closed(self, key: Hashable, connection: object) -> None:
         """The pool is closing ``connection`` (idle expiry, eviction, dead, pool exit)."""
+
+    def lease_leaked(self, key: Hashable, connection: object, report: LeakReport) -> None:
+        """A lease of ``connection`` has been held longer than ``leak_timeout`` (once per
+        lease; it stays leased: nothing is cancelled or closed). See :class:`LeakReport`."""
 
     def hook_failed(self, hook: str, error: Exception) -> None:
         """Another hook raised ``error``; or a connection's background task failed."""
@@ -236,6 +272,10 @@ class PoolOptions:
         instruments: :class:`Instrument` objects whose hooks see the pool's events (any
             iterable; kept as a tuple).
         rng: Random source for the lifetime jitter (seed one in tests); None: a new one.
+        leak_timeout: Seconds a lease may be held before it is reported as a possible leak
+            (once, through :meth:`Instrument.lease_leaked` and a WARNING on the
+            ``trio_connpool`` logger, with the acquiring task and stack). None (default):
+            leak detection is off and no stack is captured.
 
     Raises:
         ValueError, TypeError: An option is out of range or of the wrong type.
@@ -261,6 +301,7 @@ class PoolOptions:
         default=(), converter=_as_tuple, validator=_instruments
     )
     rng: random.Random | None = attrs.field(default=None)
+    leak_timeout: float | None = attrs.field(default=None, validator=_duration_or_none)
 
     def replace(self, **changes: Unpack[PoolOptionArgs]) -> PoolOptions:
         """A copy with ``changes`` made (checked like the original)."""
@@ -282,6 +323,7 @@ class PoolOptionArgs(TypedDict, total=False):
     reserve: Callable[[Any], Reservation] | None
     instruments: Sequence[Instrument]
     rng: random.Random | None
+    leak_timeout: float | None
 
 
 DEFAULT_OPTIONS = PoolOptions()

@@ -18,8 +18,8 @@ Task layout (structured, nothing outlives the pool)::
     caller's nursery (open_pool opens one for you)
     └── Pool._serve                       the pool's service task
         └── pool nursery
-            ├── Pool._run_timer           waiter timeouts, idle and lifetime expiry, on
-            │                             trio.current_time()
+            ├── Pool._run_timer           waiter timeouts, idle and lifetime expiry, leak
+            │                             reports, on trio.current_time()
             ├── Pool._connect  (n)        one per connect in flight
             ├── Pool._background (n)      a connection's own task, if it has run_background()
             └── Pool._close    (n)        graceful close, shielded, bounded by close_timeout
@@ -27,9 +27,14 @@ Task layout (structured, nothing outlives the pool)::
 
 from __future__ import annotations
 
+import contextlib
 import heapq
+import logging
 import math
+import os
 import sys
+import traceback
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, runtime_checkable
@@ -57,6 +62,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 from ._exceptions import ConnectError, PoolClosed, PoolError, PoolTimeout, TrioRequiredError
 from ._options import (
     Instrument,
+    LeakReport,
     PoolOptionArgs,
     PoolOptions,
     Reservation,
@@ -69,6 +75,7 @@ from ._state import (
     Effect,
     Fail,
     FailReason,
+    LeakTrace,
     Lease,
     PoolState,
     PoolStatistics,
@@ -103,6 +110,14 @@ _DEAD_ON_ARRIVAL_BACKOFF = 0.1
 # The waiters' deadline heap is pruned of served and cancelled waiters when it reaches four
 # times its size after the last pruning, and never below this.
 _PRUNE_MIN = 64
+# Leak detection: how many frames of the acquiring stack are kept (the innermost ones outside
+# this package), and where this package's own frames are (skipped: the caller's are wanted).
+_LEAK_STACK_DEPTH = 16
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_logger = logging.getLogger("trio_connpool")
+# The file of trio's run loop, which resumes every task: a task's stack ends there.
+_TRIO_RUN_LOOP = trio.lowlevel.current_task.__code__.co_filename
+_CONTEXTLIB = contextlib.__file__
 
 
 @runtime_checkable
@@ -157,6 +172,32 @@ def _probe_int(connection: Any, name: str) -> int:
 def _probe_clean(connection: Any) -> bool:
     probe = getattr(connection, "is_clean", None)
     return bool(probe()) if probe is not None else False
+
+
+def _acquiring_frames() -> list[tuple[str, int, str, None]]:
+    """The innermost ``_LEAK_STACK_DEPTH`` frames of the calling task outside this package
+    (and the `contextlib` frames just outside it), oldest first. The walk stops at trio's run
+    loop: what called the task's coroutine is the same for every lease. Only names and line
+    numbers: source lines are read if the stack is ever shown (`traceback.extract_stack`
+    reads them now and checks each file with a stat, at eight times the cost)."""
+    frame = sys._getframe(2)  # pyright: ignore[reportPrivateUsage]
+    package = _PACKAGE_DIR
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(package)
+        or frame.f_code.co_filename == _CONTEXTLIB  # the client's `async with stream()`
+    ):
+        frame = frame.f_back  # type: ignore[assignment]
+    frames: list[tuple[str, int, str, None]] = []
+    run_loop = _TRIO_RUN_LOOP
+    while frame is not None and len(frames) < _LEAK_STACK_DEPTH:
+        code = frame.f_code
+        filename = code.co_filename
+        if filename == run_loop:
+            break
+        frames.append((filename, frame.f_lineno, code.co_name, None))
+        frame = frame.f_back  # type: ignore[assignment]
+    frames.reverse()
+    return frames
 
 
 class _Lessor(Generic[K, C]):
@@ -250,6 +291,11 @@ class Pool(Generic[K, C]):
         self._close_requested = trio.Event()
         self._done = trio.Event()
         self._started = False
+        # Leak detection (off: None). Traces of leases held, in acquire order, which is
+        # deadline order too (one timeout for all): so the timer looks at the first only.
+        self._leak_timeout: float | None = options.leak_timeout
+        self._traces: OrderedDict[LeakTrace, None] = OrderedDict()
+        self._token: trio.lowlevel.TrioToken | None = None
 
     def __repr__(self) -> str:
         s = self._state.statistics()
@@ -358,8 +404,11 @@ class Pool(Generic[K, C]):
         lease = state.acquire_nowait(key)
         if state.effects:
             self._apply()
-        if lease is not None and self._instruments:
-            self._hook("lease_acquired", key, lease.connection)
+        if lease is not None:
+            if self._instruments:
+                self._hook("lease_acquired", key, lease.connection)
+            if self._leak_timeout is not None:
+                self._track(lease)
         return lease
 
     def release(self, lease: Lease[K, C], *, discard: bool = False) -> None:
@@ -375,6 +424,8 @@ class Pool(Generic[K, C]):
             return
         state = self._state
         now = trio.current_time()
+        if self._leak_timeout is not None:
+            self._untrack(lease, now)
         idle = state.release(lease, now, discard=discard)
         if self._instruments:
             self._hook("lease_released", lease.key, lease.connection)
@@ -414,6 +465,8 @@ class Pool(Generic[K, C]):
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._started = True
+                self._token = trio.lowlevel.current_trio_token()
+                self._state.on_abandoned = self._notify_abandoned
                 nursery.start_soon(self._run_timer)
                 task_status.started()
                 try:
@@ -450,9 +503,15 @@ class Pool(Generic[K, C]):
             state.expire(now)
             if state.effects:
                 self._apply()
+            if self._traces:
+                self._report_leaks(now)
 
     def _next_deadline(self) -> float:
         deadline = self._state.next_deadline()
+        if self._traces:
+            leak_deadline = next(iter(self._traces)).deadline
+            if leak_deadline < deadline:
+                deadline = leak_deadline
         deadlines = self._deadlines
         while deadlines and not deadlines[0][2].waiting:
             heapq.heappop(deadlines)
@@ -556,7 +615,96 @@ class Pool(Generic[K, C]):
     def _acquired(self, key: K, lease: Lease[K, C]) -> Lease[K, C]:
         if self._instruments:
             self._hook("lease_acquired", key, lease.connection)
+        if self._leak_timeout is not None:
+            self._track(lease)
         return lease
+
+    # ------------------------------------------------------------------ leaks
+
+    def _track(self, lease: Lease[K, C]) -> None:
+        """Note where and when ``lease`` was acquired (leak detection is on)."""
+        assert self._leak_timeout is not None
+        now = trio.current_time()
+        trace = LeakTrace(
+            lease.key,
+            lease.connection,
+            now,
+            now + self._leak_timeout,
+            trio.lowlevel.current_task().name,
+            _acquiring_frames(),
+        )
+        lease._trace = trace  # pyright: ignore[reportPrivateUsage]
+        self._traces[trace] = None
+        if trace.deadline < self._timer_at:
+            self._timer_scope.deadline = self._timer_at = trace.deadline
+
+    def _untrack(self, lease: Lease[K, C], now: float) -> None:
+        trace: LeakTrace | None = getattr(lease, "_trace", None)
+        if trace is None:
+            return
+        trace.connection = None  # the trace may outlive the lease (a warning refers to it)
+        if not trace.reported:
+            del self._traces[trace]
+        elif _logger.isEnabledFor(logging.DEBUG):
+            _logger.debug(
+                "lease released after %.3f s, reported as a possible leak: key=%r task=%r",
+                now - trace.acquired_at,
+                trace.key,
+                trace.task_name,
+                extra={"pool_event": "lease_released_late", "pool_key": trace.key},
+            )
+
+    def _report_leaks(self, now: float) -> None:
+        """Report, once each, the leases held past their leak deadline."""
+        traces = self._traces
+        while traces:
+            trace = next(iter(traces))
+            if trace.deadline > now:
+                return
+            traces.popitem(last=False)
+            trace.reported = True
+            report = LeakReport(
+                key=trace.key,
+                connection=trace.connection,
+                held_for=now - trace.acquired_at,
+                acquired_at=trace.acquired_at,
+                task_name=trace.task_name,
+                stack=traceback.StackSummary.from_list(trace.frames),
+            )
+            _logger.warning(
+                "lease held for %.3f s (leak_timeout is %s s), possibly leaked: key=%r "
+                "connection=%r; acquired by %s",
+                report.held_for,
+                self._leak_timeout,
+                report.key,
+                report.connection,
+                trace.format(),
+                extra={"pool_event": "lease_leaked", "pool_key": report.key},
+            )
+            if self._instruments:
+                self._hook("lease_leaked", report.key, report.connection, report)
+
+    def _notify_abandoned(self) -> None:
+        """`PoolState.on_abandoned`: called from ``Lease.__del__``, wherever the garbage
+        collector runs. `TrioToken.run_sync_soon` is safe from anywhere (other threads,
+        signal handlers, re-entrantly); it runs :meth:`_reclaim` in the pool's run."""
+        token = self._token
+        if token is not None:
+            with contextlib.suppress(trio.RunFinishedError):  # the run is over: nothing to do
+                token.run_sync_soon(self._reclaim, idempotent=True)
+
+    def _reclaim(self) -> None:
+        state = self._state
+        if state.closed:
+            state.abandoned.clear()
+            return
+        for key, connection, trace in state.reclaim():
+            if trace is not None:
+                self._traces.pop(trace, None)
+            if self._instruments:
+                self._hook("lease_released", key, connection)
+        if state.effects:
+            self._apply()
 
     def _wake(self, waiter: Waiter[K, C], result: outcome.Outcome[Lease[K, C]]) -> None:
         if waiter.token is None:

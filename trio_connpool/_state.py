@@ -51,14 +51,28 @@ idle and can be evicted).
 
 Rule 5 (exactly once). A lease is released at most once; releasing it again, or after the pool
 closed, does nothing. A waiter is either served, failed or cancelled, exactly once.
+
+Rule 6 (abandoned leases). A lease the garbage collector finds unreleased (``Lease.__del__``)
+gives its slot back, but not at once: the collector runs in the middle of any code, even of a
+transition here, and on any thread. So ``__del__`` only appends the lease's record to
+:attr:`PoolState.abandoned` (``list.append`` is atomic) and calls
+:attr:`PoolState.on_abandoned`, which the driver sets to something safe to call from anywhere;
+the driver then calls :meth:`PoolState.reclaim` (with no ``on_abandoned``, no pool runs this
+state and a collected lease is ignored). The connection is retired, not reused: the
+exchange that was abandoned on it left it in an unknown state (half a response unread,
+say). It takes no new lease and closes when its last lease ends, at once for a connection of
+capacity 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import heapq
 import math
 import random
+import traceback
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from types import MappingProxyType
@@ -85,6 +99,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Close",
+    "LeakTrace",
     "Deliver",
     "Effect",
     "Fail",
@@ -193,7 +208,9 @@ class Lease(Generic[K, C]):
     """One use of a pooled connection, from acquire to release.
 
     Give it back with :meth:`Pool.release` (or use :meth:`Pool.lease`, which does). Releasing
-    twice, or after the pool closed, does nothing.
+    twice, or after the pool closed, does nothing. A lease garbage-collected while its pool
+    runs, unreleased, gives a `ResourceWarning` saying where it was acquired (with
+    ``leak_timeout`` set) and its slot back; its connection is closed, not reused.
 
     Attributes:
         key: The key the connection was made for.
@@ -202,7 +219,11 @@ class Lease(Generic[K, C]):
             that the peer may have closed meanwhile).
     """
 
-    __slots__ = ("_record", "connection", "is_reused", "key", "released")
+    __slots__ = ("_record", "_trace", "connection", "is_reused", "key", "released")
+
+    # Where it was acquired, set by the pool only when leak detection is on (unset otherwise:
+    # nothing is stored on the hot path).
+    _trace: LeakTrace
 
     def __init__(self, record: _Record[K, C], connection: C) -> None:
         self._record = record
@@ -214,6 +235,77 @@ class Lease(Generic[K, C]):
     def __repr__(self) -> str:
         state = "released" if self.released else "held"
         return f"<Lease key={self.key!r} {state} connection={self.connection!r}>"
+
+    def __del__(self) -> None:
+        # Collected without a release (see Rule 6). This runs wherever the collector runs:
+        # in any task, inside any other code, on any thread, at interpreter exit. So it only
+        # reads, appends to a list and calls the owner's thread-safe notifier.
+        if self.released:
+            return
+        self.released = True
+        record = self._record
+        if record.state is not _RecState.OPEN:
+            return  # The pool closed it (or it died) meanwhile: no slot is held.
+        owner = record.sub.owner
+        notify = owner.on_abandoned
+        if notify is None:
+            return  # No running pool drives this state (a test, say): nobody to return it to.
+        trace: LeakTrace | None = getattr(self, "_trace", None)
+        owner.abandoned.append((record, trace))
+        with contextlib.suppress(Exception):  # nothing could be reported from here
+            notify()
+        message = _abandoned_message(self.key, trace)
+        warnings.warn(message, ResourceWarning, stacklevel=1, source=self)
+
+
+class LeakTrace:
+    """Where and when a lease was acquired, kept while leak detection is on."""
+
+    __slots__ = (
+        "acquired_at",
+        "connection",
+        "deadline",
+        "frames",
+        "key",
+        "reported",
+        "task_name",
+    )
+
+    def __init__(
+        self,
+        key: Hashable,
+        connection: object,
+        acquired_at: float,
+        deadline: float,
+        task_name: str,
+        frames: list[tuple[str, int, str, None]],
+    ) -> None:
+        self.key = key
+        self.connection = connection
+        self.acquired_at = acquired_at
+        self.deadline = deadline
+        self.task_name = task_name
+        # (filename, line number, function, None), oldest first: what
+        # traceback.StackSummary.from_list takes. The source lines are looked up only if
+        # the stack is ever shown.
+        self.frames = frames
+        self.reported = False
+
+    def format(self) -> str:
+        """The task and the stack, as a traceback shows them."""
+        stack = "".join(traceback.StackSummary.from_list(self.frames).format())
+        return f"task {self.task_name!r}, at (most recent call last):\n{stack}"
+
+
+def _abandoned_message(key: Hashable, trace: LeakTrace | None) -> str:
+    head = (
+        f"a lease of key {key!r} was garbage-collected without release(): its connection "
+        "is closed and its slot returned to the pool; release leases with pool.release(), "
+        "or use 'async with pool.lease(key)'"
+    )
+    if trace is None:
+        return f"{head}. Enable leak_timeout to see where it was acquired"
+    return f"{head}. It was acquired by {trace.format()}"
 
 
 class FailReason(enum.Enum):
@@ -345,10 +437,20 @@ class PoolStatistics:
 class _SubPool(Generic[K, C]):
     """Everything the pool knows about one key."""
 
-    __slots__ = ("available", "connecting", "key", "records", "unattributed", "usage", "waiters")
+    __slots__ = (
+        "available",
+        "connecting",
+        "key",
+        "owner",
+        "records",
+        "unattributed",
+        "usage",
+        "waiters",
+    )
 
-    def __init__(self, key: K) -> None:
+    def __init__(self, key: K, owner: PoolState[K, C]) -> None:
         self.key: K = key
+        self.owner = owner  # for an abandoned lease's way back (Rule 6)
         # Open, ready connections with spare capacity, in release order (newest last).
         self.available: OrderedDict[_Record[K, C], None] = OrderedDict()
         # Every open connection of this key.
@@ -421,6 +523,9 @@ class PoolState(Generic[K, C]):
         self._sequence = 0
         # Keys with waiters no connect covers, held back by the global limit (Rule 4).
         self._blocked: OrderedDict[K, None] = OrderedDict()
+        # Leases collected unreleased, and who to tell (Rule 6): appended to from anywhere.
+        self.abandoned: list[tuple[_Record[K, C], LeakTrace | None]] = []
+        self.on_abandoned: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ effects
 
@@ -469,7 +574,7 @@ class PoolState(Generic[K, C]):
                 f"{waiting} tasks already wait for this key (max_waiters)", key=key
             )
         if sub is None:
-            sub = self._subpools[key] = _SubPool(key)
+            sub = self._subpools[key] = _SubPool(key, self)
         waiter: Waiter[K, C] = Waiter(key)
         sub.waiters[waiter] = None
         sub.unattributed[waiter] = None
@@ -540,6 +645,33 @@ class PoolState(Generic[K, C]):
         if self._blocked and record.leases == 0:
             self._unblock()
         return record.leases == 0
+
+    def reclaim(self) -> list[tuple[K, C, LeakTrace | None]]:
+        """Take back the slots of leases collected unreleased (Rule 6).
+
+        Each connection is retired: no new lease, closed when its last lease ends. Returns
+        the key, connection and trace of each lease taken back (one whose connection closed
+        meanwhile is skipped).
+        """
+        abandoned = self.abandoned
+        reclaimed: list[tuple[K, C, LeakTrace | None]] = []
+        while True:
+            try:
+                record, trace = abandoned.pop()  # atomic, like the appends
+            except IndexError:
+                return reclaimed
+            if record.state is not _RecState.OPEN:
+                continue
+            assert record.connection is not None
+            reclaimed.append((record.key, record.connection, trace))
+            record.leases -= 1
+            record.retiring = True
+            if record.available:
+                record.available = False
+                del record.sub.available[record]
+            if record.leases == 0:
+                self._drop(record)
+                self._after_drop(record.sub)
 
     # ------------------------------------------------------------------ connects
 
