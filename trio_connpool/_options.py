@@ -236,6 +236,14 @@ class PoolOptions:
         instruments: :class:`Instrument` objects whose hooks see the pool's events (any
             iterable; kept as a tuple).
         rng: Random source for the lifetime jitter (seed one in tests); None: a new one.
+        min_idle_per_key: Keep at least this many idle connections (idle capacity: an
+            HTTP/2 connection with room for 100 streams counts 100) for every key leased
+            within the last ``idle_timeout`` seconds, reopening them in the pool's own tasks
+            after expiry or a peer's close, within the limits and without evicting other
+            keys' connections. While a key is in use, idle expiry keeps its last
+            ``min_idle_per_key`` connections open. A key whose refill connects fail is retried
+            after 1 s, then 2, 4, ... up to 60 s. None or 0: off. Needs an ``idle_timeout``
+            above 0.
 
     Raises:
         ValueError, TypeError: An option is out of range or of the wrong type.
@@ -261,6 +269,14 @@ class PoolOptions:
         default=(), converter=_as_tuple, validator=_instruments
     )
     rng: random.Random | None = attrs.field(default=None)
+    min_idle_per_key: int | None = attrs.field(default=None, validator=_count_or_none)
+
+    def __attrs_post_init__(self) -> None:
+        if self.min_idle_per_key and self.idle_timeout == 0:
+            raise ValueError(
+                "min_idle_per_key needs an idle_timeout above 0: a key counts as in use for "
+                "idle_timeout seconds after its last lease"
+            )
 
     def replace(self, **changes: Unpack[PoolOptionArgs]) -> PoolOptions:
         """A copy with ``changes`` made (checked like the original)."""
@@ -282,6 +298,7 @@ class PoolOptionArgs(TypedDict, total=False):
     reserve: Callable[[Any], Reservation] | None
     instruments: Sequence[Instrument]
     rng: random.Random | None
+    min_idle_per_key: int | None
 
 
 DEFAULT_OPTIONS = PoolOptions()
