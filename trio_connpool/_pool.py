@@ -65,6 +65,7 @@ from ._options import (
     resolve_options,
 )
 from ._state import (
+    CancelConnect,
     Close,
     Deliver,
     Effect,
@@ -274,6 +275,7 @@ class Pool(Generic[K, C]):
         self._started = False
         self._min_idle = options.min_idle_per_key or 0
         self._refills = _Spares(refill=True)
+        self._refill_due = False
 
     def __repr__(self) -> str:
         s = self._state.statistics()
@@ -340,9 +342,8 @@ class Pool(Generic[K, C]):
             try:
                 await spares.done.wait()
             except BaseException:
-                for record, scope in list(spares.scopes.items()):
-                    if state.abandon(record):
-                        scope.cancel()
+                for record in list(spares.scopes):
+                    state.abandon(record)
                 self._apply()
                 raise
         else:
@@ -533,7 +534,10 @@ class Pool(Generic[K, C]):
             state.expire(now)
             if state.effects:
                 self._apply()
-            if self._min_idle:
+            if self._min_idle and (self._refill_due or state.refill_due(now)):
+                # On events only (a close, a key's first connection, a backoff's end), not
+                # on every expiry: a key caught mid-lease is not topped up for that moment.
+                self._refill_due = False
                 state.refill(now, self._refills)
                 if state.effects:
                     self._apply()
@@ -690,6 +694,12 @@ class Pool(Generic[K, C]):
                 self._nursery.start_soon(self._close_gracefully, effect)
             case Fail():
                 self._wake(effect.waiter, outcome.Error(self._failure(effect)))
+            case CancelConnect():
+                record = effect.record
+                spares = record.spare_token
+                scope = spares.scopes.get(record) if spares is not None else None
+                if scope is not None:
+                    scope.cancel()
             case _:  # pragma: no cover - unreachable while every effect type is handled
                 assert_never(effect)
 
@@ -816,6 +826,7 @@ class Pool(Generic[K, C]):
 
     def _refill_soon(self) -> None:
         """Have the timer task run ``min_idle_per_key`` refills as soon as it can."""
+        self._refill_due = True
         now = trio.current_time()
         if now < self._timer_at:
             self._timer_scope.deadline = self._timer_at = now

@@ -59,8 +59,9 @@ its connects in flight that no waiter is attributed to, minus the waiters nothin
 takes only free room: it never evicts (Rule 4) and starts nothing while a key is blocked, and
 stops at the key's own budget. Its connects are late-bound like any other (Rule 3): a waiter
 that arrives meanwhile is attributed to one and served first. One that has no waiter
-attributed can be withdrawn (:meth:`PoolState.abandon`), leaving the counters as if it had
-never started.
+attributed can be withdrawn (:meth:`PoolState.abandon`, a :class:`CancelConnect` effect),
+leaving the counters as if it had never started; and requests come first: when a key needs
+room and no idle connection can be evicted, such a connect is withdrawn to make it.
 
 With ``min_idle_per_key``, :meth:`PoolState.refill` does the same for every key *in use*: a
 key leased within the last ``idle_timeout`` seconds (a lease held, a waiter, or a lease that
@@ -105,6 +106,7 @@ if TYPE_CHECKING:
 # to `PoolState.release`; it is not for users.
 
 __all__ = [
+    "CancelConnect",
     "Close",
     "Deliver",
     "Effect",
@@ -320,7 +322,20 @@ class Close(Generic[K, C]):
         return f"Close({self.key!r}, {self.connection!r})"
 
 
-Effect = Deliver[K, C] | Fail[K, C] | StartConnect[K, C] | Close[K, C]
+class CancelConnect(Generic[K, C]):
+    """Cancel the connect of ``record``, which has left the pool's accounting already (Rule
+    6); a connection it brings anyway is closed without entering the pool."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: _Record[K, C]) -> None:
+        self.record = record
+
+    def __repr__(self) -> str:
+        return f"CancelConnect({self.record!r})"
+
+
+Effect = Deliver[K, C] | Fail[K, C] | StartConnect[K, C] | Close[K, C] | CancelConnect[K, C]
 
 
 @attrs.frozen
@@ -466,6 +481,8 @@ class PoolState(Generic[K, C]):
         self._last_used: dict[K, float] = {}
         self._retry: dict[K, tuple[float, float]] = {}
         self._died_unused: list[K] = []
+        # Connects started by prewarm() or refill() still in flight, oldest first.
+        self._spares: dict[_Record[K, C], None] = {}
 
     # ------------------------------------------------------------------ effects
 
@@ -610,6 +627,8 @@ class PoolState(Generic[K, C]):
             raise RuntimeError(f"connect_succeeded on {record!r}")
         sub = record.sub
         del sub.connecting[record]
+        if record.spare_token is not None:
+            self._spares.pop(record, None)
         if self.closed:
             record.state = _RecState.CLOSED
             sub.usage -= record.weight
@@ -659,6 +678,8 @@ class PoolState(Generic[K, C]):
             raise RuntimeError(f"connect_failed on {record!r}")
         sub = record.sub
         del sub.connecting[record]
+        if record.spare_token is not None:
+            self._spares.pop(record, None)
         record.state = _RecState.CLOSED
         sub.usage -= record.weight
         self.connections -= 1
@@ -762,6 +783,7 @@ class PoolState(Generic[K, C]):
             return
         self.closed = True
         self._blocked.clear()
+        self._spares.clear()
         self._retry.clear()
         self._last_used.clear()
         for sub in list(self._subpools.values()):
@@ -811,6 +833,7 @@ class PoolState(Generic[K, C]):
                     break
                 record: _Record[K, C] = _Record(sub, reservation)
                 record.spare_token = token
+                self._spares[record] = None
                 sub.connecting[record] = None
                 sub.usage += reservation.weight
                 self.connections += 1
@@ -828,16 +851,22 @@ class PoolState(Generic[K, C]):
         nothing done, if it has finished or waiters count on it."""
         if record.state is not _RecState.CONNECTING or record.waiters:
             return False
+        self._withdraw(record)
         sub = record.sub
-        del sub.connecting[record]
-        record.state = _RecState.CLOSED
-        sub.usage -= record.weight
-        self.connections -= 1
         if not self.closed:
             self._pump(sub)
             self._unblock()
         self._forget_if_empty(sub)
         return True
+
+    def _withdraw(self, record: _Record[K, C]) -> None:
+        sub = record.sub
+        del sub.connecting[record]
+        self._spares.pop(record, None)
+        record.state = _RecState.CLOSED
+        sub.usage -= record.weight
+        self.connections -= 1
+        self.effects.append(CancelConnect(record))
 
     def refill(self, now: float, token: Any) -> None:
         """Start connects for every key in use below ``min_idle_per_key`` (Rule 6)."""
@@ -867,7 +896,9 @@ class PoolState(Generic[K, C]):
                 continue  # Requests' own connects come first (Rule 3).
             if retry is not None and now < retry[0]:
                 continue  # Backing off, or its refill connect is in flight.
-            started = self.prewarm(key, self.min_idle, token)
+            # After a failure, one connect probes the host; its success brings the rest.
+            target = self.min_idle if retry is None else min(self.min_idle, self.spare(key) + 1)
+            started = self.prewarm(key, target, token)
             if retry is not None:
                 # In flight: its outcome sets the next try. Nothing started (no room): due
                 # as soon as room appears, with the same delay if it fails.
@@ -876,8 +907,14 @@ class PoolState(Generic[K, C]):
     def refill_failed(self, key: K, now: float) -> None:
         """A refill connect for ``key`` failed: back off, 1 s doubling up to 60 s."""
         retry = self._retry.get(key)
+        if retry is not None and now < retry[0] < math.inf:
+            return  # Another connect of the same round failed: one step per round.
         delay = _REFILL_BACKOFF if retry is None else min(2 * retry[1], _REFILL_BACKOFF_MAX)
         self._retry[key] = (now + delay, delay)
+
+    def refill_due(self, now: float) -> bool:
+        """Whether a key's refill backoff has run out (the driver then calls refill())."""
+        return any(-math.inf < retry_at <= now for retry_at, _ in self._retry.values())
 
     def refill_succeeded(self, key: K) -> None:
         """A refill connect for ``key`` succeeded: the next refill may start at once (the
@@ -1013,6 +1050,9 @@ class PoolState(Generic[K, C]):
         assert total == self.connections, (total, self.connections)
         assert self.connections <= self.max_connections
         assert set(self._idle) == idle_records
+        for record in self._spares:
+            assert record.state is _RecState.CONNECTING
+            assert record in record.sub.connecting
         for key in self._blocked:
             assert self._subpools[key].unattributed
 
@@ -1121,6 +1161,13 @@ class PoolState(Generic[K, C]):
             return True
         idle = self._idle
         if not idle:
+            # Requests come first (Rule 6): withdraw a spare connect nobody counts on.
+            for spare in self._spares:
+                if not spare.waiters:
+                    other = spare.sub
+                    self._withdraw(spare)
+                    self._forget_if_empty(other)
+                    return True
             return False
         record = next(iter(idle))
         other = record.sub
