@@ -892,10 +892,14 @@ class PoolState(Generic[K, C]):
             ):
                 self._retry.pop(key)  # A refill connection served: the host is fine.
                 retry = None
-            if sub is not None and sub.waiters:
-                continue  # Requests' own connects come first (Rule 3).
             if retry is not None and now < retry[0]:
                 continue  # Backing off, or its refill connect is in flight.
+            if sub is not None and sub.waiters:
+                # Requests' own connects come first (Rule 3); a close or a connect wakes
+                # this again.
+                if retry is not None:
+                    self._retry[key] = (-math.inf, retry[1])
+                continue
             # After a failure, one connect probes the host; its success brings the rest.
             target = self.min_idle if retry is None else min(self.min_idle, self.spare(key) + 1)
             started = self.prewarm(key, target, token)
