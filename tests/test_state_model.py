@@ -305,7 +305,8 @@ class PoolModel(RuleBasedStateMachine):
         weight = self.reservations[key].weight
         usage = state.statistics().keys.get(key)
         over_key = per_key is not None and (usage.weight if usage else 0) + weight > per_key
-        assert over_key or state.connections >= state.max_connections or state._blocked
+        blocked = state._blocked  # pyright: ignore[reportPrivateUsage]
+        assert over_key or state.connections >= state.max_connections or blocked
 
     @precondition(lambda self: not self.closed and self.state.min_idle)
     @rule()

@@ -887,8 +887,10 @@ class PoolState(Generic[K, C]):
                 self._retry.pop(key, None)
                 continue
             retry = self._retry.get(key)
-            if retry is not None and sub is not None and any(
-                record.uses and record.spare_token is not None for record in sub.records
+            if (
+                retry is not None
+                and sub is not None
+                and any(record.uses and record.spare_token is not None for record in sub.records)
             ):
                 self._retry.pop(key)  # A refill connection served: the host is fine.
                 retry = None
