@@ -240,10 +240,13 @@ class PoolOptions:
             HTTP/2 connection with room for 100 streams counts 100) for every key leased
             within the last ``idle_timeout`` seconds, reopening them in the pool's own tasks
             after expiry or a peer's close, within the limits and without evicting other
-            keys' connections. While a key is in use, idle expiry keeps its last
-            ``min_idle_per_key`` connections open. A key whose refill connects fail is retried
-            after 1 s, then 2, 4, ... up to 60 s. None or 0: off. Needs an ``idle_timeout``
-            above 0.
+            keys' connections (requests come first: one that needs the room of a refill
+            connect in flight cancels it). While a key is in use, idle expiry keeps its last
+            ``min_idle_per_key`` connections open; once it has not been leased for
+            ``idle_timeout`` seconds, they expire and are not reopened. A key whose refill
+            connects fail (or are closed by the peer before any use) is tried again with one
+            connect after 1 s, then 2, 4, ... up to 60 s. None or 0: off. Needs an
+            ``idle_timeout`` above 0 (with None, a key once leased stays in use for ever).
 
     Raises:
         ValueError, TypeError: An option is out of range or of the wrong type.

@@ -65,10 +65,12 @@ room and no idle connection can be evicted, such a connect is withdrawn to make 
 
 With ``min_idle_per_key``, :meth:`PoolState.refill` does the same for every key *in use*: a
 key leased within the last ``idle_timeout`` seconds (a lease held, a waiter, or a lease that
-ended that recently). Keys not in use are not refilled, keys with waiters are left to their
-own connects, and a key whose refill connects fail (or whose refill connections the peer
-closes before they serve anything) waits 1 s before the next try, then 2, 4, ... up to 60 s;
-the wait restarts at 1 s once a refill connection has served a lease. Idle expiry spares a
+ended that recently). The driver calls it on events, not on a schedule: a connection closed,
+a connect finished, a backoff ran out. Keys not in use are not refilled, keys with waiters
+are left to their own connects, and a key whose refill connects fail (or whose refill
+connections the peer closes before they serve anything) waits 1 s before the next try, then
+2, 4, ... up to 60 s, each try one connect (its success brings the rest); the wait restarts
+at 1 s once a refill connection has served a lease. Idle expiry spares a
 key in use its last ``min_idle_per_key`` of spare capacity: an expired idle connection that
 the key needs for its minimum stays open and its idle clock restarts (it is looked at again
 ``idle_timeout`` later), so a refilled connection is never expired and reopened in a loop.
