@@ -304,9 +304,11 @@ class Pool(Generic[K, C]):
         that capacity (and its weight fills the key's ``max_connections_per_key`` budget).
         Connects run concurrently in the pool's tasks, only in free room: within
         ``max_connections_per_key`` and ``max_connections``, never evicting another key's
-        idle connection, and not while requests wait for room. A request that arrives
-        meanwhile is served by one of them first (the connection then counts as opened but
-        is not idle). Waits until every connect it started has finished.
+        idle connection, and not while requests wait for room. Requests come first: one
+        for this key that arrives meanwhile is served by one of them (the connection then
+        counts as opened but is not idle), and one for another key that needs the room of
+        a connect no request counts on cancels it (it then counts as not opened). Waits
+        until every connect it started has finished.
 
         Args:
             key: The key to open connections for.
