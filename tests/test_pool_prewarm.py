@@ -378,7 +378,6 @@ async def test_min_idle_never_blocks_a_request(autojump_clock: trio.testing.Mock
         await trio.sleep(50)
         stats = pool.statistics()
         assert (stats.keys["a"].idle, stats.keys["b"].idle, stats.connecting) == (1, 1, 0)
-        # A waiter of the key itself is served by the refill connect first.
     assert_balanced(pool, connector)
 
 
@@ -392,4 +391,26 @@ async def test_a_waiter_takes_the_refill_connect(autojump_clock: trio.testing.Mo
         assert len(connector.calls) == 2
         pool.release(first)
         pool.release(second)
+    assert_balanced(pool, connector)
+
+
+async def test_a_request_for_another_key_cancels_a_prewarm_connect(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    connector = FakeConnector(Step(delay=5.0))
+    async with open_pool(connector, max_connections=2) as pool, trio.open_nursery() as nursery:
+        result: list[int] = []
+
+        async def prewarm() -> None:
+            result.append(await pool.prewarm("a", 2))
+
+        nursery.start_soon(prewarm)
+        await trio.sleep(1)
+        async with pool.lease("b"):  # the pool is full of prewarm connects: one yields
+            assert trio.current_time() == 6.0
+        await trio.testing.wait_all_tasks_blocked()
+        assert result == [1]
+        assert connector.cancelled == 1
+        stats = pool.statistics()
+        assert (stats.keys["a"].idle, stats.keys["b"].idle) == (1, 1)
     assert_balanced(pool, connector)
