@@ -338,9 +338,11 @@ class Pool(Generic[K, C]):
                 "the pool is closed" if state.closed else "the pool is not running", key=key
             )
         spares = _Spares()
-        records = state.prewarm(key, n, spares)
-        self._apply()
-        if records:
+        try:
+            state.prewarm(key, n, spares)  # reserve() may raise
+        finally:
+            self._apply()  # queued its connects: each has its scope in spares now
+        if spares.scopes:
             try:
                 await spares.done.wait()
             except BaseException:
@@ -794,7 +796,7 @@ class Pool(Generic[K, C]):
             except Exception as exc:
                 if self._instruments:
                     self._hook("connect_failed", key, exc)
-                if spares.error is None:
+                if spares.error is None and not spares.refill:
                     spares.error = exc
                 if record.in_flight:
                     state.connect_failed(record, exc)
