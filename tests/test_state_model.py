@@ -6,7 +6,8 @@ each key in arrival order, the connects in flight. After every step it checks th
 invariants, the limits (open plus connecting connections within ``max_connections`` whatever
 they weigh; each key's weight within ``max_connections_per_key``), the statistics against the
 model, FIFO service, exactly-once hand-off, and liveness: nobody waits while there is room to
-serve them.
+serve them. Spare connections (``prewarm`` and ``min_idle_per_key`` refills, withdrawn with
+``abandon``) stay within the same limits, and ``prewarm`` stops only where a limit says so.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from hypothesis.stateful import (
 
 from trio_connpool import TooManyWaiters
 from trio_connpool._state import (
+    CancelConnect,
     Close,
     Deliver,
     Fail,
@@ -83,6 +85,7 @@ class PoolModel(RuleBasedStateMachine):
         max_lifetime=st.sampled_from([None, 12.0]),
         weights=st.lists(st.integers(1, 3), min_size=3, max_size=3),
         capacities=st.lists(st.integers(1, 3), min_size=3, max_size=3),
+        min_idle=st.sampled_from([None, 1, 2]),
     )
     def setup(
         self,
@@ -94,6 +97,7 @@ class PoolModel(RuleBasedStateMachine):
         max_lifetime: float | None,
         weights: list[int],
         capacities: list[int],
+        min_idle: int | None,
     ) -> None:
         for key, weight, capacity in zip(KEYS, weights, capacities, strict=True):
             self.reservations[key] = Reservation(weight=weight, capacity=capacity)
@@ -106,6 +110,7 @@ class PoolModel(RuleBasedStateMachine):
             max_lifetime=max_lifetime,
             lifetime_jitter=0.5,
             rng=random.Random(0),  # Seeded: hypothesis replays must be deterministic.
+            min_idle_per_key=min_idle,
             reserve=self.reservations.__getitem__,
             is_closed=lambda c: c.dead,
             is_ready=lambda c: c.ready,
@@ -132,6 +137,11 @@ class PoolModel(RuleBasedStateMachine):
                     assert waiter in attributed, "failed a waiter its connect was not for"
                 else:
                     assert self.closed
+            elif isinstance(effect, CancelConnect):
+                record = effect.record
+                assert record in self.pending, "cancelled a connect not in flight"
+                assert not record.waiters and record.spare_token is not None
+                del self.pending[record]
             elif isinstance(effect, StartConnect):
                 record = effect.record
                 assert not self.closed
@@ -225,8 +235,12 @@ class PoolModel(RuleBasedStateMachine):
         assert len(attributed) <= self.reservations[record.key].capacity
         if not ok:
             self.state.connect_failed(record, OSError("refused"))
+            if record.spare_token == "refill" and not self.closed:
+                self.state.refill_failed(record.key, self.now)
             self.apply(attributed)
             return
+        if record.spare_token == "refill" and not self.closed:
+            self.state.refill_succeeded(record.key)
         weight = data.draw(st.integers(1, reserved))
         conn = MConn(record.key, weight, capacity)
         conn.ready = ready or data.draw(st.booleans())
@@ -272,7 +286,45 @@ class PoolModel(RuleBasedStateMachine):
         if deadline > self.now:
             assert not effects, "expire did something before next_deadline"
         self.apply()
+        self.state.refill(self.now, "refill")
+        self.apply()
         assert self.state.next_deadline() > self.now
+
+    @precondition(lambda self: not self.closed)
+    @rule(key=st.sampled_from(KEYS), n=st.integers(0, 4))
+    def prewarm(self, key: str, n: int) -> None:
+        state = self.state
+        before = len(self.pending)
+        started = state.prewarm(key, n, "prewarm")
+        self.apply()
+        assert len(self.pending) == before + len(started)
+        if state.spare(key) >= n:
+            return
+        # It stopped short: a limit says no (it never evicts, and yields to blocked keys).
+        per_key = state.max_connections_per_key
+        weight = self.reservations[key].weight
+        usage = state.statistics().keys.get(key)
+        over_key = per_key is not None and (usage.weight if usage else 0) + weight > per_key
+        blocked = state._blocked  # pyright: ignore[reportPrivateUsage]
+        assert over_key or state.connections >= state.max_connections or blocked
+
+    @precondition(lambda self: not self.closed and self.state.min_idle)
+    @rule()
+    def refill(self) -> None:
+        self.state.refill(self.now, "refill")
+        self.apply()
+
+    @precondition(
+        lambda self: any(r.spare_token is not None and not r.waiters for r in self.pending)
+    )
+    @rule(data=st.data())
+    def abandon(self, data: st.DataObject) -> None:
+        spares = [r for r in self.pending if r.spare_token is not None and not r.waiters]
+        record = data.draw(st.sampled_from(spares))
+        assert self.state.abandon(record)
+        self.apply()
+        assert record not in self.pending
+        assert not self.state.abandon(record)
 
     @precondition(lambda self: not self.closed and self.steps >= 25)
     @rule()

@@ -276,6 +276,17 @@ class PoolOptions:
             (once, through :meth:`Instrument.lease_leaked` and a WARNING on the
             ``trio_connpool`` logger, with the acquiring task and stack). None (default):
             leak detection is off and no stack is captured.
+        min_idle_per_key: Keep at least this many idle connections (idle capacity: an
+            HTTP/2 connection with room for 100 streams counts 100) for every key leased
+            within the last ``idle_timeout`` seconds, reopening them in the pool's own tasks
+            after expiry or a peer's close, within the limits and without evicting other
+            keys' connections (requests come first: one that needs the room of a refill
+            connect in flight cancels it). While a key is in use, idle expiry keeps its last
+            ``min_idle_per_key`` connections open; once it has not been leased for
+            ``idle_timeout`` seconds, they expire and are not reopened. A key whose refill
+            connects fail (or are closed by the peer before any use) is tried again with one
+            connect after 1 s, then 2, 4, ... up to 60 s. None or 0: off. Needs an
+            ``idle_timeout`` above 0 (with None, a key once leased stays in use for ever).
 
     Raises:
         ValueError, TypeError: An option is out of range or of the wrong type.
@@ -302,6 +313,14 @@ class PoolOptions:
     )
     rng: random.Random | None = attrs.field(default=None)
     leak_timeout: float | None = attrs.field(default=None, validator=_duration_or_none)
+    min_idle_per_key: int | None = attrs.field(default=None, validator=_count_or_none)
+
+    def __attrs_post_init__(self) -> None:
+        if self.min_idle_per_key and self.idle_timeout == 0:
+            raise ValueError(
+                "min_idle_per_key needs an idle_timeout above 0: a key counts as in use for "
+                "idle_timeout seconds after its last lease"
+            )
 
     def replace(self, **changes: Unpack[PoolOptionArgs]) -> PoolOptions:
         """A copy with ``changes`` made (checked like the original)."""
@@ -324,6 +343,7 @@ class PoolOptionArgs(TypedDict, total=False):
     instruments: Sequence[Instrument]
     rng: random.Random | None
     leak_timeout: float | None
+    min_idle_per_key: int | None
 
 
 DEFAULT_OPTIONS = PoolOptions()

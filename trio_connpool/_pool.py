@@ -21,6 +21,7 @@ Task layout (structured, nothing outlives the pool)::
             ├── Pool._run_timer           waiter timeouts, idle and lifetime expiry, leak
             │                             reports, on trio.current_time()
             ├── Pool._connect  (n)        one per connect in flight
+            ├── Pool._connect_spare (n)   one per prewarm() or min_idle_per_key connect
             ├── Pool._background (n)      a connection's own task, if it has run_background()
             └── Pool._close    (n)        graceful close, shielded, bounded by close_timeout
 """
@@ -70,6 +71,7 @@ from ._options import (
     resolve_options,
 )
 from ._state import (
+    CancelConnect,
     Close,
     Deliver,
     Effect,
@@ -118,6 +120,27 @@ _logger = logging.getLogger("trio_connpool")
 # The file of trio's run loop, which resumes every task: a task's stack ends there.
 _TRIO_RUN_LOOP = trio.lowlevel.current_task.__code__.co_filename
 _CONTEXTLIB = contextlib.__file__
+
+
+class _Spares:
+    """The connects one :meth:`Pool.prewarm` call started (or, with ``refill``, those the
+    pool starts for ``min_idle_per_key``), each with the cancel scope that withdraws it."""
+
+    __slots__ = ("done", "error", "opened", "pending", "refill", "scopes")
+
+    def __init__(self, *, refill: bool = False) -> None:
+        self.refill = refill
+        self.scopes: dict[_Record[Any, Any], trio.CancelScope] = {}
+        self.pending = 0
+        self.opened = 0
+        self.error: BaseException | None = None
+        self.done = trio.Event()
+
+    def finished(self, record: _Record[Any, Any]) -> None:
+        del self.scopes[record]
+        self.pending -= 1
+        if not self.pending:
+            self.done.set()
 
 
 @runtime_checkable
@@ -296,6 +319,9 @@ class Pool(Generic[K, C]):
         self._leak_timeout: float | None = options.leak_timeout
         self._traces: OrderedDict[LeakTrace, None] = OrderedDict()
         self._token: trio.lowlevel.TrioToken | None = None
+        self._min_idle = options.min_idle_per_key or 0
+        self._refills = _Spares(refill=True)
+        self._refill_due = False
 
     def __repr__(self) -> str:
         s = self._state.statistics()
@@ -315,6 +341,68 @@ class Pool(Generic[K, C]):
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot of the pool's counters, in total and per key."""
         return self._state.statistics()
+
+    async def prewarm(self, key: K, n: int) -> int:
+        """Open connections for ``key`` until it has ``n`` idle, or the limits say no.
+
+        "Idle" counts capacity: an idle HTTP/1.1 connection serves one lease, an HTTP/2
+        connection as many as its capacity, so one HTTP/2 connection covers ``n`` up to
+        that capacity (and its weight fills the key's ``max_connections_per_key`` budget).
+        Connects run concurrently in the pool's tasks, only in free room: within
+        ``max_connections_per_key`` and ``max_connections``, never evicting another key's
+        idle connection, and not while requests wait for room. Requests come first: one
+        for this key that arrives meanwhile is served by one of them (the connection then
+        counts as opened but is not idle), and one for another key that needs the room of
+        a connect no request counts on cancels it (it then counts as not opened). Waits
+        until every connect it started has finished.
+
+        Args:
+            key: The key to open connections for.
+            n: How many idle connections (capacity) to have, 0 or more.
+
+        Returns:
+            How many connections it opened (0 if the key has ``n`` idle already).
+
+        Raises:
+            ConnectError: A connect failed (the first failure, once the others finished;
+                connections that did open stay in the pool). Failures are also reported to
+                the instruments' ``connect_failed``.
+            PoolClosed: The pool is closed, or closed meanwhile.
+            TypeError, ValueError: ``n`` is not an int of 0 or more.
+
+        Cancelled, it withdraws the connects it started that no request has come to count
+        on (as if they had never started) and cancels them; the counters are exact at once.
+        """
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n must be an int, not {type(n).__name__}")
+        if n < 0:
+            raise ValueError(f"n must be 0 or more, got {n}")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        state = self._state
+        if state.closed or self._nursery is None:
+            raise PoolClosed(
+                "the pool is closed" if state.closed else "the pool is not running", key=key
+            )
+        spares = _Spares()
+        try:
+            state.prewarm(key, n, spares)  # reserve() may raise
+        finally:
+            self._apply()  # queued its connects: each has its scope in spares now
+        if spares.scopes:
+            try:
+                await spares.done.wait()
+            except BaseException:
+                for record in list(spares.scopes):
+                    state.abandon(record)
+                self._apply()
+                raise
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        if spares.error is not None:
+            raise self._connect_error(key, spares.error)
+        if state.closed:
+            raise PoolClosed("the pool closed while connections were opened", key=key)
+        return spares.opened
 
     def lease(self, key: K, *, timeout: float | None = _DEFAULT) -> _Lessor[K, C]:
         """Lease a connection for ``key`` for the length of an ``async with`` block.
@@ -505,6 +593,13 @@ class Pool(Generic[K, C]):
                 self._apply()
             if self._traces:
                 self._report_leaks(now)
+            if self._min_idle and (self._refill_due or state.refill_due(now)):
+                # On events only (a close, a key's first connection, a backoff's end), not
+                # on every expiry: a key caught mid-lease is not topped up for that moment.
+                self._refill_due = False
+                state.refill(now, self._refills)
+                if state.effects:
+                    self._apply()
 
     def _next_deadline(self) -> float:
         deadline = self._state.next_deadline()
@@ -731,8 +826,17 @@ class Pool(Generic[K, C]):
                 if self._instruments:
                     self._hook("connect_started", effect.key)
                 assert self._nursery is not None
-                self._nursery.start_soon(self._connect, effect.record)
+                record = effect.record
+                spares = record.spare_token
+                if spares is None:
+                    self._nursery.start_soon(self._connect, record)
+                else:
+                    spares.scopes[record] = trio.CancelScope()
+                    spares.pending += 1
+                    self._nursery.start_soon(self._connect_spare, record, spares)
             case Close():
+                if self._min_idle:
+                    self._refill_soon()
                 scope = self._background.get(id(effect.connection))
                 if scope is not None:
                     scope.cancel()
@@ -742,6 +846,12 @@ class Pool(Generic[K, C]):
                 self._nursery.start_soon(self._close_gracefully, effect)
             case Fail():
                 self._wake(effect.waiter, outcome.Error(self._failure(effect)))
+            case CancelConnect():
+                record = effect.record
+                spares = record.spare_token
+                scope = spares.scopes.get(record) if spares is not None else None
+                if scope is not None:
+                    scope.cancel()
             case _:  # pragma: no cover - unreachable while every effect type is handled
                 assert_never(effect)
 
@@ -750,7 +860,10 @@ class Pool(Generic[K, C]):
         key = fail.waiter.key
         if fail.reason is FailReason.POOL_CLOSED:
             return PoolClosed("the pool closed while this task waited", key=key)
-        cause = fail.cause
+        return self._connect_error(key, fail.cause)
+
+    def _connect_error(self, key: K, cause: BaseException | None) -> PoolError:
+        """The error for a failed connect to ``key`` (a new object per call)."""
         message = "connect failed" if cause is not None else "connect was cancelled"
         error_type = ConnectError
         if isinstance(cause, ConnectError):
@@ -785,8 +898,13 @@ class Pool(Generic[K, C]):
             state.connect_failed(record, None)
             self._apply()
             raise
+        self._connected(record, connection)
+
+    def _connected(self, record: _Record[K, C], connection: C) -> None:
+        """A connect brought ``connection``: into the pool with it."""
+        state = self._state
         if self._instruments:
-            self._hook("connect_succeeded", key, connection)
+            self._hook("connect_succeeded", record.key, connection)
         closed = state.closed
         state.connect_succeeded(
             record,
@@ -807,6 +925,63 @@ class Pool(Generic[K, C]):
                 self._nursery.start_soon(self._background_task, record, connection, scope)
         self._apply()
         self._reschedule_timer()
+        if self._min_idle:
+            self._refill_soon()  # A key leased for the first time, say.
+
+    async def _connect_spare(self, record: _Record[K, C], spares: _Spares) -> None:
+        """Run a connect that :meth:`prewarm` or ``min_idle_per_key`` started.
+
+        Like :meth:`_connect`, but its scope in ``spares`` withdraws it: the state machine
+        has forgotten it then (``abandon``), and a connection it brings anyway is closed.
+        """
+        key = record.key
+        state = self._state
+        connection: C | None = None
+        try:
+            try:
+                with spares.scopes[record]:
+                    connection = await self._connect_alive(key)
+            except Exception as exc:
+                if self._instruments:
+                    self._hook("connect_failed", key, exc)
+                if spares.error is None and not spares.refill:
+                    spares.error = exc
+                if record.in_flight:
+                    state.connect_failed(record, exc)
+                if spares.refill and not state.closed:
+                    state.refill_failed(key, trio.current_time())
+                    self._refill_soon()
+                self._apply()
+                return
+            except BaseException:
+                # The pool is closing (see _connect).
+                if self._instruments:
+                    self._hook("connect_failed", key, None)
+                self._begin_close()
+                if record.in_flight:
+                    state.connect_failed(record, None)
+                self._apply()
+                raise
+            if connection is None:  # Withdrawn by its scope: abandon() has forgotten it.
+                if self._instruments:
+                    self._hook("connect_failed", key, None)
+                return
+            if not record.in_flight:  # Withdrawn as it finished: never entered the pool.
+                self._close_unpooled(key, connection)
+                return
+            spares.opened += 1
+            if spares.refill:
+                state.refill_succeeded(key)
+            self._connected(record, connection)
+        finally:
+            spares.finished(record)
+
+    def _refill_soon(self) -> None:
+        """Have the timer task run ``min_idle_per_key`` refills as soon as it can."""
+        self._refill_due = True
+        now = trio.current_time()
+        if now < self._timer_at:
+            self._timer_scope.deadline = self._timer_at = now
 
     async def _connect_alive(self, key: K) -> C:
         """Run the connector until it brings a connection that is not closed already.

@@ -62,6 +62,30 @@ state and a collected lease is ignored). The connection is retired, not reused: 
 exchange that was abandoned on it left it in an unknown state (half a response unread,
 say). It takes no new lease and closes when its last lease ends, at once for a connection of
 capacity 1.
+
+Rule 7 (spare connections). :meth:`PoolState.prewarm` starts connects nobody waits for, until
+the key's *spare capacity* reaches a number: the spare capacity of its ready open connections
+(capacity minus leases, so one HTTP/2 connection counts as many) plus the reserved capacity of
+its connects in flight that no waiter is attributed to, minus the waiters nothing covers. It
+takes only free room: it never evicts (Rule 4) and starts nothing while a key is blocked, and
+stops at the key's own budget. Its connects are late-bound like any other (Rule 3): a waiter
+that arrives meanwhile is attributed to one and served first. One that has no waiter
+attributed can be withdrawn (:meth:`PoolState.abandon`, a :class:`CancelConnect` effect),
+leaving the counters as if it had never started; and requests come first: when a key needs
+room and no idle connection can be evicted, such a connect is withdrawn to make it.
+
+With ``min_idle_per_key``, :meth:`PoolState.refill` does the same for every key *in use*: a
+key leased within the last ``idle_timeout`` seconds (a lease held, a waiter, or a lease that
+ended that recently). The driver calls it on events, not on a schedule: a connection closed,
+a connect finished, a backoff ran out. Keys not in use are not refilled, keys with waiters
+are left to their own connects, and a key whose refill connects fail (or whose refill
+connections the peer closes before they serve anything) waits 1 s before the next try, then
+2, 4, ... up to 60 s, each try one connect (its success brings the rest); the wait restarts
+at 1 s once a refill connection has served a lease. Idle expiry spares a
+key in use its last ``min_idle_per_key`` of spare capacity: an expired idle connection that
+the key needs for its minimum stays open and its idle clock restarts (it is looked at again
+``idle_timeout`` later), so a refilled connection is never expired and reopened in a loop.
+Once the key has not been leased for ``idle_timeout`` seconds its connections expire as usual.
 """
 
 from __future__ import annotations
@@ -98,6 +122,7 @@ if TYPE_CHECKING:
 # to `PoolState.release`; it is not for users.
 
 __all__ = [
+    "CancelConnect",
     "Close",
     "LeakTrace",
     "Deliver",
@@ -116,6 +141,11 @@ __all__ = [
 
 K = TypeVar("K", bound=Hashable)
 C = TypeVar("C")
+
+# Rule 7: a key whose refill connects fail waits this long before the next try, doubling up
+# to the maximum.
+_REFILL_BACKOFF = 1.0
+_REFILL_BACKOFF_MAX = 60.0
 
 
 class _RecState(enum.Enum):
@@ -136,11 +166,13 @@ class _Record(Generic[K, C]):
         "created_at",
         "expires_at",
         "idle_since",
+        "kept_uses",
         "key",
         "leases",
         "ready",
         "reserved_capacity",
         "retiring",
+        "spare_token",
         "state",
         "sub",
         "uses",
@@ -164,6 +196,11 @@ class _Record(Generic[K, C]):
         self.created_at: float = 0.0
         self.expires_at: float = math.inf
         self.idle_since: float = 0.0
+        # ``uses`` when idle expiry last kept it open (Rule 7): ``idle_since`` marks the end of
+        # a lease only if it has been leased since.
+        self.kept_uses: int = 0
+        # The driver's token for a connect started by prewarm() or refill() (Rule 7).
+        self.spare_token: Any = None
         # Waiters this connect was started for (Rule 3). Insertion-ordered.
         self.waiters: dict[Waiter[K, C], None] = {}
 
@@ -172,6 +209,11 @@ class _Record(Generic[K, C]):
             f"<connection key={self.key!r} {self.state.value} "
             f"leases={self.leases}/{self.capacity} weight={self.weight}>"
         )
+
+    @property
+    def in_flight(self) -> bool:
+        """True while its connect runs and counts in the pool (not failed or abandoned)."""
+        return self.state is _RecState.CONNECTING
 
 
 class _WaiterState(enum.Enum):
@@ -374,7 +416,20 @@ class Close(Generic[K, C]):
         return f"Close({self.key!r}, {self.connection!r})"
 
 
-Effect = Deliver[K, C] | Fail[K, C] | StartConnect[K, C] | Close[K, C]
+class CancelConnect(Generic[K, C]):
+    """Cancel the connect of ``record``, which has left the pool's accounting already (Rule
+    6); a connection it brings anyway is closed without entering the pool."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: _Record[K, C]) -> None:
+        self.record = record
+
+    def __repr__(self) -> str:
+        return f"CancelConnect({self.record!r})"
+
+
+Effect = Deliver[K, C] | Fail[K, C] | StartConnect[K, C] | Close[K, C] | CancelConnect[K, C]
 
 
 @attrs.frozen
@@ -526,6 +581,15 @@ class PoolState(Generic[K, C]):
         # Leases collected unreleased, and who to tell (Rule 6): appended to from anywhere.
         self.abandoned: list[tuple[_Record[K, C], LeakTrace | None]] = []
         self.on_abandoned: Callable[[], None] | None = None
+        # Rule 7: min_idle_per_key (0: off); each key's latest known end of a lease, folded
+        # in from connections that closed or whose idle clock restarted; the refill backoff
+        # per key, (next try, current delay); keys whose unused refill connection died.
+        self.min_idle = options.min_idle_per_key or 0
+        self._last_used: dict[K, float] = {}
+        self._retry: dict[K, tuple[float, float]] = {}
+        self._died_unused: list[K] = []
+        # Connects started by prewarm() or refill() still in flight, oldest first.
+        self._spares: dict[_Record[K, C], None] = {}
 
     # ------------------------------------------------------------------ effects
 
@@ -625,6 +689,7 @@ class PoolState(Generic[K, C]):
         # No liveness probe here: the connection is checked when it is next handed out
         # (a probe costs a syscall, so only the connection being handed out is ever probed).
         if discard or (record.retiring and record.leases == 0):
+            record.idle_since = now
             self._drop(record)
             self._after_drop(sub)
             return False
@@ -696,6 +761,8 @@ class PoolState(Generic[K, C]):
             raise RuntimeError(f"connect_succeeded on {record!r}")
         sub = record.sub
         del sub.connecting[record]
+        if record.spare_token is not None:
+            self._spares.pop(record, None)
         if self.closed:
             record.state = _RecState.CLOSED
             sub.usage -= record.weight
@@ -745,6 +812,8 @@ class PoolState(Generic[K, C]):
             raise RuntimeError(f"connect_failed on {record!r}")
         sub = record.sub
         del sub.connecting[record]
+        if record.spare_token is not None:
+            self._spares.pop(record, None)
         record.state = _RecState.CLOSED
         sub.usage -= record.weight
         self.connections -= 1
@@ -767,6 +836,8 @@ class PoolState(Generic[K, C]):
             return
         sub = record.sub
         if closed:
+            if self.min_idle and record.uses == 0 and record.spare_token is not None:
+                self._died_unused.append(record.key)
             self._drop(record)
             self._after_drop(sub)
             return
@@ -789,14 +860,24 @@ class PoolState(Generic[K, C]):
         """
         if self.idle_timeout is not None:
             idle_timeout = self.idle_timeout
+            kept: list[_Record[K, C]] = []
             while self._idle:
                 record = next(iter(self._idle))
                 # The same sum as next_deadline(): ``now - idle_timeout`` can round the other
                 # way, and the timer would then wake up at its deadline for ever.
                 if record.idle_since + idle_timeout > now:
                     break
+                if self.min_idle and self._keep(record, now):
+                    del self._idle[record]
+                    kept.append(record)
+                    continue
                 self._drop(record)
                 self._after_drop(record.sub)
+            for record in kept:  # Rule 7: their idle clock restarts
+                self._note_use(record)
+                record.kept_uses = record.uses
+                record.idle_since = now
+                self._idle[record] = None
         lifetimes = self._lifetimes
         while lifetimes and lifetimes[0][0] <= now:
             record = heapq.heappop(lifetimes)[2]
@@ -816,6 +897,9 @@ class PoolState(Generic[K, C]):
         deadline = math.inf
         if self.idle_timeout is not None and self._idle:
             deadline = next(iter(self._idle)).idle_since + self.idle_timeout
+        for retry_at, _ in self._retry.values():
+            if retry_at > -math.inf:  # -inf: due, waiting for room (a close wakes it)
+                deadline = min(deadline, retry_at)
         lifetimes = self._lifetimes
         while lifetimes and lifetimes[0][2].state is not _RecState.OPEN:
             heapq.heappop(lifetimes)
@@ -833,6 +917,9 @@ class PoolState(Generic[K, C]):
             return
         self.closed = True
         self._blocked.clear()
+        self._spares.clear()
+        self._retry.clear()
+        self._last_used.clear()
         for sub in list(self._subpools.values()):
             for waiter in sub.waiters:
                 waiter.state = _WaiterState.FAILED
@@ -845,6 +932,166 @@ class PoolState(Generic[K, C]):
             for record in list(sub.records):
                 self._drop(record)
             self._forget_if_empty(sub)
+
+    # ------------------------------------------------------------------ spare connections
+
+    def spare(self, key: K) -> int:
+        """The key's spare capacity (Rule 7): what it can serve at once without a new
+        connect. An idle HTTP/1.1 connection counts 1, an HTTP/2 one its free streams."""
+        sub = self._subpools.get(key)
+        if sub is None:
+            return 0
+        spare = -len(sub.unattributed)
+        for record in sub.available:
+            spare += record.capacity - record.leases
+        for record in sub.connecting:
+            spare += record.reserved_capacity - len(record.waiters)
+        return spare
+
+    def prewarm(self, key: K, n: int, token: Any) -> list[_Record[K, C]]:
+        """Start connects for ``key`` until its spare capacity reaches ``n`` or a limit says
+        no (Rule 7); return them. Each carries ``token`` (the driver's) as its
+        ``spare_token``; their :class:`StartConnect` effects are queued as usual."""
+        if self.closed:
+            raise RuntimeError("prewarm on a closed pool state")
+        sub = self._subpools.get(key)
+        if sub is None:
+            sub = self._subpools[key] = _SubPool(key, self)
+        started: list[_Record[K, C]] = []
+        per_key = self.max_connections_per_key
+        try:
+            spare = self.spare(key)
+            while spare < n and not self._blocked and self.connections < self.max_connections:
+                reservation = self._reserve(key) if self._reserve else DEFAULT_RESERVATION
+                if per_key is not None and sub.usage + reservation.weight > per_key:
+                    break
+                record: _Record[K, C] = _Record(sub, reservation)
+                record.spare_token = token
+                self._spares[record] = None
+                sub.connecting[record] = None
+                sub.usage += reservation.weight
+                self.connections += 1
+                self.effects.append(StartConnect(record))
+                started.append(record)
+                spare += reservation.capacity
+            self._attribute(sub)
+        finally:
+            self._forget_if_empty(sub)
+        return started
+
+    def abandon(self, record: _Record[K, C]) -> bool:
+        """Withdraw a connect in flight that no waiter is attributed to, as if it had never
+        started; the driver cancels it (and closes what it brings anyway). False, and
+        nothing done, if it has finished or waiters count on it."""
+        if record.state is not _RecState.CONNECTING or record.waiters:
+            return False
+        self._withdraw(record)
+        sub = record.sub
+        if not self.closed:
+            self._pump(sub)
+            self._unblock()
+        self._forget_if_empty(sub)
+        return True
+
+    def _withdraw(self, record: _Record[K, C]) -> None:
+        sub = record.sub
+        del sub.connecting[record]
+        self._spares.pop(record, None)
+        record.state = _RecState.CLOSED
+        sub.usage -= record.weight
+        self.connections -= 1
+        self.effects.append(CancelConnect(record))
+
+    def refill(self, now: float, token: Any) -> None:
+        """Start connects for every key in use below ``min_idle_per_key`` (Rule 7)."""
+        if not self.min_idle or self.closed:
+            return
+        for key in self._died_unused:
+            self.refill_failed(key, now)
+        self._died_unused.clear()
+        idle_timeout = math.inf if self.idle_timeout is None else self.idle_timeout
+        keys = dict.fromkeys(self._last_used)
+        keys.update(dict.fromkeys(self._subpools))
+        for key in keys:
+            sub = self._subpools.get(key)
+            last = self._key_used(key, sub, now)
+            if last + idle_timeout <= now:
+                # Not in use (or never leased): no refill, no backoff to remember.
+                self._last_used.pop(key, None)
+                self._retry.pop(key, None)
+                continue
+            retry = self._retry.get(key)
+            if (
+                retry is not None
+                and sub is not None
+                and any(record.uses and record.spare_token is not None for record in sub.records)
+            ):
+                self._retry.pop(key)  # A refill connection served: the host is fine.
+                retry = None
+            if retry is not None and now < retry[0]:
+                continue  # Backing off, or its refill connect is in flight.
+            if sub is not None and sub.waiters:
+                # Requests' own connects come first (Rule 3); a close or a connect wakes
+                # this again.
+                if retry is not None:
+                    self._retry[key] = (-math.inf, retry[1])
+                continue
+            # After a failure, one connect probes the host; its success brings the rest.
+            target = self.min_idle if retry is None else min(self.min_idle, self.spare(key) + 1)
+            started = self.prewarm(key, target, token)
+            if retry is not None:
+                # In flight: its outcome sets the next try. Nothing started (no room): due
+                # as soon as room appears, with the same delay if it fails.
+                self._retry[key] = (math.inf if started else -math.inf, retry[1])
+
+    def refill_failed(self, key: K, now: float) -> None:
+        """A refill connect for ``key`` failed: back off, 1 s doubling up to 60 s."""
+        retry = self._retry.get(key)
+        if retry is not None and now < retry[0] < math.inf:
+            return  # Another connect of the same round failed: one step per round.
+        delay = _REFILL_BACKOFF if retry is None else min(2 * retry[1], _REFILL_BACKOFF_MAX)
+        self._retry[key] = (now + delay, delay)
+
+    def refill_due(self, now: float) -> bool:
+        """Whether a key's refill backoff has run out (the driver then calls refill())."""
+        return any(-math.inf < retry_at <= now for retry_at, _ in self._retry.values())
+
+    def refill_succeeded(self, key: K) -> None:
+        """A refill connect for ``key`` succeeded: the next refill may start at once (the
+        delay stays until a refill connection serves a lease)."""
+        retry = self._retry.get(key)
+        if retry is not None:
+            self._retry[key] = (-math.inf, retry[1])
+
+    def _key_used(self, key: K, sub: _SubPool[K, C] | None, now: float) -> float:
+        """When ``key`` was last leased: ``now`` if it is, ``-inf`` if never."""
+        last = self._last_used.get(key, -math.inf)
+        if sub is None:
+            return last
+        if sub.waiters:
+            return now
+        for record in sub.records:
+            if record.leases:
+                return now
+            if record.uses > record.kept_uses and record.idle_since > last:
+                last = record.idle_since
+        return last
+
+    def _note_use(self, record: _Record[K, C]) -> None:
+        """Fold the end of ``record``'s last lease into its key's last use (Rule 7)."""
+        if record.uses > record.kept_uses and record.leases == 0:
+            key = record.key
+            if record.idle_since > self._last_used.get(key, -math.inf):
+                self._last_used[key] = record.idle_since
+
+    def _keep(self, record: _Record[K, C], now: float) -> bool:
+        """Whether idle expiry keeps ``record`` open for its key's minimum (Rule 7)."""
+        sub = record.sub
+        assert self.idle_timeout is not None
+        if self._key_used(sub.key, sub, now) + self.idle_timeout <= now:
+            return False
+        mine = record.capacity - record.leases if record.available else 0
+        return self.spare(sub.key) - mine < self.min_idle
 
     # ------------------------------------------------------------------ statistics
 
@@ -943,6 +1190,9 @@ class PoolState(Generic[K, C]):
         assert total == self.connections, (total, self.connections)
         assert self.connections <= self.max_connections
         assert set(self._idle) == idle_records
+        for record in self._spares:
+            assert record.state is _RecState.CONNECTING
+            assert record in record.sub.connecting
         for key in self._blocked:
             assert self._subpools[key].unattributed
 
@@ -952,6 +1202,8 @@ class PoolState(Generic[K, C]):
         """Check the one connection about to be handed out. Drops or parks it if not."""
         connection = record.connection
         if self._is_closed(connection):  # type: ignore[arg-type]
+            if self.min_idle and record.uses == 0 and record.spare_token is not None:
+                self._died_unused.append(record.key)
             self._drop(record)
             return False
         if not self._is_ready(connection):  # type: ignore[arg-type]
@@ -1049,6 +1301,13 @@ class PoolState(Generic[K, C]):
             return True
         idle = self._idle
         if not idle:
+            # Requests come first (Rule 7): withdraw a spare connect nobody counts on.
+            for spare in self._spares:
+                if not spare.waiters:
+                    other = spare.sub
+                    self._withdraw(spare)
+                    self._forget_if_empty(other)
+                    return True
             return False
         record = next(iter(idle))
         other = record.sub
@@ -1071,6 +1330,8 @@ class PoolState(Generic[K, C]):
     def _drop(self, record: _Record[K, C]) -> None:
         """Take an open connection out of every index and queue its close."""
         sub = record.sub
+        if self.min_idle:
+            self._note_use(record)
         record.state = _RecState.CLOSED
         del sub.records[record]
         if record.available:

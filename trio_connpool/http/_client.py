@@ -993,6 +993,37 @@ class Client:
         sender = self.sender
         return sender.pool if isinstance(sender, PoolSender) else None
 
+    async def prewarm(self, url: URL | str, n: int) -> int:
+        """Open connections to ``url``'s origin until ``n`` are idle in the client's pool.
+
+        ``url`` names the origin (scheme, host, port; the path is ignored) and is mapped to
+        the pool key the client's requests to it use. See :meth:`Pool.prewarm
+        <trio_connpool.Pool.prewarm>`: the pool's limits hold, one HTTP/2 connection counts
+        as many idle connections as it takes streams, and it waits for its connects.
+
+        Returns:
+            How many connections it opened.
+
+        Raises:
+            TypeError: The client sends without a pool (``open_client(pool=...)`` was given
+                a `RequestSender` other than the pool's own), so there is nothing to keep
+                connections in; or ``url`` is not a str or a `URL`.
+            InvalidURL: ``url`` is not a valid absolute http or https URL.
+            ConnectError, PoolClosed, ValueError: As :meth:`Pool.prewarm
+                <trio_connpool.Pool.prewarm>`.
+        """
+        sender = self.sender
+        if not isinstance(sender, PoolSender):
+            raise TypeError(
+                f"prewarm() needs a client with a connection pool; this one sends through "
+                f"{type(sender).__name__}, which keeps no connections"
+            )
+        if isinstance(url, str):
+            url = URL(url)
+        elif not isinstance(url, URL):
+            raise TypeError(f"url must be a str or a URL, not {type(url).__name__}")
+        return await sender.pool.prewarm(sender.key_for(url.origin), n)
+
     def build_request(
         self,
         method: str,
