@@ -103,6 +103,11 @@ def _origin_attributes(key: HTTPKey) -> _Attributes:
     return {"server.address": origin.host, "server.port": origin.port, "url.scheme": origin.scheme}
 
 
+def _as_pool(pool: object) -> Pool[Any, Any] | None:
+    # The hooks type the pool as an object (the options module knows no pools).
+    return pool if isinstance(pool, Pool) else None  # pyright: ignore[reportUnknownVariableType]
+
+
 class MetricsInstrument(Instrument):
     """Records a pool's metrics and the HTTP client's in OpenTelemetry (see the module).
 
@@ -196,8 +201,7 @@ class MetricsInstrument(Instrument):
         self._connection_duration = meter.create_histogram(
             "http.client.connection.duration",
             unit="s",
-            description="The duration of the successfully established outbound HTTP "
-            "connections.",
+            description="The duration of the successfully established outbound HTTP connections.",
             explicit_bucket_boundaries_advisory=CONNECTION_DURATION_BUCKETS,
         )
 
@@ -207,14 +211,15 @@ class MetricsInstrument(Instrument):
     # ------------------------------------------------------------------ pool hooks
 
     def pool_opened(self, pool: object) -> None:
-        if isinstance(pool, Pool):
-            self._pools.append(pool)
+        opened = _as_pool(pool)
+        if opened is not None:
+            self._pools.append(opened)
 
     def pool_closed(self, pool: object) -> None:
-        if pool in self._pools:
-            self._pools.remove(pool)  # type: ignore[arg-type]
-            assert isinstance(pool, Pool)
-            stats = pool.statistics()
+        closed = _as_pool(pool)
+        if closed is not None and closed in self._pools:
+            self._pools.remove(closed)
+            stats = closed.statistics()
             self._closed_connects += stats.connects
             self._closed_failures += stats.connect_failures
             self._closed_leases += stats.leases_served
@@ -259,6 +264,7 @@ class MetricsInstrument(Instrument):
         active = self._active_requests
         # Kept at 0 rather than forgotten, so the series reads 0 and does not go stale.
         active[counted] = active.get(counted, 1) - 1
+        cached: tuple[object, ...]
         if response is not None:
             assert isinstance(response, Response)
             cached = (key.origin, method, response.status_code, response.http_version)
@@ -300,7 +306,9 @@ class MetricsInstrument(Instrument):
                 name = str(key.origin)
             else:
                 name = None
-            attributes = {} if name is None else {"pool.key": str(name)}
+            attributes = {}
+            if name is not None:
+                attributes["pool.key"] = str(name)
             if len(self._key_attributes) >= _CACHE_LIMIT:
                 self._key_attributes.clear()
             self._key_attributes[key] = attributes

@@ -35,6 +35,7 @@ origin's choice, so later connects to it reserve as HTTP/1.1 from the start.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import ssl
@@ -720,10 +721,8 @@ class PoolSender:
                 getattr(instrument, name)(*args)
             except Exception as exc:
                 for other in self.pool.options.instruments:
-                    try:
+                    with contextlib.suppress(Exception):  # nowhere left to report it
                         other.hook_failed(name, exc)
-                    except Exception:  # noqa: S110 - nowhere left to report it
-                        pass
 
     async def send_request(self, request: Request) -> Response:
         """Lease a connection, send ``request``, and tie the lease to the response body."""
