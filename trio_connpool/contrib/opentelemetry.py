@@ -36,7 +36,8 @@ The HTTP client's metrics follow OpenTelemetry's semantic conventions for HTTP c
 - ``http.client.request.duration`` (``s``, a histogram with the conventions' buckets):
   from the start of the request to the arrival of its response head, or its failure (the
   body is the caller's to read, as long as it likes, and is not included). Each redirect
-  hop and each retry-free attempt the client makes is one request. Attributes:
+  hop is a request of its own; the client's own retries of a request (on a stale keep-alive
+  connection, or refused by HTTP/2) are part of it. Attributes:
   ``http.request.method`` (``_OTHER`` for a method outside RFC 9110 and PATCH),
   ``server.address``, ``server.port``, ``url.scheme``, ``http.response.status_code`` (if a
   response arrived), ``network.protocol.version`` (``"1.1"`` or ``"2"``, if a response
