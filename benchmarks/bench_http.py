@@ -26,7 +26,9 @@ throughput once the server keeps up).
 Run: ``python benchmarks/bench_http.py`` (``--quick`` for a short run, ``--tls`` for TLS only,
 ``--plain`` for plain only, ``--http2`` for the HTTP/2 table only, ``--no-http2`` without it,
 ``--repeat N`` to run every cell N times, interleaved in alternating order, and show the
-medians).
+medians; ``--metrics`` for only the cost of ``MetricsInstrument``: ``ours`` next to
+``ours-metrics``, the same client recording OpenTelemetry metrics into the SDK, at C=64,
+M=16, which needs ``opentelemetry-sdk``).
 Needs nginx on PATH (``apt-get install nginx-light``) and the
 ``bench`` extra (httpx, aiohttp, trustme).
 """
@@ -293,6 +295,65 @@ def leak_table(nginx: Nginx, total: int, repeat: int) -> None:
     )
 
 
+async def run_ours_metrics(
+    url: str,
+    ctx: ssl.SSLContext | None,
+    total: int,
+    c: int,
+    m: int,
+    timeouts: Timeouts = Timeouts(),  # noqa: B008
+) -> Result:
+    """``ours`` with a ``MetricsInstrument`` recording into the OpenTelemetry SDK (an
+    in-memory reader, collected once at the end, as a periodic exporter would every minute)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from trio_connpool.contrib.opentelemetry import MetricsInstrument
+
+    reader = InMemoryMetricReader()
+    instrument = MetricsInstrument(MeterProvider(metric_readers=[reader]))
+    async with open_client(
+        verify=ctx if ctx is not None else True,
+        max_connections=m,
+        max_connections_per_key=m,
+        timeouts=timeouts,
+        instruments=[instrument],
+    ) as client:
+
+        async def one() -> None:
+            response = await client.request("GET", url)
+            assert response.status_code == 200
+
+        result = await _drive_trio(total, c, one)
+        reader.get_metrics_data()
+        return result
+
+
+def metrics_table(nginx: Nginx, total: int, repeat: int) -> None:
+    """The cost of ``MetricsInstrument``: ``ours`` with and without it, at C=64, M=16."""
+    print(f"\n== MetricsInstrument, HTTP/1.1, {total} requests per run; req/s (p99 ms)")
+    print(f"{'mode':>5} {'C':>4} {'M':>3} {'ours':>16} {'ours-metrics':>16}  cost: req/s (CPU)")
+    modes = [
+        ("plain", f"http://127.0.0.1:{nginx.port}/", None),
+        ("tls", f"https://127.0.0.1:{nginx.tls_port}/", nginx.ssl_context()),
+    ]
+    c, m = 64, 16
+    for name, url, ctx in modes:
+        runs: dict[str, Callable[[], Result]] = {
+            "ours": functools.partial(trio.run, run_ours, url, ctx, total, c, m),
+            "ours-metrics": functools.partial(trio.run, run_ours_metrics, url, ctx, total, c, m),
+        }
+        results = run_repeated(repeat, runs)
+        plain, measured = results["ours"], results["ours-metrics"]
+        cells = " ".join(f"{r.rate:>8,.0f} ({1000 * r.p99:>5.1f})" for r in (plain, measured))
+        rate_cost = 1 - measured.rate / plain.rate
+        cpu_cost = measured.cpu / plain.cpu - 1
+        print(
+            f"{name:>5} {c:>4} {m:>3} {cells}  {100 * rate_cost:+.1f}% ({100 * cpu_cost:+.1f}%)",
+            flush=True,
+        )
+
+
 async def run_httpx(url: str, ctx: ssl.SSLContext | None, total: int, c: int, m: int) -> Result:
     import httpx
 
@@ -431,6 +492,11 @@ def main() -> None:
         action="store_true",
         help="only the cost of leak detection: ours with and without leak_timeout, C=64 M=16",
     )
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="only the cost of MetricsInstrument (needs opentelemetry-sdk)",
+    )
     args = parser.parse_args()
     total = 2_000 if args.quick else 6_000
     peers = [p for p in args.peers.split(",") if p]
@@ -441,8 +507,11 @@ def main() -> None:
         os.sched_setaffinity(0, set(cpus) - {server_cpu})
         print(f"nginx on CPU {server_cpu}, the clients on CPUs {sorted(set(cpus) - {server_cpu})}")
     try:
-        if args.leak:
-            leak_table(nginx, total, args.repeat)
+        if args.leak or args.metrics:
+            if args.leak:
+                leak_table(nginx, total, args.repeat)
+            if args.metrics:
+                metrics_table(nginx, total, args.repeat)
             return
         modes: list[tuple[str, str, ssl.SSLContext | None]] = []
         if not args.tls:

@@ -13,7 +13,9 @@ Points: HTTP/1.1 ``ours`` against the raw h11 ``floor`` (see ``bench_http.py``) 
 against ``httpx-h2``.
 
 Run: ``python benchmarks/bench_instructions.py`` (``--points plain:512:64,tls:64:16`` to
-choose HTTP/1.1 points, ``--http2`` for the HTTP/2 points, ``-n`` for N). Needs valgrind
+choose HTTP/1.1 points, ``--http2`` for the HTTP/2 points, ``--metrics`` for the cost of
+``MetricsInstrument``: ``ours`` next to ``ours-metrics`` at plain:64:16 or ``--points``,
+which needs ``opentelemetry-sdk``; ``-n`` for N). Needs valgrind
 (``apt-get install valgrind``), nginx and the ``bench`` extra. About a minute per client and
 point.
 """
@@ -52,6 +54,9 @@ def _child(client: str, url: str, ca: str | None, total: int, c: int, m: int) ->
         trio.run(bench_http.run_floor, url, ctx, total, c, m)
     elif client == "ours":
         trio.run(functools.partial(bench_http.run_ours, timeouts=_SLOW), url, ctx, total, c, m)
+    elif client == "ours-metrics":
+        run = functools.partial(bench_http.run_ours_metrics, timeouts=_SLOW)
+        trio.run(run, url, ctx, total, c, m)
     elif client == "ours-h2":
         trio.run(functools.partial(bench_http.run_ours_h2, timeouts=_SLOW), url, ctx, total, c)
     elif client == "httpx-h2":
@@ -91,11 +96,20 @@ def _per_request(client: str, url: str, ca: str | None, n: int, c: int, m: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--points", default="plain:1:1,plain:64:16,plain:512:64,tls:512:16")
+    parser.add_argument("--points", default=None)
     parser.add_argument("--http2", action="store_true", help="the HTTP/2 points instead")
     parser.add_argument("-n", type=int, default=1000, help="N: runs of N and 4N requests")
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="the cost of MetricsInstrument instead: ours and ours-metrics at --points "
+        "(default plain:64:16)",
+    )
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.points_given = args.points is not None
+    if args.points is None:
+        args.points = "plain:1:1,plain:64:16,plain:512:64,tls:512:16"
     if args.child:
         client, url, ca, total, c, m = args.child
         _child(client, url, None if ca == "-" else ca, int(total), int(c), int(m))
@@ -104,6 +118,23 @@ def main() -> None:
     try:
         ca = os.path.join(nginx.dir, "ca.pem")
         nginx.ca.cert_pem.write_to_path(ca)
+        if args.metrics:
+            points = args.points if args.points_given else "plain:64:16"
+            print("HTTP/1.1; instructions per request, without and with MetricsInstrument")
+            print(f"{'mode':>5} {'C':>4} {'M':>3} {'ours':>10} {'ours-metrics':>12}  cost")
+            for point in points.split(","):
+                mode, c, m = point.split(":")
+                if mode == "tls":
+                    url, point_ca = f"https://127.0.0.1:{nginx.tls_port}/", ca
+                else:
+                    url, point_ca = f"http://127.0.0.1:{nginx.port}/", None
+                ours = _per_request("ours", url, point_ca, args.n, int(c), int(m))
+                measured = _per_request("ours-metrics", url, point_ca, args.n, int(c), int(m))
+                print(
+                    f"{mode:>5} {c:>4} {m:>3} {ours:>10,.0f} {measured:>12,.0f}  "
+                    f"{100 * (measured / ours - 1):+.1f}%"
+                )
+            return
         if args.http2:
             print("HTTP/2, one connection; instructions per request")
             print(f"{'mode':>5} {'C':>4} {'ours-h2':>12} {'httpx-h2':>12}  httpx-h2/ours-h2")

@@ -158,6 +158,10 @@ class Instrument:
     def waiting(self, key: Hashable) -> None:
         """A task started waiting for a connection to ``key``."""
 
+    def waited(self, key: Hashable, seconds: float) -> None:
+        """A task stopped waiting for a connection to ``key`` after ``seconds``: it was
+        served, failed, timed out or was cancelled (each ``waiting`` ends in one of these)."""
+
     def lease_acquired(self, key: Hashable, connection: object) -> None:
         """A task leased ``connection``."""
 
@@ -170,6 +174,32 @@ class Instrument:
     def lease_leaked(self, key: Hashable, connection: object, report: LeakReport) -> None:
         """A lease of ``connection`` has been held longer than ``leak_timeout`` (once per
         lease; it stays leased: nothing is cancelled or closed). See :class:`LeakReport`."""
+
+    def pool_opened(self, pool: object) -> None:
+        """``pool`` started serving with this instrument (read ``pool.statistics()`` from
+        here on, until ``pool_closed``)."""
+
+    def pool_closed(self, pool: object) -> None:
+        """``pool`` stopped: every connection of it is closed."""
+
+    # The HTTP client's hooks: it calls them only if some instrument overrides one of them,
+    # so they cost a request nothing otherwise.
+
+    def request_started(self, key: Hashable, request: object) -> None:
+        """The HTTP client started sending ``request`` (a `Request`; each redirect hop is a
+        request of its own) on a connection for ``key``."""
+
+    def request_finished(
+        self,
+        key: Hashable,
+        request: object,
+        response: object | None,
+        error: BaseException | None,
+        seconds: float,
+    ) -> None:
+        """``request`` ended, ``seconds`` after ``request_started``: with ``response``
+        (a `Response` whose head arrived; its body may still be unread) or with ``error``
+        (an exception or a cancellation; ``response`` is then None)."""
 
     def hook_failed(self, hook: str, error: Exception) -> None:
         """Another hook raised ``error``; or a connection's background task failed."""

@@ -471,6 +471,15 @@ class PoolStatistics:
             flight.
         keys: Per-key statistics, for every key with anything open, in flight or waiting.
         closed: True once the pool is closed.
+        connects: Connects that succeeded since the pool was made (cumulative, like the
+            counts below; pool-wide only: a key's figures are forgotten when it empties).
+        connect_failures: Connects that failed or were cancelled, since the pool was made.
+            ``connects + connect_failures + connecting`` is every connect ever started.
+        leases_served: Leases handed out since the pool was made, with or without waiting.
+        waits: Waits for a connection that ended (a task that found none available joined
+            its key's line, and was served, failed, timed out or was cancelled).
+        wait_time: Seconds those waits took, added up (``wait_time / waits`` is the mean
+            wait). A wait is counted when it ends.
     """
 
     idle: int
@@ -482,6 +491,11 @@ class PoolStatistics:
     max_connections: int
     keys: Mapping[Hashable, KeyStatistics]
     closed: bool = False
+    connects: int = 0
+    connect_failures: int = 0
+    leases_served: int = 0
+    waits: int = 0
+    wait_time: float = 0.0
 
     @property
     def connections(self) -> int:
@@ -590,6 +604,12 @@ class PoolState(Generic[K, C]):
         self._died_unused: list[K] = []
         # Connects started by prewarm() or refill() still in flight, oldest first.
         self._spares: dict[_Record[K, C], None] = {}
+        # Cumulative counts (PoolStatistics); the driver adds the waits, which it times.
+        self.connects = 0
+        self.connect_failures = 0
+        self.leases_served = 0
+        self.waits = 0
+        self.wait_time = 0.0
 
     # ------------------------------------------------------------------ effects
 
@@ -763,6 +783,7 @@ class PoolState(Generic[K, C]):
         del sub.connecting[record]
         if record.spare_token is not None:
             self._spares.pop(record, None)
+        self.connects += 1
         if self.closed:
             record.state = _RecState.CLOSED
             sub.usage -= record.weight
@@ -814,6 +835,7 @@ class PoolState(Generic[K, C]):
         del sub.connecting[record]
         if record.spare_token is not None:
             self._spares.pop(record, None)
+        self.connect_failures += 1
         record.state = _RecState.CLOSED
         sub.usage -= record.weight
         self.connections -= 1
@@ -1134,6 +1156,11 @@ class PoolState(Generic[K, C]):
             max_connections=self.max_connections,
             keys=MappingProxyType(keys),
             closed=self.closed,
+            connects=self.connects,
+            connect_failures=self.connect_failures,
+            leases_served=self.leases_served,
+            waits=self.waits,
+            wait_time=self.wait_time,
         )
 
     def open_connections(self) -> list[tuple[K, C]]:
@@ -1218,6 +1245,7 @@ class PoolState(Generic[K, C]):
             del self._idle[record]
         record.leases += 1
         record.uses += 1
+        self.leases_served += 1
         if record.leases >= record.capacity:
             record.available = False
             del record.sub.available[record]

@@ -35,6 +35,7 @@ origin's choice, so later connects to it reserve as HTTP/1.1 from the start.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -70,6 +71,7 @@ from .._exceptions import (
 )
 from .._options import (
     DEFAULT_RESERVATION,
+    Instrument,
     PoolOptionArgs,
     PoolOptions,
     Reservation,
@@ -764,6 +766,18 @@ class PoolSender:
         self.http2 = http2
         self.health_check_after = health_check_after
         self._keys: dict[Origin, HTTPKey] = {}
+        # The instruments that watch requests: only those that override a request hook, so
+        # a request pays for them (a clock read, a call per hook) only if there is one.
+        self._observers: tuple[Instrument, ...] = tuple(
+            instrument
+            for instrument in pool.options.instruments
+            if type(instrument).request_started is not Instrument.request_started
+            or type(instrument).request_finished is not Instrument.request_finished
+        )
+        if self._observers:
+            # Shadows the method for this sender only: a request without observers goes
+            # through no extra coroutine.
+            self.send_request = self._send_observed  # type: ignore[method-assign]
 
     def key_for(self, origin: Origin) -> HTTPKey:
         """The pool key for ``origin``."""
@@ -793,6 +807,35 @@ class PoolSender:
         except TransportError:
             return False
         return True
+
+    async def _send_observed(self, request: Request) -> Response:
+        """:meth:`send_request`, with the instruments' request hooks around it.
+
+        The request ends when its response head arrives (what :meth:`send_request` returns;
+        the body is the caller's to read, for as long as it likes) or when it fails.
+        """
+        key = self.key_for(request.url.origin)
+        started = trio.current_time()
+        self._observe("request_started", key, request)
+        try:
+            response = await PoolSender.send_request(self, request)
+        except BaseException as exc:
+            seconds = trio.current_time() - started
+            self._observe("request_finished", key, request, None, exc, seconds)
+            raise
+        seconds = trio.current_time() - started
+        self._observe("request_finished", key, request, response, None, seconds)
+        return response
+
+    def _observe(self, name: str, *args: Any) -> None:
+        # The pool's rule for hooks: one that raises is reported to hook_failed, and ignored.
+        for instrument in self._observers:
+            try:
+                getattr(instrument, name)(*args)
+            except Exception as exc:
+                for other in self.pool.options.instruments:
+                    with contextlib.suppress(Exception):  # nowhere left to report it
+                        other.hook_failed(name, exc)
 
     async def send_request(self, request: Request) -> Response:
         """Lease a connection, send ``request``, and tie the lease to the response body."""
