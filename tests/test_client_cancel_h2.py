@@ -39,8 +39,14 @@ class FakeNetwork:
         self.connects = 0
 
     async def open_stream(
-        self, origin: Origin, *, ssl_context: object, connect_timeout: float | None
+        self,
+        origin: Origin,
+        *,
+        ssl_context: object,
+        connect_timeout: float | None,
+        uds: str | None = None,
     ) -> tuple[trio.abc.Stream, str | None]:
+        assert uds is None  # TCP only here
         await trio.lowlevel.checkpoint()
         self.connects += 1
         client, server = self._pair()
