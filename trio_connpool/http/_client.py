@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import ssl
 from collections.abc import AsyncGenerator, Hashable
 from contextlib import asynccontextmanager
@@ -78,6 +79,7 @@ from ._models import (
     encode_json,
     merge_params,
 )
+from ._proxy import ForwardingConnection, Proxy, ProxyTypes, as_proxy, open_proxied_stream
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -350,6 +352,14 @@ def _shared_context(
     return _default_context(verify, http1, http2)
 
 
+class ProxyLookup(Protocol):
+    """Says which proxy, if any, a request goes through (what ``ProxyEnv`` provides)."""
+
+    def proxy_for(self, scheme: str, host: str, port: int) -> str | None:
+        """The proxy URL for a request to ``scheme://host:port``, or None (direct)."""
+        ...
+
+
 @runtime_checkable
 class RequestSender(Protocol):
     """Anything that sends a request and returns its response (head read, body pending).
@@ -369,17 +379,23 @@ class HTTPKey:
     """The pool key of an HTTP connection: a connection is reused only for the same key.
 
     Attributes:
-        origin: Scheme, host and port.
+        origin: Scheme, host and port. For a key that forwards ``http://`` requests through
+            an HTTP proxy, the proxy's own address (``http://proxy-host:port``), shared by
+            every origin it forwards to.
         http_version: The protocol(s) offered: ``"HTTP/1.1"``, ``"HTTP/2"`` (HTTP/2 only: ALPN
             ``h2`` over TLS, prior knowledge over plain TCP) or ``"HTTP/2,HTTP/1.1"`` (ALPN
             offering both over TLS; the server chooses).
         tls: The TLS context for https, or None for plain HTTP. Compared by identity: two
             contexts with the same settings are still different keys (a context's settings
             cannot be read back completely, so identity is the only safe comparison).
-        extra: Anything else that must match (a user agent, a proxy, a tenant).
+        extra: Anything else that must match (a user agent, a tenant).
+        proxy: The :class:`Proxy` the connection goes through, or None (direct). With an
+            HTTP(S) proxy, a key without ``tls`` forwards plain requests to the proxy, and a
+            key with ``tls`` tunnels to its https origin through CONNECT; with a SOCKS5 proxy
+            every key is a tunnel to its origin.
     """
 
-    __slots__ = ("_hash", "extra", "http_version", "origin", "tls")
+    __slots__ = ("_hash", "extra", "http_version", "origin", "proxy", "tls")
 
     def __init__(
         self,
@@ -388,19 +404,23 @@ class HTTPKey:
         http_version: str = "HTTP/1.1",
         tls: ssl.SSLContext | None = None,
         extra: Hashable = None,
+        proxy: Proxy | None = None,
     ) -> None:
         if http_version not in _OFFERS:
             raise ValueError(
                 f"http_version must be one of {sorted(_OFFERS)}, not {http_version!r}"
             )
+        if proxy is not None and not isinstance(proxy, Proxy):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"proxy must be a Proxy or None, not {proxy!r}")
         self.origin: Origin = origin
         self.http_version: str = http_version
         self.tls: ssl.SSLContext | None = tls
         self.extra: Hashable = extra
-        self._hash = hash((origin, http_version, id(tls), extra))
+        self.proxy: Proxy | None = proxy
+        self._hash = hash((origin, http_version, id(tls), extra, proxy))
 
-    def _identity(self) -> tuple[Origin, str, int, Hashable]:
-        return (self.origin, self.http_version, id(self.tls), self.extra)
+    def _identity(self) -> tuple[Origin, str, int, Hashable, Proxy | None]:
+        return (self.origin, self.http_version, id(self.tls), self.extra, self.proxy)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, HTTPKey):
@@ -415,7 +435,9 @@ class HTTPKey:
         # readable in an error message, where an address would say nothing.
         tls = "" if self.tls is None else f", tls={_CONTEXT_NAMES.get(id(self.tls), 'custom')}"
         extra = "" if self.extra is None else f", extra={self.extra!r}"
-        return f"HTTPKey({str(self.origin)!r}, {self.http_version}{tls}{extra})"
+        # The proxy's URL never shows its credentials.
+        proxy = "" if self.proxy is None else f", proxy={self.proxy.url}"
+        return f"HTTPKey({str(self.origin)!r}, {self.http_version}{tls}{extra}{proxy})"
 
 
 class HTTPConnector:
@@ -495,9 +517,22 @@ class HTTPConnector:
         """
         timeouts = self.timeouts
         origin = key.origin
-        stream, alpn = await open_stream(
-            origin, ssl_context=key.tls, connect_timeout=timeouts.connect
-        )
+        proxy = key.proxy
+        if proxy is None:
+            stream, alpn = await open_stream(
+                origin, ssl_context=key.tls, connect_timeout=timeouts.connect
+            )
+        else:
+            forward = key.tls is None and not proxy.is_socks
+            stream, alpn = await open_proxied_stream(
+                proxy,
+                origin,
+                forward=forward,
+                ssl_context=key.tls,
+                connect_timeout=timeouts.connect,
+            )
+            if forward:
+                return ForwardingConnection(stream, proxy, timeouts=timeouts)
         offered = key.http_version
         use_http2 = alpn == "h2" if origin.is_secure else offered == HTTP2
         refusal = None
@@ -610,6 +645,13 @@ class PoolSender:
         health_check_after: Before an HTTP/2 connection that received nothing for this many
             seconds is used, PING it and wait for the answer (bounded by its read timeout);
             a connection that fails the check is closed and another one used. None: never.
+        proxy: Send every request through this proxy (a URL or a :class:`Proxy`; see
+            :func:`open_client`). An ``https://`` proxy without an ``ssl_context`` of its own
+            is verified as ``verify`` says.
+        proxy_env: Where to look up the proxy of each origin when ``proxy`` is None: any
+            object with ``proxy_for(scheme, host, port) -> str | None`` (the environment's
+            ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` and ``NO_PROXY``, as
+            :func:`open_client` reads them). Asked once per origin.
 
     A request the server did not process (an HTTP/2 stream refused, or above a GOAWAY's
     last stream id) is sent again on another connection whatever its method, if its body can
@@ -639,11 +681,20 @@ class PoolSender:
         http1: bool = True,
         http2: bool = False,
         health_check_after: float | None = None,
+        proxy: ProxyTypes | None = None,
+        proxy_env: ProxyLookup | None = None,
     ) -> None:
         _check_protocols(http1, http2)
         check_duration("health_check_after", health_check_after)
         self.pool = pool
         self._ssl_context = _shared_context(verify, http1=http1, http2=http2)
+        # An https proxy is verified as the origins are, but speaks HTTP/1.1 (no h2 in ALPN).
+        self._proxy_tls = _shared_context(verify)
+        self._proxy = None if proxy is None else self._bind(as_proxy(proxy))
+        if proxy_env is not None and not callable(getattr(proxy_env, "proxy_for", None)):
+            raise TypeError("proxy_env must have a proxy_for(scheme, host, port) method")
+        self._proxy_env = proxy_env if self._proxy is None else None
+        self._env_proxies: dict[str, Proxy] = {}
         check_duration("acquire_timeout", acquire_timeout)
         self.acquire_timeout = acquire_timeout
         self.retry_stale = retry_stale
@@ -657,14 +708,39 @@ class PoolSender:
         """The pool key for ``origin``."""
         key = self._keys.get(origin)
         if key is None:
-            secure = origin.is_secure
-            key = self._keys[origin] = HTTPKey(
-                origin,
-                http_version=_offer(http1=self.http1, http2=self.http2, secure=secure),
-                tls=self._ssl_context if secure else None,
-                extra=self.key_extra,
-            )
+            key = self._keys[origin] = self._new_key(origin)
         return key
+
+    def _new_key(self, origin: Origin) -> HTTPKey:
+        secure = origin.is_secure
+        proxy = self._proxy
+        if proxy is None and self._proxy_env is not None:
+            proxy = self._proxy_from_env(origin)
+        if proxy is not None and not secure and not proxy.is_socks:
+            # Forwarded: one key per proxy, whatever the origin.
+            return HTTPKey(proxy.origin, extra=self.key_extra, proxy=proxy)
+        return HTTPKey(
+            origin,
+            http_version=_offer(http1=self.http1, http2=self.http2, secure=secure),
+            tls=self._ssl_context if secure else None,
+            extra=self.key_extra,
+            proxy=proxy,
+        )
+
+    def _bind(self, proxy: Proxy) -> Proxy:
+        return proxy.with_ssl_context(self._proxy_tls) if proxy.scheme == "https" else proxy
+
+    def _proxy_from_env(self, origin: Origin) -> Proxy | None:
+        assert self._proxy_env is not None
+        url = self._proxy_env.proxy_for(origin.scheme, origin.host, origin.port)
+        if not url:
+            return None
+        proxy = self._env_proxies.get(url)
+        if proxy is None:
+            if len(self._env_proxies) >= _MAX_REMEMBERED:
+                self._env_proxies.clear()
+            proxy = self._env_proxies[url] = self._bind(Proxy(url))
+        return proxy
 
     async def _healthy(self, connection: HTTPConnection) -> bool:
         """PING an HTTP/2 connection that was quiet for too long; False if it failed."""
@@ -1282,6 +1358,8 @@ async def open_client(
     http2_extra_connections: bool = False,
     ping_interval: float | None = None,
     health_check_after: float | None = None,
+    proxy: ProxyTypes | None = None,
+    trust_env: bool = True,
     pool_options: PoolOptions | None = None,
     **pool_keywords: Unpack[PoolOptionArgs],
 ) -> AsyncGenerator[Client, None]:
@@ -1330,6 +1408,18 @@ async def open_client(
             without traffic; no answer within the read timeout closes it. None: no pings.
         health_check_after: PING an HTTP/2 connection that was quiet this many seconds
             before using it (see :class:`PoolSender`). None: never.
+        proxy: Send every request through this proxy: a URL or a :class:`Proxy`.
+            ``http://[user:pass@]host:port`` forwards ``http://`` requests (one pooled
+            connection to the proxy serves every origin) and tunnels ``https://`` requests
+            through ``CONNECT`` (TLS to the origin inside, HTTP/2 too); ``https://`` reaches
+            the proxy itself over TLS (verified as ``verify`` says, unless the `Proxy` has
+            an ``ssl_context``); ``socks5://`` and ``socks5h://`` (the proxy resolves names)
+            tunnel to each origin and need the ``socks`` extra. Credentials go to the proxy
+            only, as Basic ``Proxy-Authorization``. Its failures raise
+            :class:`~trio_connpool.ProxyError`. Given, it wins over the environment.
+        trust_env: Without ``proxy``, take each request's proxy from the environment
+            (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``), read once here.
+            False ignores the environment.
         pool_options: The options of the client's own pool, a
             :class:`~trio_connpool.PoolOptions`, used as it is. Without it the client's
             defaults apply, which differ from the pool's: ``CLIENT_POOL_OPTIONS``, that is
@@ -1354,6 +1444,15 @@ async def open_client(
     if not isinstance(timeouts, Timeouts):
         raise TypeError("timeouts must be a trio_connpool.http.Timeouts")
     _check_redirects(follow_redirects, max_redirects)
+    if not isinstance(trust_env, bool):
+        raise TypeError(f"trust_env must be a bool, not {trust_env!r}")
+    environment = None
+    if proxy is not None:
+        proxy = as_proxy(proxy)  # a bad URL raises here, before anything opens
+    elif trust_env:
+        from ._proxyenv import ProxyEnv  # read when the client opens
+
+        environment = ProxyEnv.from_environ(os.environ)
     options: dict[str, Any] = {
         "verify": verify,
         "acquire_timeout": timeouts.pool,
@@ -1362,6 +1461,8 @@ async def open_client(
         "http1": http1,
         "http2": http2,
         "health_check_after": health_check_after,
+        "proxy": proxy,
+        "proxy_env": environment,
     }
     chosen = resolve_options(
         pool_options, pool_keywords, name="pool_options", defaults=CLIENT_POOL_OPTIONS
@@ -1395,6 +1496,8 @@ async def open_client(
     if isinstance(pool, Pool):
         given: RequestSender = PoolSender(pool, **options)
     elif isinstance(pool, RequestSender):
+        if proxy is not None:
+            raise TypeError("proxy= needs a pool: a RequestSender given as pool= sends as it is")
         given = pool
     else:
         raise TypeError(f"pool must be a Pool, a RequestSender or None, not {pool!r}")
