@@ -9,6 +9,7 @@ skips its tests with the reason, or fails them under TRIO_CONNPOOL_REQUIRE_PROXI
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import AsyncGenerator, Generator
 from contextlib import asynccontextmanager
@@ -477,3 +478,48 @@ def test_proxy_env_stand_in() -> None:
     assert env.proxy_for("http", "h", 81) is None
     assert env.proxy_for("http", "h", 80) == "http://p:1"
     assert ProxyEnv.from_environ({}).proxy_for("http", "x", 80) is None
+
+
+# ---- the httpx transport and the command line ------------------------------------------------
+
+
+async def test_httpx_transport_through_a_proxy(squid: Squid, tls: TLSFiles) -> None:
+    import httpx
+
+    from trio_connpool.contrib.httpx import AsyncPoolTransport
+
+    proxy = httpx.Proxy(squid.url("auth"), auth=(USER, PASSWORD))
+    async with origin(tls) as (app, base):
+        transport = AsyncPoolTransport(proxy=proxy, verify=tls.client_context(), trust_env=False)
+        async with httpx.AsyncClient(transport=transport) as client:
+            response = await client.get(base + "/")
+            assert response.status_code == 200
+        refused = AsyncPoolTransport(proxy=squid.url("auth"), verify=tls.client_context())
+        async with httpx.AsyncClient(transport=refused) as client:
+            with pytest.raises(httpx.ProxyError, match="proxy credentials are missing or wrong"):
+                await client.get(base + "/")
+    assert app.requests == 1
+
+
+async def test_cli_proxy_option(squid: Squid) -> None:
+    from trio_connpool._cli import _parser
+    from trio_connpool._commands import UsageError, fetch_command, parse_url
+
+    args = _parser().parse_args(["get", "--proxy", squid.url(), "http://127.0.0.1:1/"])
+    assert args.proxy == squid.url()
+    args = _parser().parse_args(["load", "-x", squid.url(), "http://127.0.0.1:1/"])
+    assert args.proxy == squid.url()
+    async with origin() as (app, base):
+        out, err = io.BytesIO(), io.StringIO()
+        url = parse_url(base + "/")
+        status = await fetch_command("u", url, proxy=squid.url(), out=out, err=err)
+        assert status == 0, err.getvalue()
+        assert out.getvalue() == b"hello, world"
+        with pytest.raises(UsageError, match="--proxy: unsupported proxy scheme 'ftp'"):
+            await fetch_command("u", url, proxy="ftp://127.0.0.1:1", out=out, err=err)
+        port = free_port()
+        err = io.StringIO()
+        status = await fetch_command("u", url, proxy=f"http://127.0.0.1:{port}", out=out, err=err)
+        assert status == 1
+        assert f"ProxyError: cannot connect to the proxy http://127.0.0.1:{port}" in err.getvalue()
+    assert app.via[0] is not None

@@ -111,6 +111,13 @@ def _add_client_options(command: argparse.ArgumentParser) -> None:
         f"(default {_DEFAULT_TIMEOUT:g})",
     )
     command.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+    command.add_argument(
+        "-x",
+        "--proxy",
+        metavar="URL",
+        help="send the requests through this proxy: http://[user:pass@]host:port, https://, "
+        "socks5:// or socks5h:// (default: HTTP_PROXY, HTTPS_PROXY, ALL_PROXY and NO_PROXY)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -313,6 +320,7 @@ def _run_get(args: argparse.Namespace) -> int:
                 fail=args.fail,
                 http2=args.http2,
                 insecure=args.insecure,
+                proxy=args.proxy,
                 timeout=args.timeout,
                 max_time=args.max_time,
             )
@@ -329,6 +337,7 @@ def _run_get(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             http2=args.http2,
             insecure=args.insecure,
+            proxy=args.proxy,
             timeout=args.timeout,
             output_dir=output_dir,
             progress=not args.no_progress,
@@ -362,6 +371,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 concurrency=args.concurrency,
                 http2=args.http2,
                 insecure=args.insecure,
+                proxy=args.proxy,
                 timeout=args.timeout,
                 progress=not args.no_progress,
                 report=report,

@@ -434,6 +434,7 @@ async def _open(
     insecure: bool,
     timeout: float,  # noqa: ASYNC109
     tracker: ConnectionTracker | None = None,
+    proxy: str | None = None,
 ) -> Client:
     """Enter one client (one pool) for the command; option errors become UsageError."""
     try:
@@ -447,8 +448,11 @@ async def _open(
                 # library's 5 s default pool timeout).
                 timeouts=Timeouts(connect=timeout, read=timeout, write=timeout, pool=timeout),
                 instruments=() if tracker is None else (tracker,),
+                proxy=proxy,
             )
         )
+    except InvalidURL as exc:
+        raise UsageError(f"--proxy: {exc}") from None
     except ValueError as exc:
         # open_client refuses options it cannot honour at once (http2=True before the HTTP/2
         # layer is available); nothing has been sent.
@@ -619,6 +623,7 @@ async def get_command(
     concurrency: int = 10,
     http2: bool = False,
     insecure: bool = False,
+    proxy: str | None = None,
     timeout: float = 30.0,  # noqa: ASYNC109 (seconds per I/O step, not a deadline)
     output_dir: Path | None = None,
     progress: bool = True,
@@ -639,6 +644,7 @@ async def get_command(
         concurrency: Requests in flight at once (and the pool's connection limit).
         http2: Ask for HTTP/2.
         insecure: Do not verify TLS certificates.
+        proxy: Send the requests through this proxy URL (else the environment's, if any).
         timeout: Seconds for each connect, read and write, and for the wait for a
             connection from the pool.
         output_dir: Write each body to a file in this (existing) directory.
@@ -671,6 +677,7 @@ async def get_command(
                 concurrency=concurrency,
                 http2=http2,
                 insecure=insecure,
+                proxy=proxy,
                 timeout=timeout,
                 tracker=tracker,
             )
@@ -804,6 +811,7 @@ async def fetch_command(
     fail: bool = False,
     http2: bool = False,
     insecure: bool = False,
+    proxy: str | None = None,
     timeout: float = 30.0,  # noqa: ASYNC109 (seconds per I/O step, not a deadline)
     max_time: float | None = None,
     out: BinaryIO | None = None,
@@ -825,6 +833,7 @@ async def fetch_command(
         fail: A status of 400 or more writes no body and returns 22 (curl -f).
         http2: Ask for HTTP/2.
         insecure: Do not verify TLS certificates.
+        proxy: Send the requests through this proxy URL (else the environment's, if any).
         timeout: Seconds for each connect, read and write, and for the pool wait.
         max_time: A bound on the whole command, in seconds (None: none).
         out: Where the body goes (default ``sys.stdout.buffer``).
@@ -854,6 +863,7 @@ async def fetch_command(
                 concurrency=1,
                 http2=http2,
                 insecure=insecure,
+                proxy=proxy,
                 timeout=timeout,
                 tracker=tracker,
             )
@@ -1029,6 +1039,7 @@ async def load_command(
     concurrency: int = 10,
     http2: bool = False,
     insecure: bool = False,
+    proxy: str | None = None,
     timeout: float = 30.0,  # noqa: ASYNC109 (seconds per I/O step, not a deadline)
     progress: bool = True,
     out: TextIO | None = None,
@@ -1048,6 +1059,7 @@ async def load_command(
         concurrency: Tasks sending them (and the pool's connection limit).
         http2: Ask for HTTP/2.
         insecure: Do not verify TLS certificates.
+        proxy: Send the requests through this proxy URL (else the environment's, if any).
         timeout: Seconds for each connect, read and write, and for the wait for a
             connection from the pool.
         progress: Draw a progress bar on ``err`` if it is a terminal.
@@ -1071,7 +1083,12 @@ async def load_command(
     stdout.flush()
     async with contextlib.AsyncExitStack() as stack:
         client = await _open(
-            stack, concurrency=concurrency, http2=http2, insecure=insecure, timeout=timeout
+            stack,
+            concurrency=concurrency,
+            http2=http2,
+            insecure=insecure,
+            timeout=timeout,
+            proxy=proxy,
         )
         bar = Progress(requests, description="load", stream=stderr, enabled=progress)
         stack.callback(bar.close)
