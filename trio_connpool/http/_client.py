@@ -450,6 +450,12 @@ class HTTPConnector:
     ``http2_weight`` and ``max_concurrent_streams``; an origin known to have chosen HTTP/1.1
     reserves weight 1 and capacity 1.
 
+    A key with a ``proxy`` connects through it (see :class:`HTTPKey`): to the proxy itself
+    for a forwarding key (an HTTP/1.1 connection that sends each
+    request in absolute form), else through a CONNECT or SOCKS5 tunnel to the key's origin,
+    with TLS and ALPN to the origin inside for https. Proxy failures raise
+    :class:`~trio_connpool.ProxyError`.
+
     Args:
         timeouts: ``connect`` bounds each connect (TCP, TLS and the HTTP/2 preface); ``read``
             and ``write`` are given to the connections.
@@ -647,7 +653,8 @@ class PoolSender:
             a connection that fails the check is closed and another one used. None: never.
         proxy: Send every request through this proxy (a URL or a :class:`Proxy`; see
             :func:`open_client`). An ``https://`` proxy without an ``ssl_context`` of its own
-            is verified as ``verify`` says.
+            is verified as ``verify`` says. Forwarded ``http://`` requests are sent to the
+            proxy in HTTP/1.1 whatever ``http1`` and ``http2`` say.
         proxy_env: Where to look up the proxy of each origin when ``proxy`` is None: any
             object with ``proxy_for(scheme, host, port) -> str | None`` (the environment's
             ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` and ``NO_PROXY``, as

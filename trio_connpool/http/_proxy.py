@@ -338,13 +338,21 @@ async def open_proxied_stream(
                 stream = await _open_socks(proxy, origin)
             else:
                 try:
-                    stream, _ = await open_stream(
+                    stream, alpn = await open_stream(
                         proxy.origin, ssl_context=proxy.ssl_context, connect_timeout=None
                     )
                 except ConnectError as exc:
                     raise ProxyError(
                         f"cannot connect to the proxy {proxy}", key=origin
                     ) from exc.__cause__
+                if alpn == "h2":
+                    # A caller's context offered h2 to the proxy, which is spoken to in
+                    # HTTP/1.1: give the Proxy an ssl_context without h2.
+                    raise ProxyError(
+                        f"the proxy {proxy} chose h2 in ALPN; a proxy is spoken to in "
+                        "HTTP/1.1 (give the Proxy an ssl_context that offers http/1.1 only)",
+                        key=origin,
+                    )
                 if forward:
                     return stream, None
                 await _connect_tunnel(stream, proxy, origin)
