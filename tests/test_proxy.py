@@ -502,7 +502,7 @@ async def test_httpx_transport_through_a_proxy(squid: Squid, tls: TLSFiles) -> N
 
 
 async def test_cli_proxy_option(squid: Squid) -> None:
-    from trio_connpool._cli import _parser
+    from trio_connpool._cli import _parser  # pyright: ignore[reportPrivateUsage]
     from trio_connpool._commands import UsageError, fetch_command, parse_url
 
     args = _parser().parse_args(["get", "--proxy", squid.url(), "http://127.0.0.1:1/"])
