@@ -287,7 +287,16 @@ async def test_socks5_wrong_password(socks: Socks) -> None:
 
 async def test_socks_without_python_socks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "python_socks", None)
-    async with open_client(proxy="socks5://127.0.0.1:1", trust_env=False) as client:
+    # Given: the client does not open.
+    with pytest.raises(ImportError, match=r"pip install 'trio-connpool\[socks\]'"):
+        async with open_client(proxy="socks5://127.0.0.1:1", trust_env=False):
+            pytest.fail("opened")
+    # From the environment: the request fails with the same words.
+    monkeypatch.setenv("ALL_PROXY", "socks5h://127.0.0.1:1")
+    monkeypatch.delenv("all_proxy", raising=False)
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    async with open_client() as client:
         with pytest.raises(ProxyError, match=r"trio-connpool\[socks\]"):
             await client.get("http://127.0.0.1:1/")
 

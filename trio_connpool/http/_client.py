@@ -79,7 +79,14 @@ from ._models import (
     encode_json,
     merge_params,
 )
-from ._proxy import ForwardingConnection, Proxy, ProxyTypes, as_proxy, open_proxied_stream
+from ._proxy import (
+    ForwardingConnection,
+    Proxy,
+    ProxyTypes,
+    as_proxy,
+    open_proxied_stream,
+    require_socks,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -1444,7 +1451,10 @@ async def open_client(
         TrioRequiredError: Not entered in a trio task (from asyncio, say): the client runs
             under trio only.
         ValueError, TypeError: For invalid options, at once (and for ``pool_options``
-            together with pool keywords).
+            together with pool keywords). `~trio_connpool.InvalidURL` (a ValueError) for a
+            malformed proxy URL.
+        ImportError: A SOCKS ``proxy`` without python-socks installed (the ``socks``
+            extra).
     """
     require_trio("open_client()")
     _check_protocols(http1, http2)
@@ -1456,6 +1466,8 @@ async def open_client(
     environment = None
     if proxy is not None:
         proxy = as_proxy(proxy)  # a bad URL raises here, before anything opens
+        if proxy.is_socks:
+            require_socks(proxy)
     elif trust_env:
         from ._proxyenv import ProxyEnv  # read when the client opens
 

@@ -30,6 +30,7 @@ connect timeout, and the half-open stream is closed on every failure.
 from __future__ import annotations
 
 import base64
+import importlib
 import math
 import socket
 import ssl
@@ -275,6 +276,20 @@ async def _connect_tunnel(stream: trio.abc.Stream, proxy: Proxy, origin: Origin)
         # The origin speaks TLS, where the client speaks first: bytes already here are not
         # the origin's, and nothing may be read past the tunnel's start.
         raise ProxyError(f"the proxy {proxy} sent data after its answer to CONNECT", key=origin)
+
+
+def require_socks(proxy: Proxy) -> None:
+    """Check that python-socks can be imported for the SOCKS ``proxy``.
+
+    Raises:
+        ImportError: It cannot; the message names the ``socks`` extra.
+    """
+    try:
+        importlib.import_module("python_socks.async_.trio")
+    except ImportError as exc:
+        raise ImportError(
+            f"{proxy.scheme}:// proxies need python-socks: pip install 'trio-connpool[socks]'"
+        ) from exc
 
 
 async def _open_socks(proxy: Proxy, origin: Origin) -> trio.SocketStream:
