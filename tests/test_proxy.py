@@ -286,7 +286,8 @@ async def test_socks5_wrong_password(socks: Socks) -> None:
 
 
 async def test_socks_without_python_socks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "python_socks", None)
+    for name in ("python_socks", "python_socks.async_", "python_socks.async_.trio"):
+        monkeypatch.setitem(sys.modules, name, None)
     # Given: the client does not open.
     with pytest.raises(ImportError, match=r"pip install 'trio-connpool\[socks\]'"):
         async with open_client(proxy="socks5://127.0.0.1:1", trust_env=False):
