@@ -230,6 +230,21 @@ def test_tunnels_are_refused() -> None:
         client.receive_head()
 
 
+def test_a_tunnel_when_allowed_ends_http() -> None:
+    # What a proxy client reads: the head, no body, and the tunnel's first bytes left over.
+    client = H1Client()
+    client.allow_tunnel = True
+    client.send_request(b"CONNECT", b"example.com:443", [(b"Host", b"example.com:443")])
+    client.end_request()
+    client.receive_data(b"HTTP/1.1 200 Connection established\r\nContent-Length: 5\r\n\r\nTLS..")
+    head = client.receive_head()
+    assert head is not None
+    assert head.status_code == 200
+    assert client.receive_body() == b""
+    assert client.trailing_data == b"TLS.."
+    assert not client.reusable
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

@@ -151,6 +151,13 @@ def _add_client_options(command: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="connect to this Unix domain socket instead of the URL's host and port",
     )
+    command.add_argument(
+        "-x",
+        "--proxy",
+        metavar="URL",
+        help="send the requests through this proxy: http://[user:pass@]host:port, https://, "
+        "socks5:// or socks5h:// (default: HTTP_PROXY, HTTPS_PROXY, ALL_PROXY and NO_PROXY)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -354,6 +361,7 @@ def _run_get(args: argparse.Namespace) -> int:
                 http2=args.http2,
                 insecure=args.insecure,
                 connect=_connect_options(args),
+                proxy=args.proxy,
                 timeout=args.timeout,
                 max_time=args.max_time,
             )
@@ -371,6 +379,7 @@ def _run_get(args: argparse.Namespace) -> int:
             http2=args.http2,
             insecure=args.insecure,
             connect=_connect_options(args),
+            proxy=args.proxy,
             timeout=args.timeout,
             output_dir=output_dir,
             progress=not args.no_progress,
@@ -405,6 +414,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 http2=args.http2,
                 insecure=args.insecure,
                 connect=_connect_options(args),
+                proxy=args.proxy,
                 timeout=args.timeout,
                 progress=not args.no_progress,
                 report=report,

@@ -468,6 +468,7 @@ async def _open(
     timeout: float,  # noqa: ASYNC109
     tracker: ConnectionTracker | None = None,
     connect: ConnectOptions = _NO_CONNECT_OPTIONS,
+    proxy: str | None = None,
 ) -> Client:
     """Enter one client (one pool) for the command; option errors become UsageError."""
     try:
@@ -481,8 +482,11 @@ async def _open(
                 # library's 5 s default pool timeout).
                 timeouts=Timeouts(connect=timeout, read=timeout, write=timeout, pool=timeout),
                 instruments=() if tracker is None else (tracker,),
+                proxy=proxy,
             )
         )
+    except InvalidURL as exc:
+        raise UsageError(f"--proxy: {exc}") from None
     except (ValueError, FileNotFoundError) as exc:
         # open_client refuses options it cannot honour at once (http2=True before the HTTP/2
         # layer is available, a certificate file without a certificate); nothing was sent.
@@ -658,6 +662,7 @@ async def get_command(
     http2: bool = False,
     insecure: bool = False,
     connect: ConnectOptions = _NO_CONNECT_OPTIONS,
+    proxy: str | None = None,
     timeout: float = 30.0,  # noqa: ASYNC109 (seconds per I/O step, not a deadline)
     output_dir: Path | None = None,
     progress: bool = True,
@@ -679,6 +684,7 @@ async def get_command(
         http2: Ask for HTTP/2.
         insecure: Do not verify TLS certificates.
         connect: CA bundle, client certificate and Unix socket (curl's options).
+        proxy: Send the requests through this proxy URL (else the environment's, if any).
         timeout: Seconds for each connect, read and write, and for the wait for a
             connection from the pool.
         output_dir: Write each body to a file in this (existing) directory.
@@ -711,6 +717,7 @@ async def get_command(
                 concurrency=concurrency,
                 http2=http2,
                 insecure=insecure,
+                proxy=proxy,
                 timeout=timeout,
                 tracker=tracker,
                 connect=connect,
@@ -849,6 +856,7 @@ async def fetch_command(
     http2: bool = False,
     insecure: bool = False,
     connect: ConnectOptions = _NO_CONNECT_OPTIONS,
+    proxy: str | None = None,
     timeout: float = 30.0,  # noqa: ASYNC109 (seconds per I/O step, not a deadline)
     max_time: float | None = None,
     out: BinaryIO | None = None,
@@ -871,6 +879,7 @@ async def fetch_command(
         http2: Ask for HTTP/2.
         insecure: Do not verify TLS certificates.
         connect: CA bundle, client certificate and Unix socket (curl's options).
+        proxy: Send the requests through this proxy URL (else the environment's, if any).
         timeout: Seconds for each connect, read and write, and for the pool wait.
         max_time: A bound on the whole command, in seconds (None: none).
         out: Where the body goes (default ``sys.stdout.buffer``).
@@ -900,6 +909,7 @@ async def fetch_command(
                 concurrency=1,
                 http2=http2,
                 insecure=insecure,
+                proxy=proxy,
                 timeout=timeout,
                 tracker=tracker,
                 connect=connect,
@@ -1077,6 +1087,7 @@ async def load_command(
     http2: bool = False,
     insecure: bool = False,
     connect: ConnectOptions = _NO_CONNECT_OPTIONS,
+    proxy: str | None = None,
     timeout: float = 30.0,  # noqa: ASYNC109 (seconds per I/O step, not a deadline)
     progress: bool = True,
     out: TextIO | None = None,
@@ -1097,6 +1108,7 @@ async def load_command(
         http2: Ask for HTTP/2.
         insecure: Do not verify TLS certificates.
         connect: CA bundle, client certificate and Unix socket (curl's options).
+        proxy: Send the requests through this proxy URL (else the environment's, if any).
         timeout: Seconds for each connect, read and write, and for the wait for a
             connection from the pool.
         progress: Draw a progress bar on ``err`` if it is a terminal.
@@ -1126,6 +1138,7 @@ async def load_command(
             insecure=insecure,
             timeout=timeout,
             connect=connect,
+            proxy=proxy,
         )
         bar = Progress(requests, description="load", stream=stderr, enabled=progress)
         stack.callback(bar.close)

@@ -66,6 +66,7 @@ __all__ = [
     "PoolClosed",
     "PoolError",
     "PoolTimeout",
+    "ProxyError",
     "ReadTimeout",
     "RemoteProtocolError",
     "ServerDisconnected",
@@ -266,6 +267,27 @@ class ConnectError(PoolError):
 
 class ConnectTimeout(ConnectError):
     """Opening a connection took longer than the connect timeout."""
+
+
+class ProxyError(ConnectError):
+    """A proxy refused or failed to carry a connection: nothing reached the origin.
+
+    Attributes:
+        status_code: The status the proxy answered (407 when it wants credentials, 403 when
+            it forbids the destination, 502 when it could not reach it), or ``None`` when it
+            gave no HTTP answer (unreachable, closed, a SOCKS refusal, an invalid answer).
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        status_code: int | None = None,
+        key: Hashable | None = None,
+        url: str | None = None,
+    ) -> None:
+        super().__init__(message, key=key, url=url)
+        self.status_code = status_code
 
 
 class TransportError(PoolError):

@@ -891,6 +891,11 @@ class Pool(Generic[K, C]):
             message = str(cause.args[0]) if cause.args else message
             error_type = type(cause)
         error = error_type(message, key=key)
+        if cause is not None and error_type is not ConnectError:
+            # A subclass's own attributes (a ProxyError's status_code) come along.
+            for name, value in vars(cause).items():
+                if name != "key":
+                    setattr(error, name, value)
         error.__cause__ = cause
         return error
 

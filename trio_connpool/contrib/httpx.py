@@ -96,7 +96,7 @@ from .._exceptions import (
     WriteTimeout,
 )
 from .._pool import require_trio
-from ..http import Client, Request, Response, Timeouts, open_client
+from ..http import Client, Proxy, Request, Response, Timeouts, open_client
 
 if TYPE_CHECKING:
     import os
@@ -235,9 +235,9 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
 
     httpx on trio gets this project's pool: per-origin and global limits, FIFO waiters,
     LIFO/FIFO reuse, nothing leaked on cancellation, HTTP/2 multiplexing with ``http2=True``.
-    It is *not* a drop-in for httpx's own transport options: proxies, ``local_address`` and
-    retries on connect are not supported, and httpx's connect timeout bounds a connect only
-    through the wait for a connection (see the module docstring for what is passed through).
+    It is *not* a drop-in for httpx's own transport options: ``local_address`` and retries
+    on connect are not supported, and httpx's connect timeout bounds a connect only through
+    the wait for a connection (see the module docstring for what is passed through).
 
     The options are those of :func:`~trio_connpool.http.open_client`, with the same
     defaults; they are checked when the transport is entered (`ValueError` or `TypeError`
@@ -251,7 +251,10 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
             as given; set its ALPN protocols yourself).
         cert: A client certificate: a PEM path (certificate and key), ``(certfile,
             keyfile)`` or ``(certfile, keyfile, password)``; not with an `ssl.SSLContext`.
-        trust_env: Whether ``verify=True`` honours SSL_CERT_FILE and SSL_CERT_DIR.
+        trust_env: Whether ``verify=True`` honours SSL_CERT_FILE and SSL_CERT_DIR; and,
+            without ``proxy``, whether each request's proxy comes from ``HTTP_PROXY``,
+            ``HTTPS_PROXY``, ``ALL_PROXY`` and ``NO_PROXY`` (read when the transport is
+            entered).
         uds: Send every request over this Unix domain socket (httpx's ``uds``).
         http1: Speak HTTP/1.1.
         http2: Speak HTTP/2 (ALPN ``h2`` over TLS; with ``http1=False``, prior knowledge over
@@ -271,6 +274,10 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
         http2_extra_connections: See :func:`~trio_connpool.http.open_client`.
         ping_interval: Keep-alive PING on an idle HTTP/2 connection after this many seconds.
         health_check_after: PING an HTTP/2 connection quiet this long before using it.
+        proxy: Send every request through this proxy: a URL, a
+            :class:`~trio_connpool.http.Proxy`, or an ``httpx.Proxy`` (its URL, ``auth``,
+            ``headers`` and ``ssl_context``); see :func:`~trio_connpool.http.open_client`.
+            A proxy's failure reaches httpx as ``httpx.ProxyError``.
         pool_options: The options of the transport's own pool, a
             :class:`~trio_connpool.PoolOptions` (default
             :data:`~trio_connpool.http.CLIENT_POOL_OPTIONS`); see
@@ -299,9 +306,18 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
         http2_extra_connections: bool = False,
         ping_interval: float | None = None,
         health_check_after: float | None = None,
+        proxy: str | Proxy | httpx.Proxy | None = None,
         pool_options: PoolOptions | None = None,
         **pool_keywords: Unpack[PoolOptionArgs],
     ) -> None:
+        if isinstance(proxy, httpx.Proxy):
+            proxy = Proxy(
+                str(proxy.url),
+                auth=proxy.auth,
+                headers=dict(proxy.headers.items()) or None,
+                ssl_context=proxy.ssl_context,
+            )
+
         def opener() -> AbstractAsyncContextManager[Client]:
             return open_client(
                 verify=verify,
@@ -319,6 +335,7 @@ class AsyncPoolTransport(httpx.AsyncBaseTransport):
                 http2_extra_connections=http2_extra_connections,
                 ping_interval=ping_interval,
                 health_check_after=health_check_after,
+                proxy=proxy,
                 pool_options=pool_options,
                 **pool_keywords,
             )

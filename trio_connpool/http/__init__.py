@@ -7,6 +7,7 @@ The names here are what the client and the pool build on; the modules themselves
 from __future__ import annotations
 
 from .._exceptions import (
+    ProxyError as ProxyError,
     StreamConsumed as StreamConsumed,
     TooManyRedirects as TooManyRedirects,
 )
@@ -46,6 +47,7 @@ from ._models import (
     ResponseStream as ResponseStream,
     Timeouts as Timeouts,
 )
+from ._proxy import Proxy as Proxy
 
 __all__ = [
     "CLIENT_POOL_OPTIONS",
@@ -55,6 +57,8 @@ __all__ = [
     "HTTPKey",
     "NoPoolSender",
     "PoolSender",
+    "Proxy",
+    "ProxyError",
     "RequestSender",
     "StreamConsumed",
     "TimeoutTypes",

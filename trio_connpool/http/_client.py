@@ -94,6 +94,14 @@ from ._models import (
     encode_json,
     merge_params,
 )
+from ._proxy import (
+    ForwardingConnection,
+    Proxy,
+    ProxyTypes,
+    as_proxy,
+    open_proxied_stream,
+    require_socks,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -403,6 +411,14 @@ def _uds_path(uds: object) -> str | None:
     return uds
 
 
+class ProxyLookup(Protocol):
+    """Says which proxy, if any, a request goes through (what ``ProxyEnv`` provides)."""
+
+    def proxy_for(self, scheme: str, host: str, port: int) -> str | None:
+        """The proxy URL for a request to ``scheme://host:port``, or None (direct)."""
+        ...
+
+
 @runtime_checkable
 class RequestSender(Protocol):
     """Anything that sends a request and returns its response (head read, body pending).
@@ -422,20 +438,26 @@ class HTTPKey:
     """The pool key of an HTTP connection: a connection is reused only for the same key.
 
     Attributes:
-        origin: Scheme, host and port.
+        origin: Scheme, host and port. For a key that forwards ``http://`` requests through
+            an HTTP proxy, the proxy's own address (``http://proxy-host:port``), shared by
+            every origin it forwards to.
         http_version: The protocol(s) offered: ``"HTTP/1.1"``, ``"HTTP/2"`` (HTTP/2 only: ALPN
             ``h2`` over TLS, prior knowledge over plain TCP) or ``"HTTP/2,HTTP/1.1"`` (ALPN
             offering both over TLS; the server chooses).
         tls: The TLS context for https, or None for plain HTTP. Compared by identity: two
             contexts with the same settings are still different keys (a context's settings
             cannot be read back completely, so identity is the only safe comparison).
-        extra: Anything else that must match (a user agent, a proxy, a tenant).
+        extra: Anything else that must match (a user agent, a tenant).
+        proxy: The :class:`Proxy` the connection goes through, or None (direct). With an
+            HTTP(S) proxy, a key without ``tls`` forwards plain requests to the proxy, and a
+            key with ``tls`` tunnels to its https origin through CONNECT; with a SOCKS5 proxy
+            every key is a tunnel to its origin.
         uds: The path of the Unix domain socket to connect to instead of the origin's host
             and port, or None (TCP). The origin still gives the Host header, the scheme and
             the TLS server name.
     """
 
-    __slots__ = ("_hash", "extra", "http_version", "origin", "tls", "uds")
+    __slots__ = ("_hash", "extra", "http_version", "origin", "proxy", "tls", "uds")
 
     def __init__(
         self,
@@ -444,21 +466,25 @@ class HTTPKey:
         http_version: str = "HTTP/1.1",
         tls: ssl.SSLContext | None = None,
         extra: Hashable = None,
+        proxy: Proxy | None = None,
         uds: str | None = None,
     ) -> None:
         if http_version not in _OFFERS:
             raise ValueError(
                 f"http_version must be one of {sorted(_OFFERS)}, not {http_version!r}"
             )
+        if proxy is not None and not isinstance(proxy, Proxy):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"proxy must be a Proxy or None, not {proxy!r}")
         self.origin: Origin = origin
         self.http_version: str = http_version
         self.tls: ssl.SSLContext | None = tls
         self.extra: Hashable = extra
+        self.proxy: Proxy | None = proxy
         self.uds: str | None = uds if uds is None else _uds_path(uds)
-        self._hash = hash((origin, http_version, id(tls), extra, self.uds))
+        self._hash = hash((origin, http_version, id(tls), extra, proxy, self.uds))
 
-    def _identity(self) -> tuple[Origin, str, int, Hashable, str | None]:
-        return (self.origin, self.http_version, id(self.tls), self.extra, self.uds)
+    def _identity(self) -> tuple[Origin, str, int, Hashable, Proxy | None, str | None]:
+        return (self.origin, self.http_version, id(self.tls), self.extra, self.proxy, self.uds)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, HTTPKey):
@@ -473,8 +499,10 @@ class HTTPKey:
         # readable in an error message, where an address would say nothing.
         tls = "" if self.tls is None else f", tls={_CONTEXT_NAMES.get(self.tls, 'custom')}"
         extra = "" if self.extra is None else f", extra={self.extra!r}"
+        # The proxy's URL never shows its credentials.
+        proxy = "" if self.proxy is None else f", proxy={self.proxy.url}"
         uds = "" if self.uds is None else f", uds={self.uds!r}"
-        return f"HTTPKey({str(self.origin)!r}, {self.http_version}{tls}{extra}{uds})"
+        return f"HTTPKey({str(self.origin)!r}, {self.http_version}{tls}{extra}{proxy}{uds})"
 
 
 class HTTPConnector:
@@ -486,6 +514,12 @@ class HTTPConnector:
     connector's ``reserve`` method by default): a connect that may bring HTTP/2 reserves
     ``http2_weight`` and ``max_concurrent_streams``; an origin known to have chosen HTTP/1.1
     reserves weight 1 and capacity 1.
+
+    A key with a ``proxy`` connects through it (see :class:`HTTPKey`): to the proxy itself
+    for a forwarding key (an HTTP/1.1 connection that sends each
+    request in absolute form), else through a CONNECT or SOCKS5 tunnel to the key's origin,
+    with TLS and ALPN to the origin inside for https. Proxy failures raise
+    :class:`~trio_connpool.ProxyError`.
 
     Args:
         timeouts: ``connect`` bounds each connect (TCP, TLS and the HTTP/2 preface); ``read``
@@ -587,12 +621,25 @@ class HTTPConnector:
         """
         timeouts = self.timeouts
         origin = key.origin
-        stream, alpn = await open_stream(
-            origin,
-            ssl_context=key.tls,
-            connect_timeout=timeouts.connect,
-            uds=self.uds if key.uds is None else key.uds,
-        )
+        proxy = key.proxy
+        if proxy is None:
+            stream, alpn = await open_stream(
+                origin,
+                ssl_context=key.tls,
+                connect_timeout=timeouts.connect,
+                uds=self.uds if key.uds is None else key.uds,
+            )
+        else:
+            forward = key.tls is None and not proxy.is_socks
+            stream, alpn = await open_proxied_stream(
+                proxy,
+                origin,
+                forward=forward,
+                ssl_context=key.tls,
+                connect_timeout=timeouts.connect,
+            )
+            if forward:
+                return ForwardingConnection(stream, proxy, timeouts=timeouts)
         offered = key.http_version
         use_http2 = alpn == "h2" if origin.is_secure else offered == HTTP2
         refusal = notice = None
@@ -718,6 +765,14 @@ class PoolSender:
         health_check_after: Before an HTTP/2 connection that received nothing for this many
             seconds is used, PING it and wait for the answer (bounded by its read timeout);
             a connection that fails the check is closed and another one used. None: never.
+        proxy: Send every request through this proxy (a URL or a :class:`Proxy`; see
+            :func:`open_client`). An ``https://`` proxy without an ``ssl_context`` of its own
+            is verified as ``verify`` says. Forwarded ``http://`` requests are sent to the
+            proxy in HTTP/1.1 whatever ``http1`` and ``http2`` say.
+        proxy_env: Where to look up the proxy of each origin when ``proxy`` is None: any
+            object with ``proxy_for(scheme, host, port) -> str | None`` (the environment's
+            ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` and ``NO_PROXY``, as
+            :func:`open_client` reads them). Asked once per origin.
 
     A request the server did not process (an HTTP/2 stream refused, or above a GOAWAY's
     last stream id) is sent again on another connection whatever its method, if its body can
@@ -750,6 +805,8 @@ class PoolSender:
         cert: CertTypes | None = None,
         trust_env: bool = True,
         uds: str | os.PathLike[str] | None = None,
+        proxy: ProxyTypes | None = None,
+        proxy_env: ProxyLookup | None = None,
     ) -> None:
         _check_protocols(http1, http2)
         check_duration("health_check_after", health_check_after)
@@ -758,6 +815,19 @@ class PoolSender:
             verify, cert=cert, http1=http1, http2=http2, trust_env=trust_env
         )
         self.uds = _uds_path(uds)
+        # An https proxy is verified as the origins are, but speaks HTTP/1.1 (no h2 in ALPN).
+        self._proxy_tls = _shared_context(verify, cert=cert, trust_env=trust_env)
+        self._proxy = None if proxy is None else self._bind(as_proxy(proxy))
+        if proxy_env is not None and not callable(getattr(proxy_env, "proxy_for", None)):
+            raise TypeError("proxy_env must have a proxy_for(scheme, host, port) method")
+        self._proxy_env = proxy_env if self._proxy is None else None
+        self._env_proxies: dict[str, Proxy] = {}
+        if self.uds is not None and self._proxy is not None:
+            raise TypeError(
+                "uds and proxy cannot be combined: a Unix socket is connected directly"
+            )
+        if self.uds is not None:
+            self._proxy_env = None  # a Unix socket takes no proxy from the environment
         check_duration("acquire_timeout", acquire_timeout)
         self.acquire_timeout = acquire_timeout
         self.retry_stale = retry_stale
@@ -783,15 +853,40 @@ class PoolSender:
         """The pool key for ``origin``."""
         key = self._keys.get(origin)
         if key is None:
-            secure = origin.is_secure
-            key = self._keys[origin] = HTTPKey(
-                origin,
-                http_version=_offer(http1=self.http1, http2=self.http2, secure=secure),
-                tls=self._ssl_context if secure else None,
-                extra=self.key_extra,
-                uds=self.uds,
-            )
+            key = self._keys[origin] = self._new_key(origin)
         return key
+
+    def _new_key(self, origin: Origin) -> HTTPKey:
+        secure = origin.is_secure
+        proxy = self._proxy
+        if proxy is None and self._proxy_env is not None:
+            proxy = self._proxy_from_env(origin)
+        if proxy is not None and not secure and not proxy.is_socks:
+            # Forwarded: one key per proxy, whatever the origin.
+            return HTTPKey(proxy.origin, extra=self.key_extra, proxy=proxy)
+        return HTTPKey(
+            origin,
+            http_version=_offer(http1=self.http1, http2=self.http2, secure=secure),
+            tls=self._ssl_context if secure else None,
+            extra=self.key_extra,
+            proxy=proxy,
+            uds=self.uds,
+        )
+
+    def _bind(self, proxy: Proxy) -> Proxy:
+        return proxy.with_ssl_context(self._proxy_tls) if proxy.scheme == "https" else proxy
+
+    def _proxy_from_env(self, origin: Origin) -> Proxy | None:
+        assert self._proxy_env is not None
+        url = self._proxy_env.proxy_for(origin.scheme, origin.host, origin.port)
+        if not url:
+            return None
+        proxy = self._env_proxies.get(url)
+        if proxy is None:
+            if len(self._env_proxies) >= _MAX_REMEMBERED:
+                self._env_proxies.clear()
+            proxy = self._env_proxies[url] = self._bind(Proxy(url))
+        return proxy
 
     async def _healthy(self, connection: HTTPConnection) -> bool:
         """PING an HTTP/2 connection that was quiet for too long; False if it failed."""
@@ -1480,6 +1575,7 @@ async def open_client(
     http2_extra_connections: bool = False,
     ping_interval: float | None = None,
     health_check_after: float | None = None,
+    proxy: ProxyTypes | None = None,
     pool_options: PoolOptions | None = None,
     **pool_keywords: Unpack[PoolOptionArgs],
 ) -> AsyncGenerator[Client, None]:
@@ -1512,7 +1608,9 @@ async def open_client(
         trust_env: With ``verify=True``, the system trust store honours the
             ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` environment variables, read once, when
             the client opens. False: the locations compiled into OpenSSL, whatever the
-            environment says.
+            environment says. Without ``proxy``, it also takes each request's proxy from the
+            environment (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, ``NO_PROXY``), read
+            once, when the client opens; False ignores those too.
         uds: The path of a Unix domain socket: every request goes over it instead of TCP.
             URLs still give the Host header and the scheme (``https://`` does TLS over the
             socket, checking the URL's host name); pool keys carry the path.
@@ -1544,6 +1642,15 @@ async def open_client(
             without traffic; no answer within the read timeout closes it. None: no pings.
         health_check_after: PING an HTTP/2 connection that was quiet this many seconds
             before using it (see :class:`PoolSender`). None: never.
+        proxy: Send every request through this proxy: a URL or a :class:`Proxy`.
+            ``http://[user:pass@]host:port`` forwards ``http://`` requests (one pooled
+            connection to the proxy serves every origin) and tunnels ``https://`` requests
+            through ``CONNECT`` (TLS to the origin inside, HTTP/2 too); ``https://`` reaches
+            the proxy itself over TLS (verified as ``verify`` says, unless the `Proxy` has
+            an ``ssl_context``); ``socks5://`` and ``socks5h://`` (the proxy resolves names)
+            tunnel to each origin and need the ``socks`` extra. Credentials go to the proxy
+            only, as Basic ``Proxy-Authorization``. Its failures raise
+            :class:`~trio_connpool.ProxyError`. Given, it wins over the environment.
         pool_options: The options of the client's own pool, a
             :class:`~trio_connpool.PoolOptions`, used as it is. Without it the client's
             defaults apply, which differ from the pool's: ``CLIENT_POOL_OPTIONS``, that is
@@ -1561,13 +1668,27 @@ async def open_client(
         TrioRequiredError: Not entered in a trio task (from asyncio, say): the client runs
             under trio only.
         ValueError, TypeError: For invalid options, at once (and for ``pool_options``
-            together with pool keywords).
+            together with pool keywords). `~trio_connpool.InvalidURL` (a ValueError) for a
+            malformed proxy URL.
+        ImportError: A SOCKS ``proxy`` without python-socks installed (the ``socks``
+            extra).
     """
     require_trio("open_client()")
     _check_protocols(http1, http2)
     if not isinstance(timeouts, Timeouts):
         raise TypeError("timeouts must be a trio_connpool.http.Timeouts")
     _check_redirects(follow_redirects, max_redirects)
+    if not isinstance(trust_env, bool):
+        raise TypeError(f"trust_env must be a bool, not {trust_env!r}")
+    environment = None
+    if proxy is not None:
+        proxy = as_proxy(proxy)  # a bad URL raises here, before anything opens
+        if proxy.is_socks:
+            require_socks(proxy)
+    elif trust_env:
+        from ._proxyenv import ProxyEnv  # read when the client opens
+
+        environment = ProxyEnv.from_environ(os.environ)
     # Files are read (and paths checked) here, before a pool opens: a bad one fails plainly.
     options: dict[str, Any] = {
         "verify": _shared_context(
@@ -1580,6 +1701,8 @@ async def open_client(
         "http1": http1,
         "http2": http2,
         "health_check_after": health_check_after,
+        "proxy": proxy,
+        "proxy_env": environment,
     }
     chosen = resolve_options(
         pool_options, pool_keywords, name="pool_options", defaults=CLIENT_POOL_OPTIONS
@@ -1613,6 +1736,8 @@ async def open_client(
     if isinstance(pool, Pool):
         given: RequestSender = PoolSender(pool, **options)
     elif isinstance(pool, RequestSender):
+        if proxy is not None:
+            raise TypeError("proxy= needs a pool: a RequestSender given as pool= sends as it is")
         given = pool
     else:
         raise TypeError(f"pool must be a Pool, a RequestSender or None, not {pool!r}")

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Final, NamedTuple, final
+from typing import Final, NamedTuple
 
 __all__ = [
     "MAX_INFORMATIONAL",
@@ -210,13 +210,18 @@ def _framing_of(
     return (None if length is None else int(length)), chunked, close
 
 
-@final
 class H1Client:
     """One HTTP/1.1 client connection's protocol state, without I/O.
 
     Args:
         max_head_size: The largest incomplete response head, chunk line or trailer block
             kept while waiting for its end.
+
+    Attributes:
+        allow_tunnel: Accept a 2xx answer to CONNECT (a tunnel to a proxy's destination):
+            its head ends the exchange with no body, the connection is no longer HTTP's
+            (never reusable), and what follows the head (`trailing_data`) belongs to the
+            tunnel. False (the default) refuses it as a protocol violation.
     """
 
     __slots__ = (
@@ -235,6 +240,7 @@ class H1Client:
         "_pos",
         "_scan",
         "_their_close",
+        "allow_tunnel",
         "body_remaining",
         "our_state",
         "their_state",
@@ -243,6 +249,7 @@ class H1Client:
 
     def __init__(self, *, max_head_size: int = 64 * 1024) -> None:
         self._max_head_size = max_head_size
+        self.allow_tunnel = False
         # What was received: ``_buffer[_pos:]`` is unread. A new read replaces an empty
         # buffer as it is (no copy); appending to unread bytes switches to a bytearray, which
         # grows in amortised constant time per byte and is compacted from the front.
@@ -524,7 +531,11 @@ class H1Client:
             return None  # 100 Continue, 103 Early Hints: the final response follows
         method = self._head_method
         if method == b"CONNECT" and status < 300:
-            raise RemoteViolation("a tunnel (2xx to CONNECT) is not supported")
+            if not self.allow_tunnel:
+                raise RemoteViolation("a tunnel (2xx to CONNECT) is not supported")
+            self._their_close = True
+            self._set_length(0)
+            return ResponseHead(status, reason or b"", version, fields)
         self._their_close = close or version < b"1.1"
         if method == b"HEAD" or status in (204, 304):
             self._set_length(0)

@@ -160,7 +160,6 @@ class _WriteFailed(Exception):
     """The transport broke while we sent the request; the server may have answered first."""
 
 
-@final
 class HTTP11Connection:
     """One HTTP/1.1 connection to one origin, serving one exchange at a time.
 
