@@ -213,8 +213,10 @@ class _Rules:
         self.names = frozenset(names)
         self.names_by_port = {port: frozenset(s) for port, s in names_by_port.items()}
         self.ips_by_port = {port: frozenset(s) for port, s in ips_by_port.items()}
+        # Indexed by ``address.version == 6``: (shift, shifted network numbers) pairs.
         self.ip_nets = tuple(
-            (version, shift, frozenset(s)) for (version, shift), s in sorted(nets.items())
+            tuple((shift, frozenset(s)) for (v, shift), s in sorted(nets.items()) if v == version)
+            for version in (4, 6)
         )
 
     def _add(
@@ -310,9 +312,8 @@ class _Rules:
         if ported is not None and address in ported:
             return True
         number = int(address)
-        version = address.version
-        for net_version, shift, numbers in self.ip_nets:
-            if net_version == version and number >> shift in numbers:
+        for shift, numbers in self.ip_nets[address.version == 6]:
+            if number >> shift in numbers:
                 return True
         return False
 
