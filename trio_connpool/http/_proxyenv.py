@@ -27,14 +27,16 @@ Proxy variables
 5. A value without ``://`` means ``http://`` (``proxy.corp:3128`` is
    ``http://proxy.corp:3128``). The schemes accepted are ``http``, ``https``, ``socks5`` and
    ``socks5h`` (any case). ``socks4`` and ``socks4a`` are refused with a ValueError rather than
-   passed through: nothing in the library speaks them, and an error naming the variable now is
-   clearer than a failed connect later.
+   passed through: httpx refuses them too, and an error naming the variable now is clearer
+   than a failed connect later.
 6. A value is normalised to ``scheme://[userinfo@]host:port``: the scheme lowercased, the port
    made explicit (the scheme's default, 80, 443 or 1080 for SOCKS, where none is written; curl
-   assumes 1080 for every scheme, httpx the scheme's default, which we follow), a trailing
-   ``/`` dropped. Credentials are kept, percent-encoded as written, for the proxy connection.
-7. A value that cannot be a proxy URL (an unknown scheme, no host, a bad port, a path, query or
-   fragment, whitespace or control characters inside) raises ValueError naming the variable.
+   assumes 1080 for every scheme, httpx the scheme's default, which we follow), the host
+   lowercased and IDNA-encoded, a trailing ``/`` dropped. Credentials are kept,
+   percent-encoded as written, for the connection to the proxy.
+7. A value that cannot be a proxy URL (an unknown scheme, no host, a host that is neither a
+   DNS name nor an IP address, a bad port, a path, query or fragment, whitespace or control
+   characters inside) raises ValueError naming the variable.
    Messages never show the value's credentials.
 
 NO_PROXY
@@ -97,16 +99,15 @@ _IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _redact(value: str) -> str:
-    """The value with anything before an ``@`` in its authority replaced, for error messages."""
+    """`value` with everything between the scheme and the last ``@`` hidden, for messages.
+
+    The last ``@`` anywhere, not only in the authority: an unencoded ``/``, ``?`` or ``#`` in a
+    password ends the authority early for a URL parser, and the rest must stay hidden too.
+    """
     scheme, sep, rest = value.partition("://")
     if not sep:
         scheme, rest = "", value
-    authority_end = len(rest)
-    for ch in "/?#":
-        index = rest.find(ch)
-        if index != -1:
-            authority_end = min(authority_end, index)
-    at = rest.rfind("@", 0, authority_end)
+    at = rest.rfind("@")
     if at != -1:
         rest = "***@" + rest[at + 1 :]
     return f"{scheme}{sep}{rest}"
@@ -146,12 +147,25 @@ def _parse_proxy(value: str, variable: str) -> str:
         )
     if port == 0:
         raise ValueError(f"{variable}: proxy port must be 1..65535: {_redact(text)!r}")
-    netloc = parts.netloc
-    userinfo, at, hostport = netloc.rpartition("@")
+    host = parts.hostname  # lowercased, brackets removed
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if hostport.startswith("["):
+        if _parse_ip(host) is None or ":" not in host:
+            raise ValueError(f"{variable}: invalid IPv6 proxy address: {_redact(text)!r}")
+        host = f"[{host}]"
+    else:
+        if not host.isascii():
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError:
+                raise ValueError(
+                    f"{variable}: proxy host cannot be IDNA-encoded: {_redact(text)!r}"
+                ) from None
+        if not _NAME_RE.fullmatch(host):
+            raise ValueError(f"{variable}: invalid character in proxy host: {_redact(text)!r}")
     if port is None:
-        # `hostport` may end in a bare ":" (``proxy:``), which urlsplit reads as no port.
-        hostport = hostport.removesuffix(":") + f":{_PROXY_SCHEMES[scheme]}"
-    return f"{scheme}://{userinfo}{at}{hostport.lower()}"
+        port = _PROXY_SCHEMES[scheme]
+    return f"{scheme}://{userinfo}{at}{host}:{port}"
 
 
 def _parse_port(text: str) -> int | None:
