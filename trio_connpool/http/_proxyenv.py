@@ -61,14 +61,14 @@ NO_PROXY
     (`trio_connpool.http.URL` stores IPv6 hosts without them).
 12. An entry ``host:port``, ``ip:port`` or ``[ipv6]:port`` matches only that port (as Go and
     Node.js; curl does not read ports in NO_PROXY). Entries without a port match every port.
-13. Entries that are none of the above (``10.0.0.0/33``, ``a..b``, ``host:http``, a CIDR with a
-    port) are ignored, not errors: one mistyped entry in a shared environment must not break
-    every request. They are listed in `ProxyEnv.no_proxy_ignored` for diagnostics.
-14. Only the first 10,000 entries are read (`MAX_NO_PROXY_ENTRIES`); the rest are ignored and
-    counted in `ProxyEnv.no_proxy_ignored`'s last item. A lookup never scans the list: a name
-    is checked by hashing it and each of its parent domains (cost proportional to the host's
-    length), an address by one hash per distinct CIDR prefix length (at most 33 for IPv4 and
-    129 for IPv6). Parsing at `ProxyEnv.from_environ` is linear in the variable's length.
+13. Entries that are none of the above (``10.0.0.0/33``, ``a..b``, ``host:http``, a CIDR with
+    a port or in brackets) are ignored, not errors: one mistyped entry in a shared environment
+    must not break every request. They are listed in `ProxyEnv.no_proxy_ignored`.
+14. Only the first 10,000 entries are read (`MAX_NO_PROXY_ENTRIES`); the rest are not parsed,
+    and `ProxyEnv.no_proxy_ignored` ends with a note saying so. A lookup never scans the list:
+    a name is checked by hashing it and each of its parent domains (cost proportional to the
+    host's length), an address by one hash per distinct CIDR prefix length (at most 33 for
+    IPv4 and 129 for IPv6). Parsing is linear in the entries read.
 """
 
 from __future__ import annotations
