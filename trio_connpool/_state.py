@@ -232,8 +232,8 @@ class Waiter(Generic[K, C]):
     __slots__ = ("connect", "key", "state", "token")
 
     def __init__(self, key: K) -> None:
-        self.key = key
-        self.state = _WaiterState.WAITING
+        self.key: K = key
+        self.state: _WaiterState = _WaiterState.WAITING
         self.connect: _Record[K, C] | None = None
         self.token: Any = None
 
@@ -519,7 +519,7 @@ class _SubPool(Generic[K, C]):
 
     def __init__(self, key: K, owner: PoolState[K, C]) -> None:
         self.key: K = key
-        self.owner = owner  # for an abandoned lease's way back (Rule 6)
+        self.owner: PoolState[K, C] = owner  # for an abandoned lease's way back (Rule 6)
         # Open, ready connections with spare capacity, in release order (newest last).
         self.available: OrderedDict[_Record[K, C], None] = OrderedDict()
         # Every open connection of this key.
@@ -567,22 +567,22 @@ class PoolState(Generic[K, C]):
         options = resolve_options(options, keywords)
         # Copied out of the options: the hot paths read them as attributes of their own.
         self.options = options
-        self.max_connections = options.max_connections
-        self.max_connections_per_key = options.max_connections_per_key
-        self.lifo = options.release_policy is ReleasePolicy.LIFO
-        self.release_policy = options.release_policy
-        self.max_waiters = options.max_waiters
-        self.idle_timeout = options.idle_timeout
-        self.max_lifetime = options.max_lifetime
-        self.lifetime_jitter = float(options.lifetime_jitter)
+        self.max_connections: int = options.max_connections
+        self.max_connections_per_key: int | None = options.max_connections_per_key
+        self.lifo: bool = options.release_policy is ReleasePolicy.LIFO
+        self.release_policy: ReleasePolicy = options.release_policy
+        self.max_waiters: int | None = options.max_waiters
+        self.idle_timeout: float | None = options.idle_timeout
+        self.max_lifetime: float | None = options.max_lifetime
+        self.lifetime_jitter: float = float(options.lifetime_jitter)
         self._reserve: Callable[[K], Reservation] | None = options.reserve
         self._is_closed = is_closed
         self._is_ready = is_ready
         self._rng = options.rng if options.rng is not None else random.Random()
 
-        self.closed = False
+        self.closed: bool = False
         # Open connections plus connects in flight, against max_connections (Rule 1).
-        self.connections = 0
+        self.connections: int = 0
         self.effects: list[Effect[K, C]] = []
         self._subpools: dict[K, _SubPool[K, C]] = {}
         # Open connections with no lease, least recently released first (Rule 4; idle expiry).
@@ -598,18 +598,18 @@ class PoolState(Generic[K, C]):
         # Rule 7: min_idle_per_key (0: off); each key's latest known end of a lease, folded
         # in from connections that closed or whose idle clock restarted; the refill backoff
         # per key, (next try, current delay); keys whose unused refill connection died.
-        self.min_idle = options.min_idle_per_key or 0
+        self.min_idle: int = options.min_idle_per_key or 0
         self._last_used: dict[K, float] = {}
         self._retry: dict[K, tuple[float, float]] = {}
         self._died_unused: list[K] = []
         # Connects started by prewarm() or refill() still in flight, oldest first.
         self._spares: dict[_Record[K, C], None] = {}
         # Cumulative counts (PoolStatistics); the driver adds the waits, which it times.
-        self.connects = 0
-        self.connect_failures = 0
-        self.leases_served = 0
-        self.waits = 0
-        self.wait_time = 0.0
+        self.connects: int = 0
+        self.connect_failures: int = 0
+        self.leases_served: int = 0
+        self.waits: int = 0
+        self.wait_time: float = 0.0
 
     # ------------------------------------------------------------------ effects
 

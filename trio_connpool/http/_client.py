@@ -814,7 +814,7 @@ class PoolSender:
         self._ssl_context = _shared_context(
             verify, cert=cert, http1=http1, http2=http2, trust_env=trust_env
         )
-        self.uds = _uds_path(uds)
+        self.uds: str | None = _uds_path(uds)
         # An https proxy is verified as the origins are, but speaks HTTP/1.1 (no h2 in ALPN).
         self._proxy_tls = _shared_context(verify, cert=cert, trust_env=trust_env)
         self._proxy = None if proxy is None else self._bind(as_proxy(proxy))
@@ -1054,7 +1054,7 @@ class NoPoolSender:
     ) -> None:
         self._ssl_context = _shared_context(verify, cert=cert, trust_env=trust_env)
         self.timeouts = timeouts
-        self.uds = _uds_path(uds)
+        self.uds: str | None = _uds_path(uds)
         self._connector = HTTPConnector(timeouts=timeouts)
 
     async def send_request(self, request: Request) -> Response:
