@@ -31,7 +31,7 @@ from .._exceptions import ConnectError, ConnectTimeout
 if TYPE_CHECKING:
     from ._models import Origin
 
-__all__ = ["CertTypes", "VerifyTypes", "create_ssl_context", "open_stream"]
+__all__ = ["CertTypes", "VerifyTypes", "create_ssl_context", "open_stream", "start_tls"]
 
 VerifyTypes = Union[bool, str, "os.PathLike[str]", ssl.SSLContext]
 """What ``verify=`` accepts: True (the system's trust store), False (no verification), the
@@ -168,6 +168,20 @@ def create_ssl_context(
     return context
 
 
+def start_tls(
+    stream: trio.abc.Stream, origin: Origin, ssl_context: ssl.SSLContext | None
+) -> trio.SSLStream[trio.abc.Stream]:
+    """Wrap ``stream`` in TLS for ``origin`` (its host name checked; ``ssl_context`` None: the
+    library's default context). The caller awaits the handshake, and closes the stream if it
+    fails."""
+    return trio.SSLStream(
+        stream,
+        ssl_context if ssl_context is not None else create_ssl_context(),
+        server_hostname=origin.host,
+        https_compatible=True,
+    )
+
+
 async def open_stream(
     origin: Origin,
     *,
@@ -209,13 +223,7 @@ async def open_stream(
             stream = tcp
             if not origin.is_secure:
                 return tcp, None
-            tls = trio.SSLStream(
-                tcp,
-                ssl_context if ssl_context is not None else create_ssl_context(),
-                server_hostname=origin.host,
-                https_compatible=True,
-            )
-            stream = tls
+            stream = tls = start_tls(tcp, origin, ssl_context)
             await tls.do_handshake()
             return tls, tls.selected_alpn_protocol()
     except BaseException as exc:

@@ -41,7 +41,7 @@ from urllib.parse import unquote, urlsplit
 import trio
 
 from .._exceptions import ConnectError, ConnectTimeout, InvalidURL, ProxyError
-from ._connect import open_stream
+from ._connect import open_stream, start_tls
 from ._h1 import H1Client, RemoteViolation
 from ._http11 import HTTP11Connection
 from ._models import Origin, Timeouts, format_authority
@@ -374,13 +374,7 @@ async def open_proxied_stream(
             tunnelled = True
             if not origin.is_secure:
                 return stream, None
-            tls = trio.SSLStream(
-                stream,
-                ssl_context if ssl_context is not None else ssl.create_default_context(),
-                server_hostname=origin.host,
-                https_compatible=True,
-            )
-            stream = tls
+            stream = tls = start_tls(stream, origin, ssl_context)
             await tls.do_handshake()
             return tls, tls.selected_alpn_protocol()
     except BaseException as exc:
