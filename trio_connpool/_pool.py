@@ -36,7 +36,7 @@ import os
 import sys
 import traceback
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
@@ -300,6 +300,13 @@ class Pool(Generic[K, C]):
         self.acquire_timeout: float | None = options.acquire_timeout
         self.close_timeout: float = options.close_timeout
         self._instruments = tuple(options.instruments)
+        # Each hook's methods, of the instruments that override it: a hook an instrument
+        # leaves as Instrument's no-op is never called, and costs a lease nothing.
+        self._hooks = _hooks_of(self._instruments)
+        self._on_acquired = "lease_acquired" in self._hooks
+        self._on_released = "lease_released" in self._hooks
+        self._on_waiting = "waiting" in self._hooks
+        self._on_waited = "waited" in self._hooks
         self._nursery: trio.Nursery | None = None
         self._timer_scope = trio.CancelScope()
         self._timer_at = math.inf  # the timer scope's deadline, read without a property call
@@ -493,7 +500,7 @@ class Pool(Generic[K, C]):
         if state.effects:
             self._apply()
         if lease is not None:
-            if self._instruments:
+            if self._on_acquired:
                 self._hook("lease_acquired", key, lease.connection)
             if self._leak_timeout is not None:
                 self._track(lease)
@@ -515,7 +522,7 @@ class Pool(Generic[K, C]):
         if self._leak_timeout is not None:
             self._untrack(lease, now)
         idle = state.release(lease, now, discard=discard)
-        if self._instruments:
+        if self._on_released:
             self._hook("lease_released", lease.key, lease.connection)
         if state.effects:
             self._apply()
@@ -670,7 +677,7 @@ class Pool(Generic[K, C]):
                 raise TypeError(f"deadline must be a time (a number, not NaN), not {deadline!r}")
         state = self._state
         waiter = state.enqueue(key)  # May raise TooManyWaiters: nothing was changed then.
-        if self._instruments:
+        if self._on_waiting:
             self._hook("waiting", key)
         waiter.token = None
         if state.effects:
@@ -720,14 +727,14 @@ class Pool(Generic[K, C]):
         state = self._state
         state.waits += 1
         state.wait_time += seconds
-        if self._instruments:
+        if self._on_waited:
             self._hook("waited", key, seconds)
 
     def _unwrap(self, result: outcome.Outcome[Lease[K, C]], key: K) -> Lease[K, C]:
         return self._acquired(key, result.unwrap())
 
     def _acquired(self, key: K, lease: Lease[K, C]) -> Lease[K, C]:
-        if self._instruments:
+        if self._on_acquired:
             self._hook("lease_acquired", key, lease.connection)
         if self._leak_timeout is not None:
             self._track(lease)
@@ -1092,12 +1099,29 @@ class Pool(Generic[K, C]):
                 self._hook("hook_failed", "aclose", exc)
 
     def _hook(self, name: str, *args: Any) -> None:
-        for instrument in self._instruments:
+        for method in self._hooks.get(name, ()):
             try:
-                getattr(instrument, name)(*args)
+                method(*args)
             except Exception as exc:
                 if name != "hook_failed":
                     self._hook("hook_failed", name, exc)
+
+
+def _hooks_of(instruments: Sequence[Instrument]) -> dict[str, tuple[Callable[..., object], ...]]:
+    """Each hook's methods (by name), of the ``instruments`` that override it, in their
+    order. A hook overridden on the instance (an attribute set in ``__init__``) counts too."""
+    hooks: dict[str, tuple[Callable[..., object], ...]] = {}
+    for name, base in vars(Instrument).items():
+        if name.startswith("_") or not callable(base):
+            continue
+        methods = tuple(
+            method
+            for method in (getattr(instrument, name) for instrument in instruments)
+            if getattr(method, "__func__", None) is not base
+        )
+        if methods:
+            hooks[name] = methods
+    return hooks
 
 
 def require_trio(entry: str) -> None:
