@@ -124,7 +124,8 @@ async def test_http11_workload(
         "http.client.open_connections": "{connection}",
         "trio_connpool.connections": "{connection}",
         "trio_connpool.waiting": "{task}",
-        "trio_connpool.wait.duration": "s",
+        "trio_connpool.waits": "{wait}",
+        "trio_connpool.wait.time": "s",
         "trio_connpool.connects": "{connect}",
         "trio_connpool.connect_failures": "{connect}",
         "trio_connpool.leases": "{lease}",
@@ -203,13 +204,13 @@ async def test_http11_workload(
     assert m.values("trio_connpool.connects") == {frozenset(): 2}
     assert m.values("trio_connpool.connect_failures") == {frozenset(): 1}
     assert m.values("trio_connpool.leases") == {frozenset(): 8}
-    waits = m.histogram("trio_connpool.wait.duration", **{"pool.key": key})
-    # The six concurrent GETs all waited (two for the connects, four for a connection to
-    # come back); the two later requests found one idle.
-    assert waits.count == 6
-    assert 4 * 0.05 <= waits.sum < 6 * 5.0
-    refused_wait = m.histogram("trio_connpool.wait.duration", **{"pool.key": "http://127.0.0.1:1"})
-    assert refused_wait.count == 1
+    # The refused GET waited for its connect; the six concurrent GETs all waited (two for
+    # the connects, four for a connection to come back); the two later requests found one
+    # idle. The histogram of each wait is off by default.
+    assert m.values("trio_connpool.waits") == {frozenset(): 7}
+    (wait_time,) = m.values("trio_connpool.wait.time").values()
+    assert 4 * 0.05 <= wait_time < 7 * 5.0
+    assert not m.points("trio_connpool.wait.duration")
 
     # Once the client closed: both connections ended, open counts fell to 0, and the
     # counters kept their totals.
@@ -272,7 +273,7 @@ async def test_generic_pool_keys_get_no_pool_key_unless_named(
     autojump_clock: trio.testing.MockClock, reader: InMemoryMetricReader
 ) -> None:
     provider = MeterProvider(metric_readers=[reader])
-    anonymous = MetricsInstrument(provider)
+    anonymous = MetricsInstrument(provider, wait_histogram=True)
     connector = FakeConnector(Step(delay=1.0))
     async with open_pool(connector, instruments=[anonymous]) as pool:
         lease = await pool.acquire(("tenant", 7))
@@ -285,6 +286,9 @@ async def test_generic_pool_keys_get_no_pool_key_unless_named(
         wait = m.histogram("trio_connpool.wait.duration")
         assert wait.count == 1
         assert wait.sum == pytest.approx(1.0)
+        assert tuple(wait.explicit_bounds) == REQUEST_DURATION_BUCKETS
+        assert m.values("trio_connpool.waits") == {frozenset(): 1}
+        assert m.values("trio_connpool.wait.time") == {frozenset(): pytest.approx(1.0)}
         pool.release(lease)
         # No HTTP key: none of the HTTP client's metrics has a point.
         assert not m.points("http.client.open_connections")
@@ -312,8 +316,10 @@ async def test_one_instrument_adds_up_two_pools(
             first.release(await first.acquire("a"))
             second.release(await second.acquire("a"))
             assert Metrics(reader).values("trio_connpool.connections")[_a({"state": "idle"})] == 2
-        # The closed pool's connects still count: a counter never goes back.
-        assert Metrics(reader).values("trio_connpool.connects") == {frozenset(): 2}
+        # The closed pool's counts still count: a counter never goes back.
+        closed = Metrics(reader)
+        assert closed.values("trio_connpool.connects") == {frozenset(): 2}
+        assert closed.values("trio_connpool.waits") == {frozenset(): 2}
 
 
 # ---- the request hooks, without OpenTelemetry ---------------------------------------------

@@ -17,14 +17,21 @@ The pool's metrics, for any pool (``open_pool`` or the client's), are named
   connections and connects in flight, by ``state``: ``idle``, ``in_use``, ``connecting``.
 - ``trio_connpool.waiting`` (``{task}``, an asynchronous UpDownCounter): tasks waiting for a
   connection.
-- ``trio_connpool.wait.duration`` (``s``, a histogram): how long each wait for a connection
-  took, whatever its end (served, failed, timed out, cancelled). A task that finds a
-  connection available does not wait and is not recorded.
+- ``trio_connpool.waits`` (``{wait}``, an asynchronous counter) and
+  ``trio_connpool.wait.time`` (``s``, an asynchronous counter): waits for a connection that
+  ended, whatever their end (served, failed, timed out, cancelled), and the seconds they took
+  in all; the mean wait over an interval is the one's rate over the other's. A task that
+  finds a connection available does not wait and is not counted.
+- ``trio_connpool.wait.duration`` (``s``, a histogram), only with ``wait_histogram=True``:
+  how long each of those waits took. Off by default: a histogram value costs an SDK call of
+  some 60,000 instructions (more than a tenth of a request's own cost), and a busy pool has
+  about one wait per request.
 - ``trio_connpool.connects`` and ``trio_connpool.connect_failures`` (``{connect}``,
   asynchronous counters): connects that succeeded, and that failed or were cancelled.
 - ``trio_connpool.leases`` (``{lease}``, an asynchronous counter): leases handed out.
 
-The first three carry a ``pool.key`` attribute, where a key has a bounded name: an HTTP
+``trio_connpool.connections``, ``trio_connpool.waiting`` and ``trio_connpool.wait.duration``
+carry a ``pool.key`` attribute, where a key has a bounded name: an HTTP
 key's origin (``"https://example.com:443"``; the TLS context and ``extra`` of the key are
 left out), or what ``pool_key(key)`` returns if given (None: no attribute for that key).
 Other keys get none: a key can be anything, and an attribute of unbounded cardinality
@@ -56,7 +63,9 @@ The HTTP client's metrics follow OpenTelemetry's semantic conventions for HTTP c
 
 The two counts of the conventions' UpDownCounters are asynchronous UpDownCounters here (the
 same data: a non-monotonic sum), read from the instrument's own counts and the pools'
-statistics when the metrics are collected, so a request pays no SDK call for them.
+statistics when the metrics are collected, so a request pays no SDK call for them. A
+request pays one, for ``http.client.request.duration``: with the SDK, that call is most of
+what the instrument costs.
 
 One instrument may serve several pools: their figures are added up.
 """
@@ -104,6 +113,17 @@ def _origin_attributes(key: HTTPKey) -> _Attributes:
     return {"server.address": origin.host, "server.port": origin.port, "url.scheme": origin.scheme}
 
 
+class _Active:
+    """Requests in flight for one key and method."""
+
+    __slots__ = ("count", "key", "method")
+
+    def __init__(self, key: HTTPKey, method: str) -> None:
+        self.key = key
+        self.method = method
+        self.count = 0
+
+
 def _as_pool(pool: object) -> Pool[Any, Any] | None:
     # The hooks type the pool as an object (the options module knows no pools).
     return pool if isinstance(pool, Pool) else None  # pyright: ignore[reportUnknownVariableType]
@@ -118,6 +138,9 @@ class MetricsInstrument(Instrument):
         pool_key: ``pool_key(key) -> str | None``: the ``pool.key`` attribute of a key of
             the pool's metrics (None: no attribute for that key). It must have few values.
             Default: an HTTP key's origin, nothing for other keys.
+        wait_histogram: Record ``trio_connpool.wait.duration``, a histogram of each wait
+            for a connection (the module says what it costs). The counts and the total
+            time of the waits are recorded either way.
 
     Give it to ``open_pool(instruments=[...])`` or ``open_client(instruments=[...])``; one
     instrument may serve several pools and clients.
@@ -128,6 +151,7 @@ class MetricsInstrument(Instrument):
         meter_provider: metrics.MeterProvider | None = None,
         *,
         pool_key: Callable[[Hashable], str | None] | None = None,
+        wait_histogram: bool = False,
     ) -> None:
         if pool_key is not None and not callable(pool_key):
             raise TypeError(f"pool_key must be a callable or None, not {pool_key!r}")
@@ -137,9 +161,13 @@ class MetricsInstrument(Instrument):
         self._pools: list[Pool[Any, Any]] = []
         # Cumulative counts of the pools that closed, so the counters never go back.
         self._closed_connects = self._closed_failures = self._closed_leases = 0
+        self._closed_waits = 0
+        self._closed_wait_time = 0.0
         self._key_attributes: dict[Hashable, _Attributes] = {}
-        self._request_attributes: dict[tuple[object, ...], _Attributes] = {}
-        self._active_requests: dict[tuple[HTTPKey, str], int] = {}
+        # Keyed by the HTTP key's id() (a key's hash is a Python call); the entry keeps the
+        # key alive, so its id cannot be reused while the entry lasts.
+        self._request_attributes: dict[tuple[object, ...], tuple[HTTPKey, _Attributes]] = {}
+        self._active_requests: dict[tuple[int, str], _Active] = {}
         self._connected_at: dict[int, tuple[float, HTTPKey]] = {}
         self._seen: dict[str, set[tuple[tuple[str, str | int], ...]]] = {}
 
@@ -156,12 +184,27 @@ class MetricsInstrument(Instrument):
             unit="{task}",
             description="Tasks waiting for a connection.",
         )
-        self._wait_duration = meter.create_histogram(
-            "trio_connpool.wait.duration",
-            unit="s",
-            description="Time each wait for a connection took.",
-            explicit_bucket_boundaries_advisory=REQUEST_DURATION_BUCKETS,
+        meter.create_observable_counter(
+            "trio_connpool.waits",
+            [self._observe_waits],
+            unit="{wait}",
+            description="Waits for a connection that ended.",
         )
+        meter.create_observable_counter(
+            "trio_connpool.wait.time",
+            [self._observe_wait_time],
+            unit="s",
+            description="Time the waits for a connection took, added up.",
+        )
+        if wait_histogram:
+            self._wait_duration = meter.create_histogram(
+                "trio_connpool.wait.duration",
+                unit="s",
+                description="Time each wait for a connection took.",
+                explicit_bucket_boundaries_advisory=REQUEST_DURATION_BUCKETS,
+            )
+            # Only then a hook: the pool calls no hook an instrument leaves as the no-op.
+            self.waited = self._record_wait  # type: ignore[method-assign]
         meter.create_observable_counter(
             "trio_connpool.connects",
             [self._observe_connects],
@@ -224,8 +267,11 @@ class MetricsInstrument(Instrument):
             self._closed_connects += stats.connects
             self._closed_failures += stats.connect_failures
             self._closed_leases += stats.leases_served
+            self._closed_waits += stats.waits
+            self._closed_wait_time += stats.wait_time
 
-    def waited(self, key: Hashable, seconds: float) -> None:
+    def _record_wait(self, key: Hashable, seconds: float) -> None:
+        # The waited hook, with wait_histogram=True.
         self._wait_duration.record(seconds, self._attributes_of(key))
 
     def connect_succeeded(self, key: Hashable, connection: object) -> None:
@@ -247,9 +293,21 @@ class MetricsInstrument(Instrument):
 
     def request_started(self, key: Hashable, request: object) -> None:
         assert isinstance(key, HTTPKey) and isinstance(request, Request)
-        counted = (key, request.method)
-        active = self._active_requests
-        active[counted] = active.get(counted, 0) + 1
+        method = request.method
+        counted = (id(key), method)
+        active = self._active_requests.get(counted)
+        if active is None:
+            active = self._new_active(counted, key, method)
+        active.count += 1
+
+    def _new_active(self, counted: tuple[int, str], key: HTTPKey, method: str) -> _Active:
+        requests = self._active_requests
+        if len(requests) >= _CACHE_LIMIT:
+            # Forget the series that read 0 (a client that met many origins or methods).
+            for stale in [entry for entry, active in requests.items() if not active.count]:
+                del requests[stale]
+        active = requests[counted] = _Active(key, method)
+        return active
 
     def request_finished(
         self,
@@ -261,23 +319,23 @@ class MetricsInstrument(Instrument):
     ) -> None:
         assert isinstance(key, HTTPKey) and isinstance(request, Request)
         method = request.method
-        counted = (key, method)
-        active = self._active_requests
-        # Kept at 0 rather than forgotten, so the series reads 0 and does not go stale.
-        active[counted] = active.get(counted, 1) - 1
+        active = self._active_requests.get((id(key), method))
+        if active is not None:
+            # Kept at 0 rather than forgotten, so the series reads 0 and does not go stale.
+            active.count -= 1
         cached: tuple[object, ...]
         if response is not None:
             assert isinstance(response, Response)
-            cached = (key.origin, method, response.status_code, response.http_version)
+            cached = (id(key), method, response.status_code, response.http_version)
         else:
-            cached = (key.origin, method, type(error).__qualname__)
-        attributes = self._request_attributes.get(cached)
-        if attributes is None:
-            attributes = self._request_attributes_for(key, method, response, error)
+            cached = (id(key), method, type(error).__qualname__)
+        entry = self._request_attributes.get(cached)
+        if entry is None or entry[0] is not key:
+            entry = (key, self._request_attributes_for(key, method, response, error))
             if len(self._request_attributes) >= _CACHE_LIMIT:
                 self._request_attributes.clear()
-            self._request_attributes[cached] = attributes
-        self._request_duration.record(seconds, attributes)
+            self._request_attributes[cached] = entry
+        self._request_duration.record(seconds, entry[1])
 
     def _request_attributes_for(
         self, key: HTTPKey, method: str, response: object | None, error: BaseException | None
@@ -348,8 +406,9 @@ class MetricsInstrument(Instrument):
     def _observe_waiting(self, _: CallbackOptions) -> Iterable[Observation]:
         return self._per_key((("waiting", ""),), "")
 
-    def _total(self, field: str) -> int:
-        return sum(getattr(pool.statistics(), field) for pool in self._pools)
+    def _total(self, field: str) -> float:
+        total: float = sum(getattr(pool.statistics(), field) for pool in self._pools)
+        return total
 
     def _observe_connects(self, _: CallbackOptions) -> Iterable[Observation]:
         return [Observation(self._closed_connects + self._total("connects"))]
@@ -360,13 +419,20 @@ class MetricsInstrument(Instrument):
     def _observe_leases(self, _: CallbackOptions) -> Iterable[Observation]:
         return [Observation(self._closed_leases + self._total("leases_served"))]
 
+    def _observe_waits(self, _: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self._closed_waits + self._total("waits"))]
+
+    def _observe_wait_time(self, _: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self._closed_wait_time + self._total("wait_time"))]
+
     def _observe_active_requests(self, _: CallbackOptions) -> Iterable[Observation]:
         sums: dict[tuple[tuple[str, str | int], ...], int] = {}
-        for (key, method), count in list(self._active_requests.items()):
-            attributes = _origin_attributes(key)
+        for active in list(self._active_requests.values()):
+            attributes = _origin_attributes(active.key)
+            method = active.method
             attributes["http.request.method"] = method if method in _KNOWN_METHODS else "_OTHER"
             frozen = tuple(sorted(attributes.items()))
-            sums[frozen] = sums.get(frozen, 0) + count
+            sums[frozen] = sums.get(frozen, 0) + active.count
         return [Observation(total, dict(frozen)) for frozen, total in sums.items()]
 
     def _observe_open_connections(self, _: CallbackOptions) -> Iterable[Observation]:
