@@ -386,3 +386,26 @@ async def test_a_raising_request_hook_is_reported_and_ignored() -> None:
         assert (await client.get(base + "/")).status_code == 200
     assert broken.failures == ["request_started"]
     assert len(broken.finished) == 1
+
+
+def test_active_request_counts_forget_idle_series_past_their_bound(
+    reader: InMemoryMetricReader, instrument: MetricsInstrument
+) -> None:
+    """Methods are the caller's: a client that sends many distinct ones (or meets many
+    origins) does not grow the instrument without bound. Series that read 0 are forgotten
+    past 4,096; those with requests in flight are kept and still counted."""
+    key = HTTPKey(URL("http://example.com/").origin)
+    held = Request("GET", "http://example.com/")
+    instrument.request_started(key, held)
+    for n in range(10_000):
+        request = Request(f"M{n}", "http://example.com/")
+        instrument.request_started(key, request)
+        instrument.request_finished(key, request, None, ConnectError("refused"), 0.001)
+    assert len(instrument._active_requests) <= 4096  # pyright: ignore[reportPrivateUsage]
+    origin = origin_of("http://example.com/")
+    active = Metrics(reader).values("http.client.active_requests")
+    assert active[_a({**origin, "http.request.method": "GET"})] == 1
+    assert active[_a({**origin, "http.request.method": "_OTHER"})] == 0
+    instrument.request_finished(key, held, None, ConnectError("refused"), 0.001)
+    active = Metrics(reader).values("http.client.active_requests")
+    assert active[_a({**origin, "http.request.method": "GET"})] == 0

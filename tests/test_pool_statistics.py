@@ -171,3 +171,27 @@ async def test_a_raising_waited_hook_is_reported_and_ignored(
         assert pool.statistics().waits == 1
     assert [hook for hook, _ in broken.failures] == ["waited"]
     assert_balanced(pool, connector)
+
+
+async def test_hooks_set_on_the_instance_are_called_and_others_alongside(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The pool calls only the hooks an instrument overrides: on its class, or on the
+    instance (set in ``__init__``). Two instruments each see their own."""
+    acquired: list[Hashable] = []
+
+    class OnInstance(Instrument):
+        def __init__(self) -> None:
+            self.lease_acquired = lambda key, connection: acquired.append(key)  # type: ignore[method-assign]
+
+    recorder = Recorder()
+    async with open_pool(
+        FakeConnector(Step(delay=1.0)), instruments=[OnInstance(), recorder]
+    ) as pool:
+        pool.release(await pool.acquire("a"))
+        pool.release(await pool.acquire("a"))
+    assert acquired == ["a", "a"]
+    assert [event[0] for event in recorder.events if event[0] in ("waiting", "waited")] == [
+        "waiting",
+        "waited",
+    ]
