@@ -308,6 +308,9 @@ class Pool(Generic[K, C]):
         self._on_waiting = "waiting" in self._hooks
         self._on_waited = "waited" in self._hooks
         self._nursery: trio.Nursery | None = None
+        # The run's clock, read directly once the pool serves (trio.current_time() finds it
+        # through two more calls, on every release and wait).
+        self._now: Callable[[], float] = trio.current_time
         self._timer_scope = trio.CancelScope()
         self._timer_at = math.inf  # the timer scope's deadline, read without a property call
         # Parked waiters' deadlines: (deadline, order, waiter, timeout), a heap. Entries of
@@ -518,7 +521,7 @@ class Pool(Generic[K, C]):
         if lease.released:
             return
         state = self._state
-        now = trio.current_time()
+        now = self._now()
         if self._leak_timeout is not None:
             self._untrack(lease, now)
         idle = state.release(lease, now, discard=discard)
@@ -561,6 +564,7 @@ class Pool(Generic[K, C]):
                 self._nursery = nursery
                 self._started = True
                 self._token = trio.lowlevel.current_trio_token()
+                self._now = clock_reader()
                 self._state.on_abandoned = self._notify_abandoned
                 nursery.start_soon(self._run_timer)
                 if self._instruments:
@@ -672,7 +676,7 @@ class Pool(Generic[K, C]):
             # Checked before the task joins the line and its deadline the heap (see acquire).
             if deadline is None:
                 check_duration("timeout", timeout)
-                deadline = trio.current_time() + timeout
+                deadline = self._now() + timeout
             elif deadline != deadline or not isinstance(deadline, (int, float)):
                 raise TypeError(f"deadline must be a time (a number, not NaN), not {deadline!r}")
         state = self._state
@@ -698,7 +702,7 @@ class Pool(Generic[K, C]):
         waiter.token = trio.lowlevel.current_task()
         # Timed for the statistics: a task that parks pays this clock read (and one when it
         # wakes), next to the cost of parking; a task served without waiting pays nothing.
-        since = trio.current_time()
+        since = self._now()
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             state.cancel(waiter)
@@ -720,7 +724,7 @@ class Pool(Generic[K, C]):
         try:
             lease: Lease[K, C] = await trio.lowlevel.wait_task_rescheduled(abort)
         finally:
-            self._waited(key, trio.current_time() - since)
+            self._waited(key, self._now() - since)
         return self._acquired(key, lease)
 
     def _waited(self, key: K, seconds: float) -> None:
@@ -1122,6 +1126,16 @@ def _hooks_of(instruments: Sequence[Instrument]) -> dict[str, tuple[Callable[...
         if methods:
             hooks[name] = methods
     return hooks
+
+
+def clock_reader() -> Callable[[], float]:
+    """The running clock's ``current_time``: the value of ``trio.current_time()`` in one
+    call rather than three, for code that reads the time on every request. Outside a run
+    (an object made before it starts), ``trio.current_time`` itself."""
+    try:
+        return trio.lowlevel.current_clock().current_time
+    except RuntimeError:
+        return trio.current_time
 
 
 def require_trio(entry: str) -> None:

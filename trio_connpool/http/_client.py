@@ -78,7 +78,7 @@ from .._options import (
     check_duration,
     resolve_options,
 )
-from .._pool import Pool, open_pool, require_trio
+from .._pool import Pool, clock_reader, open_pool, require_trio
 from ._connect import CertTypes, VerifyTypes, create_ssl_context, open_stream
 from ._http2 import HTTP2Connection
 from ._http11 import HTTP11Connection
@@ -836,6 +836,7 @@ class PoolSender:
         self.http2 = http2
         self.health_check_after = health_check_after
         self._keys: dict[Origin, HTTPKey] = {}
+        self._now = clock_reader()
         # The instruments that watch requests: only those that override a request hook, so
         # a request pays for them (a clock read, a call per hook) only if there is one.
         self._observers: tuple[Instrument, ...] = tuple(
@@ -910,15 +911,15 @@ class PoolSender:
         the body is the caller's to read, for as long as it likes) or when it fails.
         """
         key = self.key_for(request.url.origin)
-        started = trio.current_time()
+        started = self._now()
         self._observe("request_started", key, request)
         try:
             response = await PoolSender.send_request(self, request)
         except BaseException as exc:
-            seconds = trio.current_time() - started
+            seconds = self._now() - started
             self._observe("request_finished", key, request, None, exc, seconds)
             raise
-        seconds = trio.current_time() - started
+        seconds = self._now() - started
         self._observe("request_finished", key, request, response, None, seconds)
         return response
 
@@ -937,7 +938,7 @@ class PoolSender:
         key = self.key_for(request.url.origin)
         timeouts = request.timeouts
         timeout = self.acquire_timeout if timeouts is None else timeouts.pool
-        started = trio.current_time()  # the start of Response.elapsed, as httpx's
+        started = self._now()  # the start of Response.elapsed, as httpx's
         # When waiting for a connection must end, for this request's waits and its retries'.
         deadline = None if timeout is None else started + timeout
         pool = self.pool

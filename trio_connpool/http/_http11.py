@@ -63,6 +63,7 @@ from .._exceptions import (
     TransportError,
     WriteTimeout,
 )
+from .._pool import clock_reader
 from ._h1 import H1Client, LocalViolation, RemoteViolation
 from ._models import Headers, Origin, Request, Response, Timeouts, format_authority
 from ._trio_ssl import tls_buffers
@@ -190,6 +191,7 @@ class HTTP11Connection:
     ) -> None:
         self._stream = stream
         self._origin = origin
+        self._now = clock_reader()
         self._default_timeouts = timeouts
         # The limits of the current exchange: the connection's, or its request's own.
         self._timeouts = timeouts
@@ -386,7 +388,7 @@ class HTTP11Connection:
         try:
             # Opened with the first write's deadline, which spares setting it again.
             self._armed = True
-            with trio.CancelScope(deadline=trio.current_time() + self._write_timeout) as scope:
+            with trio.CancelScope(deadline=self._now() + self._write_timeout) as scope:
                 self._scope = scope
                 try:
                     await self._send_request(request, fields, framing)
@@ -519,7 +521,7 @@ class HTTP11Connection:
         if self._armed:
             self._armed = False  # the exchange's scope was opened with this deadline
         else:
-            self._scope.deadline = trio.current_time() + self._write_timeout
+            self._scope.deadline = self._now() + self._write_timeout
         if not data:
             return
         try:
@@ -533,7 +535,7 @@ class HTTP11Connection:
         """Read what arrived under the read timeout (the current scope's)."""
         self._operation = _READING
         self._armed = False
-        self._scope.deadline = trio.current_time() + self._read_timeout
+        self._scope.deadline = self._now() + self._read_timeout
         try:
             self._reads += 1
             data = await self._stream.receive_some(_READ_SIZE)
