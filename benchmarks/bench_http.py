@@ -252,7 +252,13 @@ async def run_ours(
 
 
 async def run_ours_leak_timeout(
-    url: str, ctx: ssl.SSLContext | None, total: int, c: int, m: int, leak_timeout: float | None
+    url: str,
+    ctx: ssl.SSLContext | None,
+    total: int,
+    c: int,
+    m: int,
+    leak_timeout: float | None,
+    timeouts: Timeouts = Timeouts(),  # noqa: B008
 ) -> Result:
     """``ours`` with leak detection set (None: off, as ``ours``)."""
     async with open_client(
@@ -260,6 +266,7 @@ async def run_ours_leak_timeout(
         max_connections=m,
         max_connections_per_key=m,
         leak_timeout=leak_timeout,
+        timeouts=timeouts,
     ) as client:
 
         async def one() -> None:

@@ -15,7 +15,8 @@ against ``httpx-h2``.
 Run: ``python benchmarks/bench_instructions.py`` (``--points plain:512:64,tls:64:16`` to
 choose HTTP/1.1 points, ``--http2`` for the HTTP/2 points, ``--metrics`` for the cost of
 ``MetricsInstrument``: ``ours`` next to ``ours-metrics`` at plain:64:16 or ``--points``,
-which needs ``opentelemetry-sdk``; ``-n`` for N). Needs valgrind
+which needs ``opentelemetry-sdk``; ``--leak`` for the cost of leak detection the same way,
+``ours-leak`` with a ``leak_timeout`` never reached; ``-n`` for N). Needs valgrind
 (``apt-get install valgrind``), nginx and the ``bench`` extra. About a minute per client and
 point.
 """
@@ -56,6 +57,11 @@ def _child(client: str, url: str, ca: str | None, total: int, c: int, m: int) ->
         trio.run(functools.partial(bench_http.run_ours, timeouts=_SLOW), url, ctx, total, c, m)
     elif client == "ours-metrics":
         run = functools.partial(bench_http.run_ours_metrics, timeouts=_SLOW)
+        trio.run(run, url, ctx, total, c, m)
+    elif client == "ours-leak":
+        run = functools.partial(
+            bench_http.run_ours_leak_timeout, leak_timeout=3600.0, timeouts=_SLOW
+        )
         trio.run(run, url, ctx, total, c, m)
     elif client == "ours-h2":
         trio.run(functools.partial(bench_http.run_ours_h2, timeouts=_SLOW), url, ctx, total, c)
@@ -105,6 +111,12 @@ def main() -> None:
         help="the cost of MetricsInstrument instead: ours and ours-metrics at --points "
         "(default plain:64:16)",
     )
+    parser.add_argument(
+        "--leak",
+        action="store_true",
+        help="the cost of leak detection instead: ours and ours-leak at --points "
+        "(default plain:64:16)",
+    )
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.points_given = args.points is not None
@@ -118,10 +130,12 @@ def main() -> None:
     try:
         ca = os.path.join(nginx.dir, "ca.pem")
         nginx.ca.cert_pem.write_to_path(ca)
-        if args.metrics:
+        if args.metrics or args.leak:
             points = args.points if args.points_given else "plain:64:16"
-            print("HTTP/1.1; instructions per request, without and with MetricsInstrument")
-            print(f"{'mode':>5} {'C':>4} {'M':>3} {'ours':>10} {'ours-metrics':>12}  cost")
+            other = "ours-metrics" if args.metrics else "ours-leak"
+            what = "MetricsInstrument" if args.metrics else "leak detection"
+            print(f"HTTP/1.1; instructions per request, without and with {what}")
+            print(f"{'mode':>5} {'C':>4} {'M':>3} {'ours':>10} {other:>12}  cost")
             for point in points.split(","):
                 mode, c, m = point.split(":")
                 if mode == "tls":
@@ -129,7 +143,7 @@ def main() -> None:
                 else:
                     url, point_ca = f"http://127.0.0.1:{nginx.port}/", None
                 ours = _per_request("ours", url, point_ca, args.n, int(c), int(m))
-                measured = _per_request("ours-metrics", url, point_ca, args.n, int(c), int(m))
+                measured = _per_request(other, url, point_ca, args.n, int(c), int(m))
                 print(
                     f"{mode:>5} {c:>4} {m:>3} {ours:>10,.0f} {measured:>12,.0f}  "
                     f"{100 * (measured / ours - 1):+.1f}%"
