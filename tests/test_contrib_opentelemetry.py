@@ -376,6 +376,26 @@ async def test_request_hooks_cost_nothing_unless_overridden() -> None:
         assert "send_request" in vars(sender)
 
 
+async def test_a_request_hook_set_on_the_instance_alone_is_called() -> None:
+    """Only request_finished, set in ``__init__``: the client wraps requests for it, and
+    calls no request_started (none is overridden)."""
+    ended: list[tuple[object, BaseException | None]] = []
+
+    class EndsOnly(Instrument):
+        def __init__(self) -> None:
+            self.request_finished = lambda key, request, response, error, seconds: (  # type: ignore[method-assign]
+                ended.append((response, error))
+            )
+
+    instrument = EndsOnly()
+    async with (
+        serve_hypercorn(CountingApp()) as base,
+        open_client(instruments=[instrument]) as client,
+    ):
+        response = await client.get(base + "/")
+    assert ended == [(response, None)]
+
+
 async def test_a_raising_request_hook_is_reported_and_ignored() -> None:
     class Broken(RequestRecorder):
         def request_started(self, key: Hashable, request: object) -> None:

@@ -143,7 +143,9 @@ class Instrument:
 
     Every method does nothing by default. Hooks run synchronously inside the pool's
     bookkeeping: keep them fast and never let them raise (an exception from a hook is
-    reported with ``hook_failed`` and otherwise ignored).
+    reported with ``hook_failed`` and otherwise ignored). A pool (and the HTTP client) looks
+    up each instrument's hooks once, when it is made, and calls only those that differ from
+    this class's no-ops (overridden in a subclass, or set on the instance in ``__init__``).
     """
 
     def connect_started(self, key: Hashable) -> None:

@@ -302,7 +302,7 @@ class Pool(Generic[K, C]):
         self._instruments = tuple(options.instruments)
         # Each hook's methods, of the instruments that override it: a hook an instrument
         # leaves as Instrument's no-op is never called, and costs a lease nothing.
-        self._hooks = _hooks_of(self._instruments)
+        self._hooks = hooks_of(self._instruments)
         self._on_acquired = "lease_acquired" in self._hooks
         self._on_released = "lease_released" in self._hooks
         self._on_waiting = "waiting" in self._hooks
@@ -1111,7 +1111,7 @@ class Pool(Generic[K, C]):
                     self._hook("hook_failed", name, exc)
 
 
-def _hooks_of(instruments: Sequence[Instrument]) -> dict[str, tuple[Callable[..., object], ...]]:
+def hooks_of(instruments: Sequence[Instrument]) -> dict[str, tuple[Callable[..., object], ...]]:
     """Each hook's methods (by name), of the ``instruments`` that override it, in their
     order. A hook overridden on the instance (an attribute set in ``__init__``) counts too."""
     hooks: dict[str, tuple[Callable[..., object], ...]] = {}

@@ -43,7 +43,7 @@ import socket
 import ssl
 import warnings
 import weakref
-from collections.abc import AsyncGenerator, Hashable
+from collections.abc import AsyncGenerator, Callable, Hashable
 from contextlib import asynccontextmanager
 from typing import (
     TYPE_CHECKING,
@@ -71,14 +71,13 @@ from .._exceptions import (
 )
 from .._options import (
     DEFAULT_RESERVATION,
-    Instrument,
     PoolOptionArgs,
     PoolOptions,
     Reservation,
     check_duration,
     resolve_options,
 )
-from .._pool import Pool, clock_reader, open_pool, require_trio
+from .._pool import Pool, clock_reader, hooks_of, open_pool, require_trio
 from ._connect import CertTypes, VerifyTypes, create_ssl_context, open_stream
 from ._http2 import HTTP2Connection
 from ._http11 import HTTP11Connection
@@ -837,15 +836,12 @@ class PoolSender:
         self.health_check_after = health_check_after
         self._keys: dict[Origin, HTTPKey] = {}
         self._now = clock_reader()
-        # The instruments that watch requests: only those that override a request hook, so
-        # a request pays for them (a clock read, a call per hook) only if there is one.
-        self._observers: tuple[Instrument, ...] = tuple(
-            instrument
-            for instrument in pool.options.instruments
-            if type(instrument).request_started is not Instrument.request_started
-            or type(instrument).request_finished is not Instrument.request_finished
-        )
-        if self._observers:
+        # The request hooks of the instruments that override them (as the pool finds its
+        # own), so a request pays for them (clock reads, a call per hook) only if there is one.
+        hooks = hooks_of(pool.options.instruments)
+        self._on_started = hooks.get("request_started", ())
+        self._on_finished = hooks.get("request_finished", ())
+        if self._on_started or self._on_finished:
             # Shadows the method for this sender only: a request without observers goes
             # through no extra coroutine.
             self.send_request = self._send_observed  # type: ignore[method-assign]
@@ -912,22 +908,29 @@ class PoolSender:
         """
         key = self.key_for(request.url.origin)
         started = self._now()
-        self._observe("request_started", key, request)
+        if self._on_started:
+            self._observe(self._on_started, "request_started", key, request)
         try:
             response = await PoolSender.send_request(self, request)
         except BaseException as exc:
-            seconds = self._now() - started
-            self._observe("request_finished", key, request, None, exc, seconds)
+            if self._on_finished:
+                seconds = self._now() - started
+                self._observe(
+                    self._on_finished, "request_finished", key, request, None, exc, seconds
+                )
             raise
-        seconds = self._now() - started
-        self._observe("request_finished", key, request, response, None, seconds)
+        if self._on_finished:
+            seconds = self._now() - started
+            self._observe(
+                self._on_finished, "request_finished", key, request, response, None, seconds
+            )
         return response
 
-    def _observe(self, name: str, *args: Any) -> None:
+    def _observe(self, hooks: tuple[Callable[..., object], ...], name: str, *args: Any) -> None:
         # The pool's rule for hooks: one that raises is reported to hook_failed, and ignored.
-        for instrument in self._observers:
+        for hook in hooks:
             try:
-                getattr(instrument, name)(*args)
+                hook(*args)
             except Exception as exc:
                 for other in self.pool.options.instruments:
                     with contextlib.suppress(Exception):  # nowhere left to report it
