@@ -257,6 +257,25 @@ async def test_credentials_are_dropped_when_the_origin_changes() -> None:
         assert_pool_balanced(client.pool, idle=2)
 
 
+async def test_proxy_credentials_set_by_hand_do_not_follow_a_redirect_elsewhere() -> None:
+    """A ``Proxy-Authorization`` header given by hand is for the proxy of the first URL: a
+    redirect to another origin (which may go direct, or through another proxy) must not carry
+    it to a server that was never meant to see the proxy's credentials. ``Proxy(auth=...)``
+    is the way to give credentials that follow the proxy."""
+    secret = {"Proxy-Authorization": "Basic cHJveHk6c2VjcmV0"}
+    async with (
+        serve_hypercorn(RedirectApp()) as first,
+        serve_hypercorn(RedirectApp()) as second,
+        open_client(follow_redirects=True) as client,
+    ):
+        seen = _seen(await client.get(f"{first}/r/302{_to(second + '/inspect')}", headers=secret))
+        assert "proxy-authorization" not in seen.headers
+        # The same origin keeps it, as it keeps Authorization.
+        seen = _seen(await client.get(f"{first}/r/302{_to('/inspect')}", headers=secret))
+        assert seen.headers["proxy-authorization"] == secret["Proxy-Authorization"]
+        assert_pool_balanced(client.pool, idle=2)
+
+
 async def test_stream_follows_redirects(base: str) -> None:
     async with open_client() as client:
         async with client.stream(

@@ -239,7 +239,9 @@ def _redirect_request(request: Request, response: Response) -> Request:
     body and its ``Content-Length`` and ``Transfer-Encoding``; one that keeps its method
     keeps its body, which must be replayable. The Location is resolved against the request's
     URL. Leaving the origin (scheme, host or port) drops ``Authorization`` (except from
-    ``http://host`` to ``https://host`` on the default ports) and ``Host``; ``Cookie`` is
+    ``http://host`` to ``https://host`` on the default ports), ``Proxy-Authorization`` (a
+    :class:`Proxy`'s own credentials are not headers of the request, and follow it) and
+    ``Host``; ``Cookie`` is
     dropped on every redirect, as httpx does (there is no cookie store here to tell which
     cookies the new URL may have). The request's own timeouts carry over.
 
@@ -264,7 +266,10 @@ def _redirect_request(request: Request, response: Response) -> Request:
     headers = request.headers.copy()
     dropped = ["cookie"]
     if url.origin != request.url.origin:
-        dropped.append("host")
+        # A Proxy-Authorization given by hand was for the first URL's way out: the new one
+        # may go direct (to a server that must not see the proxy's credentials), through
+        # another proxy, or, from http to https, through a tunnel to the origin itself.
+        dropped += ["host", "proxy-authorization"]
         if not _is_https_upgrade(request.url, url):
             dropped.append("authorization")
     content = request.content
@@ -1282,7 +1287,8 @@ class Client:
         resolved against the request's URL (one that is not an http or https URL raises
         `RemoteProtocolError`). Leaving the origin (scheme, host or port) drops
         ``Authorization``, except for the move from ``http://host`` (port 80) to
-        ``https://host`` (port 443), which httpx allows; ``Cookie`` is dropped on every
+        ``https://host`` (port 443), which httpx allows, and ``Proxy-Authorization`` given
+        by hand (a :class:`Proxy`'s credentials follow it); ``Cookie`` is dropped on every
         redirect, as in httpx. Each redirect response is read if it declares a body of at
         most 64 KiB that arrives within a second, else closed unread, so its connection
         goes back to the pool (or is closed). The response returned is the last one; its
