@@ -24,7 +24,7 @@ from _servers import (
 )
 
 from trio_connpool import DecodingError
-from trio_connpool.http import open_client
+from trio_connpool.http import Response, open_client
 from trio_connpool.http._decoders import text_decoder
 
 MiB = 1024 * 1024
@@ -202,3 +202,65 @@ async def test_setting_an_encoding_that_is_not_for_text_is_refused_at_once() -> 
             response.encoding = "zlib"
         response.encoding = "latin-1"
         assert response.text == "ok"
+
+
+# ---- aiter_lines ---------------------------------------------------------------------------
+
+
+def _endless_line(total: int):  # type: ignore[no-untyped-def]
+    """A chunked body of ``total`` bytes of "x" and no line ending, sent in 64 KiB chunks
+    (a server that would go on for ever, up to the test's bound)."""
+
+    async def script(conn: ServerConnection) -> None:
+        if await conn.receive_request() is None:
+            return
+        await conn.stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (64 * 1024, b"x" * (64 * 1024))
+        for _ in range(total // (64 * 1024)):
+            await conn.stream.send_all(chunk)
+        await conn.stream.send_all(b"0\r\n\r\n")
+
+    return script
+
+
+async def test_a_line_without_end_is_bounded_by_max_line_size() -> None:
+    # aiter_lines held the unfinished line however long it grew: a server sending one
+    # endless line took all the memory there was. The default bound is 1 MiB of text;
+    # past it, DecodingError, and the response is closed.
+    async with run_fault_server(_endless_line(32 * MiB)) as server, open_client() as client:
+        streamed: list[Response] = []
+        tracemalloc.start()
+        try:
+            with trio.fail_after(WAIT), pytest.raises(DecodingError, match="max_line_size"):
+                async with client.stream("GET", server.url()) as response:
+                    streamed.append(response)
+                    async for _ in response.aiter_lines():
+                        pass  # pragma: no cover
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 * MiB, peak
+        assert streamed[0].is_closed
+        assert_pool_balanced(client.pool)
+
+
+async def test_max_line_size_is_the_callers_to_set() -> None:
+    # A smaller bound applies to every line, whole in one chunk or not; None lifts it.
+    lines = b"short\n" + b"y" * 5000 + b"\nend"
+    script = _answer_with([], lines)
+    async with run_fault_server(script) as server, open_client() as client:
+        async with client.stream("GET", server.url()) as response:
+            got: list[str] = []
+            with pytest.raises(DecodingError, match="4,096"):
+                async for line in response.aiter_lines(max_line_size=4096):
+                    got.append(line)
+            assert got == ["short"]
+        async with client.stream("GET", server.url()) as response:
+            got = [line async for line in response.aiter_lines(max_line_size=None)]
+            assert got == ["short", "y" * 5000, "end"]
+        async with (
+            client.stream("GET", server.url(), timeout=None) as response,
+        ):
+            with pytest.raises(ValueError, match="max_line_size"):
+                response.aiter_lines(max_line_size=0)
+        assert_pool_balanced(client.pool)

@@ -36,11 +36,11 @@ ROOT = Path(trio_connpool.__file__).resolve().parent.parent
 # the block, with the reason the README's marker gives). Update both when the README changes.
 BLOCKS = 16
 SKIPPED: dict[int, str] = {
-    429: "needs a private CA and a client certificate",
-    466: "needs a Unix socket (a Docker daemon)",
-    510: "needs a proxy at proxy.example:3128",
-    546: "needs a proxy at proxy.example:3128",
-    711: "needs opentelemetry-exporter-prometheus and serves a fixed port",
+    433: "needs a private CA and a client certificate",
+    470: "needs a Unix socket (a Docker daemon)",
+    514: "needs a proxy at proxy.example:3128",
+    550: "needs a proxy at proxy.example:3128",
+    715: "needs opentelemetry-exporter-prometheus and serves a fixed port",
 }
 # Bound on one block's run (they take well under a second each here).
 BLOCK_TIMEOUT = 60

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import datetime
 import gzip
+import itertools
 import json
 import math
+import re
 import tracemalloc
 import zlib
 from typing import Any
@@ -32,6 +34,7 @@ from _servers import (
     run_fault_server,
     serve_hypercorn,
 )
+from hypothesis import given, strategies as st
 
 import trio_connpool
 from trio_connpool import DecodingError, HTTPStatusError, PoolError, RemoteProtocolError
@@ -199,6 +202,39 @@ def _lines(pieces: list[str]) -> list[str]:
 )
 def test_line_decoder(pieces: list[str], lines: list[str]) -> None:
     assert _lines(pieces) == lines
+
+
+@given(
+    text=st.text(alphabet="ab\r\n", max_size=60),
+    cuts=st.lists(st.integers(0, 60), max_size=6),
+    limit=st.integers(1, 8),
+)
+def test_line_decoder_bound_does_not_depend_on_the_pieces(
+    text: str, cuts: list[int], limit: int
+) -> None:
+    """Whatever the pieces, the lines that come out are those before the first line longer
+    than the bound; then DecodingError, if there is such a line (a last line without an
+    ending counts)."""
+    expected = re.split("\r\n|\r|\n", text)
+    if expected[-1] == "":
+        expected.pop()
+    first_long = next((i for i, line in enumerate(expected) if len(line) > limit), None)
+    bounds = sorted({0, len(text), *(min(cut, len(text)) for cut in cuts)})
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
+    decoder = LineDecoder(limit)
+    got: list[str] = []
+    try:
+        for piece in pieces:
+            got += decoder.decode(piece)
+        got += decoder.flush()
+    except DecodingError:
+        assert first_long is not None
+        assert got == expected[:first_long]
+        with pytest.raises(DecodingError, match=f"max_line_size \\({limit:,}"):
+            decoder.flush()  # and it stays failed
+    else:
+        assert first_long is None
+        assert got == expected
 
 
 # ---- status, without an event loop -----------------------------------------------------------

@@ -19,7 +19,10 @@ end is an error (`DecodingError`), not a silently shortened body.
 
 `LineDecoder` splits text on ``\\n``, ``\\r\\n`` and ``\\r`` (also when a ``\\r\\n`` is cut
 between two chunks). httpx splits on everything `str.splitlines` does (form feed, U+2028, ...);
-we don't, because those may appear inside a line of JSON or server-sent events.
+we don't, because those may appear inside a line of JSON or server-sent events. It holds the
+line being read until its end arrives, up to `MAX_LINE_SIZE` characters by default: a longer
+line, whether it arrives in pieces or whole, is a `DecodingError` (a server that sends one
+endless line would otherwise take all the memory there is).
 """
 
 from __future__ import annotations
@@ -35,10 +38,20 @@ from .._exceptions import DecodingError
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["MAX_DECODED_STEP", "ContentDecoder", "LineDecoder", "content_decoder"]
+__all__ = [
+    "MAX_DECODED_STEP",
+    "MAX_LINE_SIZE",
+    "ContentDecoder",
+    "LineDecoder",
+    "content_decoder",
+]
 
 MAX_DECODED_STEP: Final = 64 * 1024
 """The most decoded bytes one `ContentDecoder.read` returns."""
+
+MAX_LINE_SIZE: Final = 1024 * 1024
+"""The longest line, in characters, `LineDecoder` (so `Response.aiter_lines`) accepts by
+default: what it may hold while the line's end has not arrived."""
 
 MAX_CODINGS: Final = 5
 """The most codings one body may stack (as urllib3): each costs a zlib stream, and more than
@@ -225,18 +238,25 @@ class LineDecoder:
     """Splits text arriving in pieces into lines ending with ``\\n``, ``\\r\\n`` or ``\\r``.
 
     Lines come out without their ending. A ``\\r`` at the end of a piece is held back until
-    the next piece says whether a ``\\n`` follows. Holds the current unfinished line: the bound
-    is the longest line the server sends.
+    the next piece says whether a ``\\n`` follows. Holds the current unfinished line, up to
+    ``max_line_size`` characters (None: no bound). A longer line raises `DecodingError`, as
+    soon as the part of it received is longer; the lines before it come out first (the call
+    that meets it returns them, and the next call raises), whatever the pieces were.
     """
 
-    __slots__ = ("_buffer", "_trailing_cr")
+    __slots__ = ("_buffer", "_held", "_max", "_overflowed", "_trailing_cr")
 
-    def __init__(self) -> None:
+    def __init__(self, max_line_size: int | None = MAX_LINE_SIZE) -> None:
         self._buffer: list[str] = []
+        self._held = 0  # the characters in _buffer
+        self._max = max_line_size
+        self._overflowed = False
         self._trailing_cr = False
 
     def decode(self, text: str) -> list[str]:
         """The lines that ``text`` completes."""
+        if self._overflowed:
+            self._too_long()
         if self._trailing_cr:
             text = "\r" + text
             self._trailing_cr = False
@@ -244,23 +264,50 @@ class LineDecoder:
             self._trailing_cr = True
             text = text[:-1]
         lines = _NEWLINE.split(text)
+        limit = self._max
         if len(lines) == 1:
             if text:
                 self._buffer.append(text)
+                self._held += len(text)
+                if limit is not None and self._held > limit:
+                    self._too_long()
             return []
         if self._buffer:
             self._buffer.append(lines[0])
             lines[0] = "".join(self._buffer)
         last = lines.pop()
         self._buffer = [last] if last else []
+        self._held = len(last)
+        if limit is not None and (self._held > limit or max(map(len, lines)) > limit):
+            self._buffer = []
+            self._held = 0
+            self._overflowed = True
+            for index, line in enumerate(lines):
+                if len(line) > limit:
+                    del lines[index:]
+                    break
+            if not lines:
+                self._too_long()
         return lines
+
+    def _too_long(self) -> None:
+        self._overflowed = True
+        self._buffer = []
+        self._held = 0
+        raise DecodingError(
+            f"a line of the response body is longer than max_line_size ({self._max:,} "
+            "characters)"
+        )
 
     def flush(self) -> list[str]:
         """At the end of the text: the last line, if it did not end with a line ending."""
+        if self._overflowed:
+            self._too_long()
         if not self._buffer and not self._trailing_cr:
             return []
         line = "".join(self._buffer)
         self._buffer = []
+        self._held = 0
         self._trailing_cr = False
         return [line]
 

@@ -35,7 +35,13 @@ from .._exceptions import (
     LocalProtocolError,
 )
 from .._options import check_duration
-from ._decoders import ContentDecoder, LineDecoder, content_decoder, text_decoder
+from ._decoders import (
+    MAX_LINE_SIZE,
+    ContentDecoder,
+    LineDecoder,
+    content_decoder,
+    text_decoder,
+)
 
 # Private names used across classes here, on purpose (each use silences pyright's
 # reportPrivateUsage): `_BodyIterator` is the response's own iterator and calls its
@@ -945,11 +951,14 @@ class _TextIterator:
 class _LineIterator:
     """`Response.aiter_lines`: the text split into lines (see `LineDecoder`)."""
 
-    __slots__ = ("_decoder", "_done", "_lines", "_source")
+    __slots__ = ("_decoder", "_done", "_lines", "_response", "_source")
 
-    def __init__(self, source: AsyncIterator[str]) -> None:
+    def __init__(
+        self, source: AsyncIterator[str], response: Response, max_line_size: int | None
+    ) -> None:
         self._source = source
-        self._decoder = LineDecoder()
+        self._response = response
+        self._decoder = LineDecoder(max_line_size)
         self._lines: deque[str] = deque()
         self._done = False
 
@@ -972,7 +981,12 @@ class _LineIterator:
                 if lines:
                     return lines.popleft()
                 raise
-            lines.extend(self._decoder.decode(text))
+            try:
+                lines.extend(self._decoder.decode(text))
+            except DecodingError as exc:
+                self._done = True
+                await self._response._decoding_failed(exc)  # pyright: ignore[reportPrivateUsage]
+                raise
         return lines.popleft()
 
 
@@ -1360,20 +1374,33 @@ class Response:
         """
         return _TextIterator(self.aiter_bytes(), self.encoding)
 
-    def aiter_lines(self) -> AsyncIterator[str]:
+    def aiter_lines(self, *, max_line_size: int | None = MAX_LINE_SIZE) -> AsyncIterator[str]:
         """Iterate over the lines of the text (see `aiter_text`), without their endings.
 
         Lines end with ``\\n``, ``\\r\\n`` or ``\\r``, also when an ending is cut between two
-        chunks; the last line needs no ending. The line being read is held until it ends, so
-        the memory this takes is the longest line the server sends.
+        chunks; the last line needs no ending. The line being read is held until it ends.
+
+        Args:
+            max_line_size: The longest line accepted, in characters (default 1 MiB):
+                the bound on what is held while a line's end has not arrived. None: no
+                bound (a server that sends one endless line then takes all the memory
+                there is).
 
         Returns:
             An async iterator of ``str``; every step is a checkpoint.
 
         Raises:
-            See `aiter_bytes`.
+            DecodingError: A line is longer than ``max_line_size`` (raised as soon as the
+                part of it received is; the response is closed).
+            ValueError, TypeError: ``max_line_size`` is not a positive int or None, at once.
+            See `aiter_bytes` for the rest.
         """
-        return _LineIterator(self.aiter_text())
+        if max_line_size is not None:
+            if not isinstance(max_line_size, int) or isinstance(max_line_size, bool):
+                raise TypeError(f"max_line_size must be an int or None, not {max_line_size!r}")
+            if max_line_size < 1:
+                raise ValueError(f"max_line_size must be at least 1, not {max_line_size}")
+        return _LineIterator(self.aiter_text(), self, max_line_size)
 
     async def aread(self) -> bytes:
         """Read the whole body (once), store it in `content` and return it.
