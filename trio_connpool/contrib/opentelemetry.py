@@ -196,6 +196,7 @@ class MetricsInstrument(Instrument):
             unit="s",
             description="Time the waits for a connection took, added up.",
         )
+        self._wait_duration: metrics.Histogram | None = None
         if wait_histogram:
             self._wait_duration = meter.create_histogram(
                 "trio_connpool.wait.duration",
@@ -203,8 +204,6 @@ class MetricsInstrument(Instrument):
                 description="Time each wait for a connection took.",
                 explicit_bucket_boundaries_advisory=REQUEST_DURATION_BUCKETS,
             )
-            # Only then a hook: the pool calls no hook an instrument leaves as the no-op.
-            self.waited = self._record_wait  # type: ignore[method-assign]
         meter.create_observable_counter(
             "trio_connpool.connects",
             [self._observe_connects],
@@ -270,9 +269,9 @@ class MetricsInstrument(Instrument):
             self._closed_waits += stats.waits
             self._closed_wait_time += stats.wait_time
 
-    def _record_wait(self, key: Hashable, seconds: float) -> None:
-        # The waited hook, with wait_histogram=True.
-        self._wait_duration.record(seconds, self._attributes_of(key))
+    def waited(self, key: Hashable, seconds: float) -> None:
+        if self._wait_duration is not None:
+            self._wait_duration.record(seconds, self._attributes_of(key))
 
     def connect_succeeded(self, key: Hashable, connection: object) -> None:
         if isinstance(key, HTTPKey):

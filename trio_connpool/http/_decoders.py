@@ -294,10 +294,8 @@ class LineDecoder:
         self._overflowed = True
         self._buffer = []
         self._held = 0
-        raise DecodingError(
-            f"a line of the response body is longer than max_line_size ({self._max:,} "
-            "characters)"
-        )
+        bound = f"{self._max:,} characters"
+        raise DecodingError(f"a line of the response body is longer than max_line_size ({bound})")
 
     def flush(self) -> list[str]:
         """At the end of the text: the last line, if it did not end with a line ending."""
