@@ -414,3 +414,37 @@ async def test_a_request_for_another_key_cancels_a_prewarm_connect(
         stats = pool.statistics()
         assert (stats.keys["a"].idle, stats.keys["b"].idle) == (1, 1)
     assert_balanced(pool, connector)
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the scheduler's task steps: a task that loops without blocking makes many."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+
+async def test_a_prewarmed_connection_dying_unused_does_not_spin_the_timer() -> None:
+    # A connection from prewarm() for a key never leased closes before use: the refill
+    # backoff noted a retry for that key, which no refill pass looked at again (the key is
+    # not in use), so the timer's next deadline stayed in the past and it woke on every
+    # scheduler pass: a busy loop until the pool closed. Real time here: on the mocked
+    # clock such a loop stops time itself.
+    connector = FakeConnector()
+    steps = _Steps()
+    async with open_pool(connector, min_idle_per_key=1, idle_timeout=None) as pool:
+        assert await pool.prewarm("a", 1) == 1
+        connector.made[0].die()
+        await trio.testing.wait_all_tasks_blocked()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            await trio.sleep(1.5)  # past the 1 s backoff
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert steps.steps < 100, steps.steps
+        assert_stats(pool, connector, idle=0)
+        # The key was never leased: nothing reopens it.
+        assert len(connector.calls) == 1
+    assert_balanced(pool, connector)

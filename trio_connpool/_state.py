@@ -1032,12 +1032,16 @@ class PoolState(Generic[K, C]):
             self.refill_failed(key, now)
         self._died_unused.clear()
         idle_timeout = math.inf if self.idle_timeout is None else self.idle_timeout
+        # Keys with a backoff too: one whose refill connection died unused may be in use no
+        # more (or never was), and its backoff must go, or its time, passed, stays the
+        # timer's next deadline.
         keys = dict.fromkeys(self._last_used)
         keys.update(dict.fromkeys(self._subpools))
+        keys.update(dict.fromkeys(self._retry))
         for key in keys:
             sub = self._subpools.get(key)
             last = self._key_used(key, sub, now)
-            if last + idle_timeout <= now:
+            if last == -math.inf or last + idle_timeout <= now:
                 # Not in use (or never leased): no refill, no backoff to remember.
                 self._last_used.pop(key, None)
                 self._retry.pop(key, None)
