@@ -336,6 +336,30 @@ async def test_include_puts_the_head_before_the_body() -> None:
     assert result.stderr == b""
 
 
+async def test_include_and_verbose_show_every_head_of_a_followed_redirect() -> None:
+    # As curl -L -i: each response's head, the redirect's first, then the body of the last
+    # (a followed redirect's body is not written). -v shows each head on stderr.
+    with trio.fail_after(LIMIT):
+        async with server() as base:
+            included, verbose = await concurrently(
+                partial(get, "-L", "-i", f"{base}/redirect"),
+                partial(get, "-L", "-v", f"{base}/redirect"),
+            )
+    assert included.returncode == 0, included.stderr
+    first, blank, rest = included.stdout.partition(b"\r\n\r\n")
+    assert blank
+    assert first.startswith(b"HTTP/1.1 302")
+    assert b"\r\nlocation: /echo-request" in first
+    second, blank, body = rest.partition(b"\r\n\r\n")
+    assert blank
+    assert second.startswith(b"HTTP/1.1 200")
+    assert json.loads(body)["method"] == "GET"  # the body of the last response only
+    received = [
+        line for line in verbose.stderr.decode().splitlines() if line.startswith("< HTTP/1.1")
+    ]
+    assert [line.split()[2] for line in received] == ["302", "200"], verbose.stderr
+
+
 async def test_verbose_tells_protocol_connection_and_times_on_stderr() -> None:
     with trio.fail_after(LIMIT):
         async with server() as base:

@@ -871,7 +871,8 @@ async def fetch_command(
         output: Write the body to this file instead of ``out`` (removed again if the
             transfer fails).
         output_named: ``output`` was named by the user (opened as named, symlinks too).
-        include: Write the response's status line and headers before the body (curl -i).
+        include: Write the response's status line and headers before the body (curl -i);
+            with ``follow_redirects``, those of each redirect followed first.
         verbose: On ``err``: the request, the response head, whether the connection was
             new (and its connect time) or reused, and the times to the response head and
             to the end of the body.
@@ -929,9 +930,12 @@ async def fetch_command(
                 async with client.stream(spec.method, url, **spec.keywords()) as response:
                     head_at = trio.current_time()
                     status = response.status_code
+                    # Each response of a followed redirect, then the last (as curl -L).
+                    heads = [*response.history, response]
                     if verbose:
-                        for line in _head_lines(response):
-                            note(f"< {line}")
+                        for hop in heads:
+                            for line in _head_lines(hop):
+                                note(f"< {line}")
                     if fail and status >= 400:
                         note(
                             f"{PROG}: {spec.method} {text}: the server answered {status} (--fail)"
@@ -945,8 +949,9 @@ async def fetch_command(
                         stack.callback(sink.close)
                     try:
                         if include:
-                            head = "".join(f"{line}\r\n" for line in _head_lines(response))
-                            sink.write(head.encode("latin-1") + b"\r\n")
+                            for hop in heads:
+                                head = "".join(f"{line}\r\n" for line in _head_lines(hop))
+                                sink.write(head.encode("latin-1") + b"\r\n")
                         async for chunk in response.aiter_bytes():
                             sink.write(chunk)
                             size += len(chunk)
