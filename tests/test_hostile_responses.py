@@ -258,9 +258,25 @@ async def test_max_line_size_is_the_callers_to_set() -> None:
         async with client.stream("GET", server.url()) as response:
             got = [line async for line in response.aiter_lines(max_line_size=None)]
             assert got == ["short", "y" * 5000, "end"]
+
         async with (
             client.stream("GET", server.url(), timeout=None) as response,
         ):
             with pytest.raises(ValueError, match="max_line_size"):
                 response.aiter_lines(max_line_size=0)
+        assert_pool_balanced(client.pool)
+
+
+async def test_a_last_line_without_end_past_the_bound_is_reported_like_the_others() -> None:
+    # The body ends inside the long line: the error, raised when the body's end is met,
+    # names the request as one raised before the end does.
+    script = _answer_with([], b"ok\n" + b"y" * 5000)
+    async with run_fault_server(script) as server, open_client() as client:
+        async with client.stream("GET", server.url()) as response:
+            got: list[str] = []
+            with pytest.raises(DecodingError, match="max_line_size") as raised:
+                async for line in response.aiter_lines(max_line_size=4096):
+                    got.append(line)
+            assert got == ["ok"]
+            assert raised.value.url == server.url()
         assert_pool_balanced(client.pool)

@@ -977,7 +977,11 @@ class _LineIterator:
                 text = await self._source.__anext__()
             except StopAsyncIteration:
                 self._done = True
-                lines.extend(self._decoder.flush())
+                try:
+                    lines.extend(self._decoder.flush())
+                except DecodingError as exc:  # a last line, unended, longer than the bound
+                    await self._response._decoding_failed(exc)  # pyright: ignore[reportPrivateUsage]
+                    raise
                 if lines:
                     return lines.popleft()
                 raise
