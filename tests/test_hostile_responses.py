@@ -280,3 +280,77 @@ async def test_a_last_line_without_end_past_the_bound_is_reported_like_the_other
             assert got == ["ok"]
             assert raised.value.url == server.url()
         assert_pool_balanced(client.pool)
+
+
+def _lines_then_stall(body: bytes):  # type: ignore[no-untyped-def]
+    """A chunked response whose first chunk is ``body``; then nothing, until the client
+    closes (a slow server, not a broken one)."""
+
+    async def script(conn: ServerConnection) -> None:
+        if await conn.receive_request() is None:
+            return
+        await conn.send_raw(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n"
+            % (len(body), body)
+        )
+        await conn.wait_peer_closed()
+
+    return script
+
+
+@pytest.mark.parametrize("cut", [False, True])
+async def test_a_long_line_after_others_in_one_chunk_fails_at_once(cut: bool) -> None:
+    # The over-long line arrives whole in the first chunk, after a short one. It is known
+    # to be too long at once: the short line comes out, then DecodingError, without
+    # waiting for more of a body that may never come (a slow server's read timeout, or
+    # for ever without one). With the long line alone in its chunk that is what happens.
+    async def script(conn: ServerConnection) -> None:
+        if await conn.receive_request() is None:
+            return
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        if cut:
+            await conn.send_raw(head + b"6\r\nshort\n\r\n")
+            await trio.sleep(0.2)
+            await conn.send_raw(b"%x\r\n%s\r\n" % (5000, b"y" * 5000))
+        else:
+            await conn.send_raw(head + b"%x\r\nshort\n%s\r\n" % (5006, b"y" * 5000))
+        await conn.wait_peer_closed()
+
+    # The client's read timeout (5 s) is longer than the test's bound (WAIT).
+    async with run_fault_server(script) as server, open_client() as client:
+        got: list[str] = []
+        with trio.fail_after(WAIT), pytest.raises(DecodingError, match="max_line_size"):
+            async with client.stream("GET", server.url()) as response:
+                async for line in response.aiter_lines(max_line_size=4096):
+                    got.append(line)
+        assert got == ["short"]
+        assert response.is_closed
+        assert_pool_balanced(client.pool)
+
+
+async def test_a_long_last_line_names_its_request_like_any_other() -> None:
+    # The same over-long line, at the end of a body that ends in the same chunk: the
+    # DecodingError comes from the decoder's flush, and must carry the request's URL and
+    # key as it does when the line is met mid-body (every HTTP error carries them).
+    body = b"short\n" + b"y" * 5000 + b"\nend"
+    errors: list[DecodingError] = []
+    async with (
+        run_fault_server(_answer_with([], body)) as server,
+        open_client() as client,
+    ):
+        for _ in range(2):
+            with trio.fail_after(WAIT), pytest.raises(DecodingError) as caught:
+                async with client.stream("GET", server.url()) as response:
+                    async for _ in response.aiter_lines(max_line_size=4096):
+                        pass
+            errors.append(caught.value)
+        # Mid-body (a chunk boundary after the long line) for comparison:
+        async with run_fault_server(_lines_then_stall(b"y" * 5000)) as stalled:
+            with trio.fail_after(WAIT), pytest.raises(DecodingError) as caught:
+                async with client.stream("GET", stalled.url()) as response:
+                    async for _ in response.aiter_lines(max_line_size=4096):
+                        pass  # pragma: no cover
+            assert caught.value.url == stalled.url()
+        for error in errors:
+            assert error.url == server.url()
+            assert error.key is not None
