@@ -429,3 +429,43 @@ def test_active_request_counts_forget_idle_series_past_their_bound(
     instrument.request_finished(key, held, None, ConnectError("refused"), 0.001)
     active = Metrics(reader).values("http.client.active_requests")
     assert active[_a({**origin, "http.request.method": "GET"})] == 0
+
+
+async def test_a_subclass_waited_hook_is_kept_with_the_wait_histogram(
+    autojump_clock: trio.testing.MockClock, reader: InMemoryMetricReader
+) -> None:
+    """A subclass that overrides ``waited`` (and calls up) is still called when the wait
+    histogram is on: the instrument's own recording must not shadow the subclass's hook."""
+    seen: list[float] = []
+
+    class Logged(MetricsInstrument):
+        def waited(self, key: Hashable, seconds: float) -> None:
+            seen.append(seconds)
+            super().waited(key, seconds)
+
+    instrument = Logged(MeterProvider(metric_readers=[reader]), wait_histogram=True)
+    async with open_pool(FakeConnector(Step(delay=1.0)), instruments=[instrument]) as pool:
+        pool.release(await pool.acquire("a"))
+    assert seen == [pytest.approx(1.0)]
+    assert Metrics(reader).histogram("trio_connpool.wait.duration").count == 1
+
+
+def test_a_forgotten_active_request_series_reads_0_rather_than_going_stale(
+    reader: InMemoryMetricReader, instrument: MetricsInstrument
+) -> None:
+    """An active-requests series last exported with requests in flight, then forgotten past
+    the bound once it read 0, reports 0 (as the pool's series do when a key goes): without
+    that point its last value stays 1 for a backend."""
+    key = HTTPKey(URL("http://example.com/").origin)
+    request = Request("GET", "http://example.com/")
+    instrument.request_started(key, request)
+    origin = origin_of("http://example.com/")
+    series = _a({**origin, "http.request.method": "GET"})
+    assert Metrics(reader).values("http.client.active_requests")[series] == 1
+    instrument.request_finished(key, request, None, ConnectError("refused"), 0.001)
+    for n in range(5000):  # other origins: their series fill the bound
+        other = HTTPKey(URL(f"http://h{n}.example/").origin)
+        started = Request("GET", f"http://h{n}.example/")
+        instrument.request_started(other, started)
+        instrument.request_finished(other, started, None, ConnectError("refused"), 0.001)
+    assert Metrics(reader).values("http.client.active_requests").get(series) == 0
