@@ -319,12 +319,14 @@ async def test_a_long_line_after_others_in_one_chunk_fails_at_once(cut: bool) ->
     # The client's read timeout (5 s) is longer than the test's bound (WAIT).
     async with run_fault_server(script) as server, open_client() as client:
         got: list[str] = []
+        streamed: list[Response] = []
         with trio.fail_after(WAIT), pytest.raises(DecodingError, match="max_line_size"):
             async with client.stream("GET", server.url()) as response:
+                streamed.append(response)
                 async for line in response.aiter_lines(max_line_size=4096):
                     got.append(line)
         assert got == ["short"]
-        assert response.is_closed
+        assert streamed[0].is_closed
         assert_pool_balanced(client.pool)
 
 

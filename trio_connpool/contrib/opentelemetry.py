@@ -432,7 +432,8 @@ class MetricsInstrument(Instrument):
             attributes["http.request.method"] = method if method in _KNOWN_METHODS else "_OTHER"
             frozen = tuple(sorted(attributes.items()))
             sums[frozen] = sums.get(frozen, 0) + active.count
-        return [Observation(total, dict(frozen)) for frozen, total in sums.items()]
+        # A series whose entry was forgotten (past the bound, at 0) reads 0, not its last.
+        return self._observations("active_requests", sums)
 
     def _observe_open_connections(self, _: CallbackOptions) -> Iterable[Observation]:
         sums: dict[tuple[tuple[str, str | int], ...], int] = {}

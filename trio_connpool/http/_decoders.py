@@ -290,6 +290,11 @@ class LineDecoder:
                 self._too_long()
         return lines
 
+    @property
+    def overflowed(self) -> bool:
+        """A line longer than the bound was met: the next call raises `DecodingError`."""
+        return self._overflowed
+
     def _too_long(self) -> None:
         self._overflowed = True
         self._buffer = []

@@ -973,6 +973,15 @@ class _LineIterator:
                 return lines.popleft()
             raise StopAsyncIteration
         while not lines:  # each turn awaits the source: a checkpoint
+            if self._decoder.overflowed:
+                # The lines before a line too long are out: fail now, not when (if ever)
+                # more of the body arrives.
+                self._done = True
+                try:
+                    self._decoder.flush()  # raises DecodingError
+                except DecodingError as exc:
+                    await self._response._decoding_failed(exc)  # pyright: ignore[reportPrivateUsage]
+                    raise
             try:
                 text = await self._source.__anext__()
             except StopAsyncIteration:
