@@ -241,9 +241,9 @@ def _redirect_request(request: Request, response: Response) -> Request:
     URL. Leaving the origin (scheme, host or port) drops ``Authorization`` (except from
     ``http://host`` to ``https://host`` on the default ports), ``Proxy-Authorization`` (a
     :class:`Proxy`'s own credentials are not headers of the request, and follow it) and
-    ``Host``; ``Cookie`` is
-    dropped on every redirect, as httpx does (there is no cookie store here to tell which
-    cookies the new URL may have). The request's own timeouts carry over.
+    ``Host``; ``Cookie`` is dropped on every redirect, as httpx does (there is no cookie
+    store here to tell which cookies the new URL may have). The request's own timeouts
+    carry over.
 
     Raises:
         RemoteProtocolError: The Location is not a valid http or https URL.
