@@ -107,6 +107,27 @@ _CACHE_LIMIT: Final = 4096
 
 _Attributes = dict[str, str | int]
 
+# The pool's counters: (name, PoolStatistics field, unit, its zero, description).
+_COUNTERS: Final = (
+    ("trio_connpool.waits", "waits", "{wait}", 0, "Waits for a connection that ended."),
+    (
+        "trio_connpool.wait.time",
+        "wait_time",
+        "s",
+        0.0,
+        "Time the waits for a connection took, added up.",
+    ),
+    ("trio_connpool.connects", "connects", "{connect}", 0, "Connects that succeeded."),
+    (
+        "trio_connpool.connect_failures",
+        "connect_failures",
+        "{connect}",
+        0,
+        "Connects that failed or were cancelled.",
+    ),
+    ("trio_connpool.leases", "leases_served", "{lease}", 0, "Leases handed out."),
+)
+
 
 def _origin_attributes(key: HTTPKey) -> _Attributes:
     origin = key.origin
@@ -159,10 +180,9 @@ class MetricsInstrument(Instrument):
         meter = provider.get_meter("trio_connpool", __version__)
         self._pool_key = pool_key
         self._pools: list[Pool[Any, Any]] = []
-        # Cumulative counts of the pools that closed, so the counters never go back.
-        self._closed_connects = self._closed_failures = self._closed_leases = 0
-        self._closed_waits = 0
-        self._closed_wait_time = 0.0
+        # Cumulative counts of the pools that closed, by statistics field, so the counters
+        # never go back.
+        self._closed: dict[str, float] = {field: zero for _, field, _, zero, _ in _COUNTERS}
         self._key_attributes: dict[Hashable, _Attributes] = {}
         # Keyed by the HTTP key's id() (a key's hash is a Python call); the entry keeps the
         # key alive, so its id cannot be reused while the entry lasts.
@@ -184,18 +204,10 @@ class MetricsInstrument(Instrument):
             unit="{task}",
             description="Tasks waiting for a connection.",
         )
-        meter.create_observable_counter(
-            "trio_connpool.waits",
-            [self._observe_waits],
-            unit="{wait}",
-            description="Waits for a connection that ended.",
-        )
-        meter.create_observable_counter(
-            "trio_connpool.wait.time",
-            [self._observe_wait_time],
-            unit="s",
-            description="Time the waits for a connection took, added up.",
-        )
+        for name, field, unit, _, description in _COUNTERS:
+            meter.create_observable_counter(
+                name, [self._cumulative(field)], unit=unit, description=description
+            )
         self._wait_duration: metrics.Histogram | None = None
         if wait_histogram:
             self._wait_duration = meter.create_histogram(
@@ -204,24 +216,6 @@ class MetricsInstrument(Instrument):
                 description="Time each wait for a connection took.",
                 explicit_bucket_boundaries_advisory=REQUEST_DURATION_BUCKETS,
             )
-        meter.create_observable_counter(
-            "trio_connpool.connects",
-            [self._observe_connects],
-            unit="{connect}",
-            description="Connects that succeeded.",
-        )
-        meter.create_observable_counter(
-            "trio_connpool.connect_failures",
-            [self._observe_connect_failures],
-            unit="{connect}",
-            description="Connects that failed or were cancelled.",
-        )
-        meter.create_observable_counter(
-            "trio_connpool.leases",
-            [self._observe_leases],
-            unit="{lease}",
-            description="Leases handed out.",
-        )
         self._request_duration = meter.create_histogram(
             "http.client.request.duration",
             unit="s",
@@ -263,11 +257,8 @@ class MetricsInstrument(Instrument):
         if closed is not None and closed in self._pools:
             self._pools.remove(closed)
             stats = closed.statistics()
-            self._closed_connects += stats.connects
-            self._closed_failures += stats.connect_failures
-            self._closed_leases += stats.leases_served
-            self._closed_waits += stats.waits
-            self._closed_wait_time += stats.wait_time
+            for field in self._closed:
+                self._closed[field] += getattr(stats, field)
 
     def waited(self, key: Hashable, seconds: float) -> None:
         if self._wait_duration is not None:
@@ -409,20 +400,14 @@ class MetricsInstrument(Instrument):
         total: float = sum(getattr(pool.statistics(), field) for pool in self._pools)
         return total
 
-    def _observe_connects(self, _: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(self._closed_connects + self._total("connects"))]
+    def _cumulative(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        """The callback of the counter of statistics ``field``: the pools' totals, the
+        closed ones' included."""
 
-    def _observe_connect_failures(self, _: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(self._closed_failures + self._total("connect_failures"))]
+        def observe(_: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(self._closed[field] + self._total(field))]
 
-    def _observe_leases(self, _: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(self._closed_leases + self._total("leases_served"))]
-
-    def _observe_waits(self, _: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(self._closed_waits + self._total("waits"))]
-
-    def _observe_wait_time(self, _: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(self._closed_wait_time + self._total("wait_time"))]
+        return observe
 
     def _observe_active_requests(self, _: CallbackOptions) -> Iterable[Observation]:
         sums: dict[tuple[tuple[str, str | int], ...], int] = {}
